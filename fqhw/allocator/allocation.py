@@ -1,0 +1,80 @@
+"""Allocation: the one currency between allocator, quant, hwmodels and backends."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fqhw.network import NetworkSpec
+
+
+@dataclass
+class LayerAllocation:
+    """Choices for one compute layer.
+
+    act_bits is the width of this layer's *output* activation (the quantized ReLU after
+    it); None for the classifier head, whose output is the integer accumulator.
+    pe / simd are FINN's folding factors (PE | MH, SIMD | MW).
+    """
+
+    name: str
+    weight_bits: int
+    act_bits: int | None
+    pe: int = 1
+    simd: int = 1
+
+
+@dataclass
+class Allocation:
+    target: str
+    layers: list[LayerAllocation]
+    input_bits: int = 8
+    solver: dict = field(default_factory=dict)  # status, wall time, objective: how it was found
+
+    def layer(self, name: str) -> LayerAllocation:
+        for la in self.layers:
+            if la.name == name:
+                return la
+        raise KeyError(name)
+
+    def input_bits_of(self, net: NetworkSpec, name: str) -> int:
+        """Width of the activation that feeds layer `name` (the previous layer's output)."""
+        idx = [s.name for s in net.layers].index(name)
+        if idx == 0:
+            return self.input_bits
+        prev = self.layers[idx - 1].act_bits
+        assert prev is not None
+        return prev
+
+    def avg_weight_bits(self, net: NetworkSpec) -> float:
+        """Parameter-weighted average weight width: the quantity --budget bounds."""
+        total = sum(net.layer(la.name).params * la.weight_bits for la in self.layers)
+        return total / net.total_params
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Allocation":
+        return cls(
+            target=d["target"],
+            layers=[LayerAllocation(**la) for la in d["layers"]],
+            input_bits=d.get("input_bits", 8),
+            solver=d.get("solver", {}),
+        )
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Allocation":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def uniform(cls, net: NetworkSpec, bits: int, target: str = "uniform") -> "Allocation":
+        return cls(
+            target=target,
+            layers=[
+                LayerAllocation(s.name, bits, bits if s.has_output_act else None) for s in net.layers
+            ],
+        )

@@ -1,0 +1,42 @@
+"""CostModel: prices one layer at one choice, and states the target's limits.
+
+The allocator knows nothing of any target beyond this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fqhw.network import LayerSpec
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    cycles: int
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. LUT, BRAM_18K, DSP
+
+
+@dataclass(frozen=True)
+class TargetLimits:
+    """What the target offers, after its utilisation limits (the allocator's hard caps)."""
+
+    name: str
+    part: str
+    clock_hz: float
+    totals: dict[str, float]  # raw device totals
+    utilisation: dict[str, float]  # fraction of each total a design may use
+
+    def cap(self, resource: str) -> float:
+        return self.totals[resource] * self.utilisation.get(resource, 1.0)
+
+
+class CostModel(Protocol):
+    limits: TargetLimits
+
+    def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
+        """(pe, simd) pairs this target can build for the layer."""
+
+    def layer_cost(
+        self, layer: LayerSpec, weight_bits: int, in_bits: int, out_bits: int | None, pe: int, simd: int
+    ) -> LayerCost:
+        """Cost of the layer (and the units FINN builds with it: sliding window, pooling)."""

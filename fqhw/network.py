@@ -1,0 +1,143 @@
+"""NetworkSpec / LayerSpec: what a cost model and the allocator need to know of a model.
+
+Read from the float model once (shapes by a forward pass with hooks), so the allocator and
+the cost models never touch torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One compute layer (conv or linear) as a matrix-vector unit sees it.
+
+    MW = K*K*C_in inputs per output, MH = C_out outputs, N = output pixels (1 for linear).
+    """
+
+    name: str  # module path in the float model, e.g. "features.0"
+    kind: str  # "conv" or "linear"
+    mw: int
+    mh: int
+    out_pixels: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    in_channels: int = 0
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+    has_output_act: bool = True  # False for the classifier head: its output is the accumulator
+
+    @property
+    def params(self) -> int:
+        return self.mw * self.mh
+
+    @property
+    def macs(self) -> int:
+        return self.mw * self.mh * self.out_pixels
+
+
+@dataclass
+class NetworkSpec:
+    """The compute layers in execution order, plus the data-flow graph between them."""
+
+    name: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    layers: list[LayerSpec]
+    edges: list[tuple[str, str]] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerSpec:
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def total_params(self) -> int:
+        return sum(s.params for s in self.layers)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(s.macs for s in self.layers)
+
+    def graph(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        for spec in self.layers:
+            g.add_node(spec.name, spec=spec)
+        g.add_edges_from(self.edges)
+        return g
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_params"] = self.total_params
+        d["total_macs"] = self.total_macs
+        return d
+
+
+def network_spec(model: nn.Module, input_shape: tuple[int, int, int], name: str = "model") -> NetworkSpec:
+    """Trace the conv/linear layers of `model` with one forward pass of a zero image."""
+    records: list[LayerSpec] = []
+    hooks = []
+
+    def hook_for(mod_name: str, mod: nn.Module):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if isinstance(module, nn.Conv2d):
+                k = module.kernel_size[0]
+                records.append(
+                    LayerSpec(
+                        name=mod_name,
+                        kind="conv",
+                        mw=k * k * module.in_channels // module.groups,
+                        mh=module.out_channels,
+                        out_pixels=int(output.shape[-1] * output.shape[-2]),
+                        kernel=k,
+                        stride=module.stride[0],
+                        padding=module.padding[0] if isinstance(module.padding, tuple) else 0,
+                        in_channels=module.in_channels,
+                        in_hw=(int(x.shape[-2]), int(x.shape[-1])),
+                        out_hw=(int(output.shape[-2]), int(output.shape[-1])),
+                    )
+                )
+            else:
+                records.append(
+                    LayerSpec(
+                        name=mod_name,
+                        kind="linear",
+                        mw=module.in_features,
+                        mh=module.out_features,
+                        out_pixels=1,
+                        in_channels=module.in_features,
+                    )
+                )
+
+        return hook
+
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            hooks.append(mod.register_forward_hook(hook_for(mod_name, mod)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if records:
+        last = records[-1]
+        records[-1] = LayerSpec(**{**asdict(last), "has_output_act": False})
+    edges = [(a.name, b.name) for a, b in zip(records, records[1:])]
+    return NetworkSpec(
+        name=name,
+        input_shape=tuple(input_shape),
+        num_classes=int(out.shape[-1]),
+        layers=records,
+        edges=edges,
+    )
