@@ -1,0 +1,179 @@
+"""The `fqhw` command: a thin layer over the Python API in fqhw.flow."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from fqhw.errors import FqhwError
+
+
+def _parse_tuple(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+
+    return parse
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per knob of the built-in data set: --data-<field>."""
+    from fqhw.data.synthetic import SyntheticDermConfig
+
+    g = p.add_argument_group("built-in data set (synthetic dermatology)")
+    hints = typing.get_type_hints(SyntheticDermConfig)
+    for f in dataclasses.fields(SyntheticDermConfig):
+        hint = hints[f.name]
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            inner = typing.get_args(hint)[0]
+            kind, metavar = _parse_tuple(inner), "V1,V2,..."
+        elif hint in (int, float, str):
+            kind, metavar = hint, hint.__name__.upper()
+        elif hint is bool:
+            kind, metavar = (lambda s: s.lower() in ("1", "true", "yes")), "BOOL"
+        else:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        g.add_argument(f"--data-{f.name.replace('_', '-')}", dest=f"data_{f.name}", type=kind, metavar=metavar,
+                       default=None, help=f"default {default}")
+
+
+def _data_config(args):
+    from fqhw.data.synthetic import SyntheticDermConfig
+
+    overrides = {
+        f.name: getattr(args, f"data_{f.name}")
+        for f in dataclasses.fields(SyntheticDermConfig)
+        if getattr(args, f"data_{f.name}", None) is not None
+    }
+    return SyntheticDermConfig(**overrides)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for training, QAT and the solver")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
+    p.add_argument("--channels", type=_parse_tuple(int), default=None, help="channels of the default CNN's blocks, e.g. 16,32,64")
+    p.add_argument("--epochs", type=int, default=None, help="float training epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_flags(p)
+
+
+def _compile_config(args):
+    from fqhw.flow import CompileConfig
+
+    cfg = CompileConfig(data=_data_config(args), seed=args.seed, progress=not args.quiet)
+    updates = {}
+    if getattr(args, "target", None) is not None:
+        updates["target"] = args.target
+    if getattr(args, "budget", None) is not None:
+        updates["budget"] = args.budget
+    if getattr(args, "out", None) is not None:
+        updates["out_dir"] = args.out
+    if args.cache_dir is not None:
+        updates["cache_dir"] = args.cache_dir
+    if args.channels is not None:
+        updates["channels"] = args.channels
+    if args.epochs is not None:
+        updates["float_epochs"] = args.epochs
+    for flag, field_name in (
+        ("qat_epochs", "qat_epochs"),
+        ("fairness_lambda", "fairness_lambda"),
+        ("min_fps", "min_fps"),
+        ("verify_images", "verify_images"),
+        ("time_limit", "solver_time_limit_s"),
+    ):
+        if getattr(args, flag, None) is not None:
+            updates[field_name] = getattr(args, flag)
+    if getattr(args, "edge_bits", None) is not None:
+        updates["edge_bits"] = None if args.edge_bits == "none" else int(args.edge_bits)
+    return dataclasses.replace(cfg, **updates)
+
+
+def cmd_compile(args) -> int:
+    from fqhw.flow import compile as run_compile
+
+    res = run_compile(_compile_config(args))
+    r = res.report
+    c = r["accuracy"]["compiled"]
+    print(
+        f"wrote {res.out_dir}: avg {r['allocation']['avg_weight_bits']:.2f} bits, "
+        f"mean-group acc {100 * c['mean_group_acc']:.1f} %, worst-group acc {100 * c['worst_group_acc']:.1f} %, "
+        f"{r['hardware']['finn'].get('fps', float('nan')):.0f} images/s on {r['target']}, "
+        f"bit-exact {'yes' if r['bit_exact']['ok'] else 'NO'}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from fqhw.flow import step_data, step_float_model
+    from fqhw.quant.qat import evaluate_groups
+
+    cfg = _compile_config(args)
+    splits = step_data(cfg)
+    fm = step_float_model(cfg, splits)
+    m = evaluate_groups(fm.model, splits.test)
+    print(
+        f"float model {'loaded from cache' if fm.cache_hit else 'trained'}: test acc {100 * m['overall_acc']:.1f} %, "
+        f"mean-group {100 * m['mean_group_acc']:.1f} %, worst-group {100 * m['worst_group_acc']:.1f} % ({m['worst_group']})"
+    )
+    return 0
+
+
+def cmd_data(args) -> int:
+    from fqhw.data.synthetic import describe, generate
+
+    print(json.dumps(describe(generate(_data_config(args))), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fqhw.flow import CompileConfig
+
+    d = CompileConfig()
+    parser = argparse.ArgumentParser(prog="fqhw", description="Hardware-aware compiler for fair quantized medical image classifiers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pc = sub.add_parser("compile", help="allocate bits and folding, fine-tune, export and build for a target")
+    pc.add_argument("--target", default=None, help=f"hardware target (default {d.target})")
+    pc.add_argument("--budget", type=float, default=None, help=f"average weight bits, parameter-weighted, in [2, 8] (default {d.budget:g})")
+    pc.add_argument("--out", type=Path, default=None, help=f"output folder (default {d.out_dir})")
+    pc.add_argument("--qat-epochs", type=int, default=None, help=f"fine-tuning epochs (default {d.qat_epochs})")
+    pc.add_argument("--fairness-lambda", type=float, default=None, help=f"weight of max-min group loss (default {d.fairness_lambda})")
+    pc.add_argument("--edge-bits", default=None, help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
+    pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
+    pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
+    pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
+    _add_common(pc)
+    pc.set_defaults(func=cmd_compile)
+
+    pt = sub.add_parser("train", help="train (or load from cache) the float model on the built-in data")
+    _add_common(pt)
+    pt.set_defaults(func=cmd_train)
+
+    pd = sub.add_parser("data", help="generate the built-in data set and print its group and class counts")
+    _add_data_flags(pd)
+    pd.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FqhwError as e:
+        print(f"fqhw: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fqhw: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The compile flow: named steps with typed inputs and outputs.
+
+    data -> float_model -> importance -> allocate -> quantize (+ uniform baselines)
+         -> export -> finn -> verify -> report
+
+Each step is a plain function of the config and the previous steps' results; `compile`
+runs them in order into a staging folder beside the output folder and swaps it in only when
+every step has succeeded, so a failed or interrupted run leaves no partial output and keeps
+the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fqhw.allocator.allocation import Allocation
+from fqhw.data.dataset import DataSplits
+from fqhw.data.synthetic import SyntheticDermConfig, describe, generate
+from fqhw.errors import FqhwError
+from fqhw.fairness.importance import group_sensitivity
+from fqhw.fairness.sensitivity import Sensitivity
+from fqhw.models.cnn import CNNConfig, FairCNN
+from fqhw.network import NetworkSpec, network_spec
+
+BIT_RANGE = (2, 8)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FQHW_CACHE_DIR", Path.home() / ".cache" / "fqhw"))
+
+
+@dataclass
+class CompileConfig:
+    target: str = "pynq-z2"
+    budget: float = 4.0
+    out_dir: Path = Path("fqhw-out")
+    data: SyntheticDermConfig = field(default_factory=SyntheticDermConfig)
+    channels: tuple[int, ...] = (16, 32, 64)
+    float_epochs: int = 12
+    float_lr: float = 2e-3
+    qat_epochs: int = 3
+    qat_lr: float = 5e-4
+    fairness_lambda: float = 0.5
+    edge_bits: int | None = 8  # weights of the first and last layer pinned here (None: free)
+    min_fps: float | None = None
+    verify_images: int = 32
+    importance_samples: int = 256  # per group
+    solver_time_limit_s: float = 30.0
+    seed: int = 0
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["cache_dir"] = str(self.cache_dir)
+        return d
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dump(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: CompileConfig) -> None:
+    """Reject bad requests before any work is done (one line each, naming the fix)."""
+    from fqhw.hwmodels import get_cost_model
+
+    get_cost_model(cfg.target)  # raises FqhwError listing the known targets
+    lo, hi = BIT_RANGE
+    if not (lo <= cfg.budget <= hi) or not np.isfinite(cfg.budget):
+        raise FqhwError(f"budget {cfg.budget:g} is outside [{lo}, {hi}]: pass --budget between {lo} and {hi} bits per weight")
+    if cfg.edge_bits is not None and not (lo <= cfg.edge_bits <= hi):
+        raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
+    if cfg.verify_images < 1:
+        raise FqhwError("--verify-images must be at least 1")
+    check_writable(cfg.out_dir)
+
+
+def check_writable(out_dir: Path) -> None:
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
+    parent = out_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is not writable): choose another --out")
+    if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
+        raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
+
+
+# ---------------------------------------------------------------- the steps
+
+
+@dataclass
+class FloatModel:
+    model: FairCNN
+    config: CNNConfig
+    net: NetworkSpec
+    info: dict
+    cache_hit: bool
+
+
+def step_data(cfg: CompileConfig) -> DataSplits:
+    return generate(cfg.data)
+
+
+def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
+    return {
+        "data": asdict(cfg.data),
+        "model": mcfg.to_dict(),
+        "epochs": cfg.float_epochs,
+        "lr": cfg.float_lr,
+        "seed": cfg.seed,
+        "version": 1,
+    }
+
+
+def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
+    from fqhw.models.train import cached_float_model, train_float
+
+    mcfg = CNNConfig(
+        in_channels=splits.train.input_shape[0],
+        image_size=splits.train.input_shape[1],
+        num_classes=splits.train.num_classes,
+        channels=tuple(cfg.channels),
+    )
+
+    def build():
+        torch.manual_seed(cfg.seed)
+        return FairCNN(mcfg)
+
+    def train(model):
+        return train_float(model, splits, epochs=cfg.float_epochs, lr=cfg.float_lr, batch_size=64, seed=cfg.seed, progress=cfg.progress)
+
+    model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
+    model.eval()
+    return FloatModel(model, mcfg, network_spec(model, splits.train.input_shape, name="fqcnn"), info, hit)
+
+
+def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> Sensitivity:
+    return group_sensitivity(
+        fm.model, fm.net, splits.val, bits=range(BIT_RANGE[0], BIT_RANGE[1] + 1), max_per_group=cfg.importance_samples, seed=cfg.seed
+    )
+
+
+def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Allocation:
+    from fqhw.allocator.cpsat import allocate
+    from fqhw.hwmodels import get_cost_model
+
+    pinned = None
+    if cfg.edge_bits is not None:
+        pinned = {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
+    return allocate(
+        net,
+        sens,
+        get_cost_model(cfg.target),
+        budget=cfg.budget,
+        pinned=pinned,
+        min_fps=cfg.min_fps,
+        time_limit_s=cfg.solver_time_limit_s,
+        seed=cfg.seed,
+    )
+
+
+@dataclass
+class QuantModel:
+    model: torch.nn.Module
+    allocation: Allocation
+    qat: dict
+    test_metrics: dict
+
+
+def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
+    from fqhw.quant.qat import evaluate_groups, finetune
+    from fqhw.quant.qmodel import build_quant_model, calibrate
+
+    torch.manual_seed(cfg.seed)
+    qmodel = build_quant_model(fm.model, alloc)
+    calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
+    res = finetune(
+        qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
+    )
+    return QuantModel(qmodel, alloc, asdict(res), evaluate_groups(qmodel, splits.test))
+
+
+def step_quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> QuantModel:
+    return _quantize(cfg, fm, alloc, splits, desc="QAT compiled")
+
+
+def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> dict[str, dict]:
+    """Test metrics of the float model and of Uniform 8-bit / 4-bit QAT at the same settings.
+
+    Cached: they depend only on the float model and the QAT settings, not on the target.
+    """
+    from fqhw.quant.qat import evaluate_groups
+
+    out = {"float": evaluate_groups(fm.model, splits.test)}
+    for bits in (8, 4):
+        key = _key({"float": _float_key(cfg, fm.config), "bits": bits, "qat": [cfg.qat_epochs, cfg.qat_lr, cfg.fairness_lambda], "v": 1})
+        path = Path(cfg.cache_dir) / f"uniform{bits}-{key}.json"
+        if path.exists():
+            out[f"uniform{bits}"] = json.loads(path.read_text())
+            continue
+        qm = _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(qm.test_metrics, default=_json_default))
+        os.replace(tmp, path)
+        out[f"uniform{bits}"] = qm.test_metrics
+    return out
+
+
+def step_export(cfg: CompileConfig, qm: QuantModel, splits: DataSplits, work: Path) -> Path:
+    from fqhw.backends.qonnx_export import export_qonnx
+
+    return export_qonnx(qm.model, splits.train.input_shape, work / "model.qonnx.onnx")
+
+
+def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
+    from fqhw.backends.finn_build import finn_build
+    from fqhw.hwmodels import get_cost_model
+
+    part = get_cost_model(cfg.target).limits.part
+    return finn_build(qonnx_path, alloc, work / "finn", part=part)
+
+
+def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
+    from fqhw.backends.finn_build import finn_integer_trace
+    from fqhw.backends.qonnx_export import qonnx_integer_trace
+    from fqhw.backends.verify import check_bit_exact
+    from fqhw.quant.qmodel import integer_trace
+
+    n = min(cfg.verify_images, len(splits.test))
+    x, _, _ = splits.test.subset(np.arange(n)).tensors()
+    traces = {
+        "brevitas": integer_trace(qm.model, x),
+        "qonnx": qonnx_integer_trace(qonnx_path, x),
+        "finn": finn_integer_trace(finn, x),
+    }
+    return check_bit_exact(traces)
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    report: dict
+    timings: dict[str, float]
+
+
+def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users expect
+    """Run the whole flow; returns the report (the same object as report.json)."""
+    from fqhw.allocator.cpsat import price
+    from fqhw.backends.verify import require_bit_exact
+    from fqhw.hwmodels import get_cost_model
+    from fqhw.report.report import build_report, write_report
+
+    validate(cfg)
+    out_dir = Path(cfg.out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    timings: dict[str, float] = {}
+
+    def run(name: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 3)
+        return result
+
+    try:
+        _dump(work / "config.json", cfg.to_dict())
+        splits = run("data", step_data, cfg)
+        _dump(work / "data.json", describe(splits))
+        fm = run("float_model", step_float_model, cfg, splits)
+        _dump(work / "network.json", fm.net.to_dict())
+        sens = run("importance", step_importance, cfg, fm, splits)
+        sens.save(work / "sensitivity.json")
+        alloc = run("allocate", step_allocate, cfg, fm.net, sens)
+        alloc.save(work / "allocation.json")
+        baselines = run("baselines", step_baselines, cfg, fm, splits)
+        qm = run("quantize", step_quantize, cfg, fm, alloc, splits)
+        torch.save(qm.model.state_dict(), work / "quant_model.pt")
+        qonnx_path = run("export", step_export, cfg, qm, splits, work)
+        finn = run("finn", step_finn, cfg, qonnx_path, alloc, work)
+        bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
+        _dump(work / "bitexact.json", bitexact.to_dict())
+        require_bit_exact(bitexact)
+        predicted = price(fm.net, alloc, get_cost_model(cfg.target))
+        report = build_report(
+            cfg=cfg, splits=splits, fm=fm, sens=sens, alloc=alloc, baselines=baselines, qm=qm,
+            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings,
+        )
+        write_report(report, work)
+        _swap_in(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return CompileResult(out_dir, report, timings)
+
+
+def _swap_in(work: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(work, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

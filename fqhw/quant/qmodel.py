@@ -1,0 +1,258 @@
+"""Brevitas model of a FairCNN under an Allocation, and its integer trace.
+
+Quantizer choices (all of them absorbed exactly by FINN's streamlining):
+
+- input: 8-bit unsigned, constant scale 2^-8 (not learned). The model input is pixel/256,
+  so the input codes are exactly the uint8 pixels and every backend starts from the same
+  integers.
+- weights: narrow-range signed integers of the allocated width with one float scale per
+  output channel, taken from the channel's max |w| (Brevitas `Int8WeightPerChannelFloat`).
+  Per-channel scales keep 2..4-bit layers usable; FINN moves the scale past the MatMul and
+  folds it, together with BatchNorm, into the next layer's thresholds (or into the final
+  output Mul for the head), so the integer datapath only ever sees the weight codes.
+- activations: QuantReLU, unsigned, allocated width, one learned float scale per tensor
+  (Brevitas `Uint8ActPerTensorFloat`), initialised from activation statistics by
+  `calibrate`. FINN turns BN + ReLU + quantizer into a MultiThreshold / MVAU thresholds.
+- head: bias-free QuantLinear: no float add after the last integer accumulator, whose
+  value is what `integer_trace` reports as "head.acc".
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from brevitas.core.scaling import ScalingImplType
+from brevitas.graph.calibrate import calibration_mode
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+from brevitas.quant_tensor import QuantTensor
+from torch import nn
+
+from fqhw.allocator.allocation import Allocation
+from fqhw.data.dataset import INPUT_SCALE
+from fqhw.errors import FqhwError
+from fqhw.models.cnn import FairCNN
+
+INT_TOL = 1e-3  # a float that should be an integer must be this close to it
+
+
+class InputQuant(Uint8ActPerTensorFloat):
+    """8-bit unsigned input, constant scale 2^-8 (threshold 255/256 over int scale 255)."""
+
+    scaling_impl_type = ScalingImplType.CONST
+    scaling_const = 255.0 / 256.0
+
+
+class WeightQuant(Int8WeightPerChannelFloat):
+    """Narrow signed weights, per-output-channel float scale from max |w|; width set per layer."""
+
+
+class ActQuant(Uint8ActPerTensorFloat):
+    """Unsigned activations, per-tensor learned float scale; width set per layer."""
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """One allocation layer of the quant model: its compute module and output quantizer."""
+
+    name: str  # allocation / float-model name, e.g. "features.0.conv" or "head"
+    block: str  # name of the enclosing module path, e.g. "features.0" or "head"
+    compute: nn.Module  # QuantConv2d or QuantLinear
+    act: QuantReLU | None  # None for the head
+    weight_bits: int
+    act_bits: int | None
+
+
+class QuantFairCNN(nn.Module):
+    """Same module names as FairCNN (features.<i>.{conv,bn,relu,pool}, flatten, head),
+    plus `input_quant` in front. `layers` maps allocation names to QuantLayer in order."""
+
+    def __init__(self, float_model: FairCNN, alloc: Allocation):
+        super().__init__()
+        cfg = float_model.cfg
+        self.cfg = cfg
+        if alloc.input_bits != 8:
+            raise FqhwError(f"only 8-bit inputs are supported (allocation has input_bits={alloc.input_bits})")
+        self.input_quant = QuantIdentity(act_quant=InputQuant, return_quant_tensor=True)
+        names = [f"features.{i}.conv" for i in range(len(cfg.channels))] + ["head"]
+        known = {la.name for la in alloc.layers}
+        missing = [n for n in names if n not in known]
+        extra = sorted(known - set(names))
+        if missing or extra:
+            raise FqhwError(
+                f"allocation does not match the model: missing {missing}, unknown {extra}; "
+                f"expected layers {names}"
+            )
+        blocks = []
+        for i, fblock in enumerate(float_model.features):
+            la = alloc.layer(f"features.{i}.conv")
+            if la.act_bits is None:
+                raise FqhwError(f"layer features.{i}.conv needs act_bits (its ReLU is quantized)")
+            fconv: nn.Conv2d = fblock.conv
+            conv = QuantConv2d(
+                fconv.in_channels,
+                fconv.out_channels,
+                fconv.kernel_size,
+                stride=fconv.stride,
+                padding=fconv.padding,
+                bias=False,
+                weight_quant=WeightQuant,
+                weight_bit_width=la.weight_bits,
+                return_quant_tensor=False,
+            )
+            bn = nn.BatchNorm2d(fblock.bn.num_features, eps=fblock.bn.eps, momentum=fblock.bn.momentum)
+            relu = QuantReLU(act_quant=ActQuant, bit_width=la.act_bits, return_quant_tensor=True)
+            pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
+            blocks.append(nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=relu, pool=pool)))
+        self.features = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        lh = alloc.layer("head")
+        fhead: nn.Linear = float_model.head
+        if fhead.bias is not None:
+            raise FqhwError("the head must be bias-free (FairCNN's is)")
+        self.head = QuantLinear(
+            fhead.in_features,
+            fhead.out_features,
+            bias=False,
+            weight_quant=WeightQuant,
+            weight_bit_width=lh.weight_bits,
+            return_quant_tensor=False,
+        )
+        self.load_float_weights(float_model)
+        self._names = names
+        self._alloc_bits = {la.name: (la.weight_bits, la.act_bits) for la in alloc.layers}
+
+    @property
+    def layers(self) -> "OrderedDict[str, QuantLayer]":
+        out: OrderedDict[str, QuantLayer] = OrderedDict()
+        for i, block in enumerate(self.features):
+            name = f"features.{i}.conv"
+            w, a = self._alloc_bits[name]
+            out[name] = QuantLayer(name, f"features.{i}", block.conv, block.relu, w, a)
+        w, _ = self._alloc_bits["head"]
+        out["head"] = QuantLayer("head", "head", self.head, None, w, None)
+        return out
+
+    def load_float_weights(self, float_model: FairCNN) -> None:
+        with torch.no_grad():
+            for qb, fb in zip(self.features, float_model.features):
+                qb.conv.weight.copy_(fb.conv.weight)
+                qb.bn.load_state_dict(fb.bn.state_dict())
+            self.head.weight.copy_(float_model.head.weight)
+
+    def forward(self, x):
+        x = self.input_quant(x)
+        x = self.features(x)
+        x = self.flatten(x)
+        return self.head(x)
+
+
+def build_quant_model(float_model: FairCNN, alloc: Allocation) -> QuantFairCNN:
+    """A Brevitas copy of `float_model` quantized as `alloc` says (weights and BN stats copied).
+
+    Activation scales start at Brevitas' defaults: run `calibrate` before using the model.
+    """
+    qmodel = QuantFairCNN(float_model, alloc)
+    qmodel.train(float_model.training)
+    scale = float(qmodel.input_quant.quant_act_scale())
+    if scale != INPUT_SCALE:
+        raise AssertionError(f"input quantizer scale {scale!r} is not exactly {INPUT_SCALE!r}")
+    return qmodel
+
+
+def calibrate(qmodel: nn.Module, loader, batches: int = 8) -> nn.Module:
+    """Initialise the activation scales from statistics over `batches` batches of `loader`.
+
+    The loader yields tensors or tuples whose first element is the model input. BatchNorm
+    running statistics are left untouched (the model runs in eval mode).
+    """
+    was_training = qmodel.training
+    qmodel.eval()
+    n = 0
+    with torch.no_grad(), calibration_mode(qmodel):
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            qmodel(x)
+            n += 1
+            if n >= batches:
+                break
+    if n == 0:
+        raise FqhwError("calibration loader yielded no batches")
+    qmodel.train(was_training)
+    return qmodel
+
+
+def _codes(qt: QuantTensor, what: str) -> torch.Tensor:
+    """Integer codes of a QuantTensor, checked to be within INT_TOL of integers and in range."""
+    if not isinstance(qt, QuantTensor):
+        raise AssertionError(f"{what}: expected a QuantTensor, got {type(qt).__name__}")
+    pre = (qt.value.double() / qt.scale.double()) + qt.zero_point.double()
+    rounded = torch.round(pre)
+    err = float((pre - rounded).abs().max()) if pre.numel() else 0.0
+    if err > INT_TOL:
+        raise AssertionError(f"{what}: value/scale is {err:.3g} away from an integer")
+    bits = int(qt.bit_width)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bool(qt.signed) else (0, 2**bits - 1)
+    if rounded.numel() and (rounded.min() < lo or rounded.max() > hi):
+        raise AssertionError(f"{what}: codes outside [{lo}, {hi}]")
+    return rounded.to(torch.int64)
+
+
+def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Integer codes seen by Brevitas on input `x` (N, C, H, W floats = pixel/256), int64 NCHW.
+
+    Keys: "input", "<layer>.act" for each layer with an output activation (QuantReLU codes,
+    before pooling), "head.acc" (integer head weights x integer input codes, exact).
+    """
+    captured: dict[str, QuantTensor] = {}
+    hooks = []
+
+    def keep(key):
+        def hook(module, inputs, output):
+            captured[key] = output
+
+        return hook
+
+    def keep_input(key):
+        def hook(module, inputs):
+            captured[key] = inputs[0]
+
+        return hook
+
+    hooks.append(qmodel.input_quant.register_forward_hook(keep("input")))
+    for name, ql in qmodel.layers.items():
+        if ql.act is not None:
+            hooks.append(ql.act.register_forward_hook(keep(f"{name}.act")))
+    hooks.append(qmodel.head.register_forward_pre_hook(keep_input("head.in")))
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            out = qmodel(x)
+            w_int = _codes(qmodel.head.quant_weight(), "head weight")
+            w_scale = qmodel.head.quant_weight().scale.double().reshape(-1)
+    finally:
+        for h in hooks:
+            h.remove()
+        qmodel.train(was_training)
+
+    trace: dict[str, np.ndarray] = {}
+    trace["input"] = _codes(captured.pop("input"), "input").numpy()
+    expect = torch.round(x.double() / INPUT_SCALE).clamp(0, 255).to(torch.int64).numpy()
+    if not np.array_equal(trace["input"], expect):
+        raise AssertionError("input codes differ from round(x * 256)")
+    head_in_qt = captured.pop("head.in")
+    for key, qt in captured.items():
+        trace[key] = _codes(qt, key).numpy()
+    a_int = _codes(head_in_qt, "head input")  # pooled, flattened codes of the last ReLU
+    acc = a_int.numpy() @ w_int.numpy().T  # exact int64 arithmetic
+    trace["head.acc"] = acc
+    # the float head output must be the accumulator times the scales (a consistency check of
+    # what the model computes, not a source of the integers)
+    approx = out.double().numpy() / (float(head_in_qt.scale) * w_scale.numpy())
+    slack = 1e-4 * np.maximum(1.0, np.abs(acc)) + INT_TOL
+    if not (np.abs(approx - acc) <= slack).all():
+        raise AssertionError("head output is not integer accumulator x scales")
+    return trace

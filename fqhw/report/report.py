@@ -1,0 +1,155 @@
+"""report.json (the result object) and report.md (the same, for people)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "Uniform 4-bit"), ("compiled", "fqhw (compiled)")]
+
+
+def _plain(o):
+    if is_dataclass(o):
+        return _plain(asdict(o))
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings) -> dict:
+    net = fm.net
+    accuracy = {**baselines, "compiled": qm.test_metrics}
+    predicted_loss = sens.predicted(
+        {la.name: la.weight_bits for la in alloc.layers}, {la.name: la.act_bits for la in alloc.layers}
+    )
+    layers = []
+    for la, spec in zip(alloc.layers, net.layers):
+        layers.append(
+            {
+                "name": la.name,
+                "kind": spec.kind,
+                "mw": spec.mw,
+                "mh": spec.mh,
+                "params": spec.params,
+                "weight_bits": la.weight_bits,
+                "in_bits": alloc.input_bits_of(net, la.name),
+                "act_bits": la.act_bits,
+                "pe": la.pe,
+                "simd": la.simd,
+                "predicted": predicted["layers"].get(la.name),
+                "finn": finn.layer_estimates.get(la.name),
+            }
+        )
+    return _plain(
+        {
+            "target": cfg.target,
+            "budget": cfg.budget,
+            "config": cfg.to_dict(),
+            "data": {"name": splits.name, "groups": splits.test.group_names, "classes": splits.test.class_names,
+                     "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test)},
+            "float_model": {"cache_hit": fm.cache_hit, **fm.info},
+            "accuracy": accuracy,
+            "allocation": {
+                "avg_weight_bits": alloc.avg_weight_bits(net),
+                "input_bits": alloc.input_bits,
+                "layers": layers,
+                "solver": alloc.solver,
+                "predicted_group_loss_increase": dict(zip(sens.groups, predicted_loss.tolist())),
+            },
+            "hardware": {
+                "part": finn.part,
+                "predicted": predicted["total"],
+                "finn": finn.summary(),
+            },
+            "qat": qm.qat,
+            "bit_exact": bitexact.to_dict(),
+            "timings_s": timings,
+        }
+    )
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(report: dict) -> str:
+    acc = report["accuracy"]
+    groups = report["data"]["groups"]
+    lines = [
+        f"# fqhw compile: {report['target']}, budget {report['budget']:g} bits",
+        "",
+        "## Accuracy on the test split (%)",
+        "",
+        "| model | overall | mean group | worst group | gap | " + " | ".join(groups) + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in groups) + " |",
+    ]
+    for key, label in MODEL_ROWS:
+        m = acc.get(key)
+        if m is None:
+            continue
+        per = [_pct(m["per_group_acc"].get(g)) for g in groups]
+        lines.append(
+            f"| {label} | {_pct(m['overall_acc'])} | {_pct(m['mean_group_acc'])} | {_pct(m['worst_group_acc'])} ({m['worst_group']}) "
+            f"| {_pct(m['gap'])} | " + " | ".join(per) + " |"
+        )
+    a = report["allocation"]
+    lines += [
+        "",
+        f"## Allocation (average weight width {a['avg_weight_bits']:.3f} bits, input {a['input_bits']} bits)",
+        "",
+        f"Solver: {a['solver'].get('status', '?')} in {a['solver'].get('wall_time_s', float('nan')):.3f} s",
+        "",
+        "| layer | MW x MH | params | W bits | in bits | out bits | PE | SIMD | cycles (FINN) | LUT (FINN) | BRAM_18K (FINN) | DSP (FINN) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for la in a["layers"]:
+        f = la.get("finn") or {}
+        lines.append(
+            f"| {la['name']} | {la['mw']} x {la['mh']} | {la['params']} | {la['weight_bits']} | {la['in_bits']} | {la['act_bits'] or 'acc'} "
+            f"| {la['pe']} | {la['simd']} | {f.get('cycles', '-')} | {f.get('LUT', '-')} | {f.get('BRAM_18K', '-')} | {f.get('DSP', '-')} |"
+        )
+    hw = report["hardware"]["finn"]
+    lines += [
+        "",
+        f"## FINN estimates ({report['hardware']['part']})",
+        "",
+        "| resource | used | available (after FINN's utilisation limit) |",
+        "| --- | --- | --- |",
+    ]
+    for res, used in hw.get("total", {}).items():
+        cap = hw.get("caps", {}).get(res)
+        lines.append(f"| {res} | {used:g} | {cap if cap is not None else '-'} |")
+    lines += [
+        "",
+        f"Estimated throughput {hw.get('fps', float('nan')):.1f} images/s, latency {hw.get('latency_cycles', '-')} cycles "
+        f"({hw.get('latency_ms', float('nan')):.3f} ms) at {hw.get('clock_ns', '-')} ns.",
+        "",
+        "## Bit-exactness",
+        "",
+    ]
+    be = report["bit_exact"]
+    verdict = "PASS" if be["ok"] else "FAIL"
+    lines.append(
+        f"{verdict}: integer values of {', '.join(be['backends'])} compared on {be['n_images']} test images, "
+        f"{len(be['keys'])} tensors ({', '.join(be['keys'])})."
+    )
+    lines += ["", "## Step times (s)", "", "| step | s |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    Path(out_dir, "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    Path(out_dir, "report.md").write_text(markdown(report))
