@@ -31,6 +31,11 @@ class LayerSpec:
     in_hw: tuple[int, int] = (1, 1)
     out_hw: tuple[int, int] = (1, 1)
     has_output_act: bool = True  # False for the classifier head: its output is the accumulator
+    # max pooling applied to this layer's (activated) output, as FINN builds it after the
+    # MVAU (sliding window + Pool); pool_kernel 0 means no pooling follows the layer
+    pool_kernel: int = 0
+    pool_stride: int = 0
+    pool_out_hw: tuple[int, int] = (0, 0)
 
     @property
     def params(self) -> int:
@@ -118,9 +123,28 @@ def network_spec(model: nn.Module, input_shape: tuple[int, int, int], name: str 
 
         return hook
 
+    def pool_hook(module, inputs, output):
+        # a max pool right after a conv (through BN / ReLU) belongs to that conv's block
+        if not records or records[-1].kind != "conv" or records[-1].pool_kernel:
+            return
+        if tuple(inputs[0].shape[-2:]) != records[-1].out_hw:
+            return
+        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+        s = module.stride if isinstance(module.stride, int) else module.stride[0]
+        records[-1] = LayerSpec(
+            **{
+                **asdict(records[-1]),
+                "pool_kernel": int(k),
+                "pool_stride": int(s if s else k),
+                "pool_out_hw": (int(output.shape[-2]), int(output.shape[-1])),
+            }
+        )
+
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             hooks.append(mod.register_forward_hook(hook_for(mod_name, mod)))
+        elif isinstance(mod, nn.MaxPool2d):
+            hooks.append(mod.register_forward_hook(pool_hook))
     was_training = model.training
     model.eval()
     try:

@@ -12,8 +12,17 @@ from fqhw.network import LayerSpec
 
 @dataclass(frozen=True)
 class LayerCost:
-    cycles: int
+    cycles: int  # the slowest unit of the layer: what bounds the pipeline's throughput
     resources: dict[str, float] = field(default_factory=dict)  # e.g. LUT, BRAM_18K, DSP
+    # sum of the layer's unit cycles (a pessimistic latency, as FINN's critical path);
+    # None: same as cycles
+    latency_cycles: int | None = None
+    # per hardware unit the target builds for the layer: op type, folding, cycles, resources
+    units: tuple[dict, ...] = ()
+
+    @property
+    def latency(self) -> int:
+        return self.cycles if self.latency_cycles is None else self.latency_cycles
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class InputQuant(Uint8ActPerTensorFloat):
     """8-bit unsigned input, constant scale 2^-8 (threshold 255/256 over int scale 255)."""
 
     scaling_impl_type = ScalingImplType.CONST
-    scaling_const = 255.0 / 256.0
+    max_val = 255.0 / 256.0  # scale = threshold / (2^8 - 1) = 2^-8 exactly
 
 
 class WeightQuant(Int8WeightPerChannelFloat):
@@ -156,7 +156,7 @@ def build_quant_model(float_model: FairCNN, alloc: Allocation) -> QuantFairCNN:
     """
     qmodel = QuantFairCNN(float_model, alloc)
     qmodel.train(float_model.training)
-    scale = float(qmodel.input_quant.quant_act_scale())
+    scale = float(qmodel.input_quant.act_quant.scale())
     if scale != INPUT_SCALE:
         raise AssertionError(f"input quantizer scale {scale!r} is not exactly {INPUT_SCALE!r}")
     return qmodel

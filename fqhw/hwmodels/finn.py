@@ -1,0 +1,693 @@
+"""FINN dataflow cost model: what finn-plus 1.6.1 builds for each layer, priced with the
+analytical estimates that finn-plus itself reports (estimate_layer_cycles.json,
+estimate_layer_resources.json).
+
+What FINN builds (default build settings: standalone_thresholds=False, mem_mode
+internal_decoupled, ram_style auto, ram_style_thresholds auto, SWG ram_style distributed,
+minimize_bit_width on), after SpecializeLayers:
+
+  conv layer (K x K, padding p, stride s), followed by a max pool (k, stride t):
+    FMPadding_rtl            (only when p > 0)                   folding SIMD | C_in
+    ConvolutionInputGenerator_rtl (sliding window, depthwise=0)  folding SIMD | C_in
+    MVAU_hls                 (MatMul + BN/ReLU/requant thresholds embedded: an MVAU with
+                              thresholds is never given the RTL backend)   PE | MH, SIMD | MW
+    ConvolutionInputGenerator_rtl (depthwise=1) + Pool_hls (MaxPool)      SWG SIMD = Pool PE | C_out
+  linear layer with an output activation: MVAU_hls with thresholds
+  classifier head (no activation): MVAU_rtl when weights and input are >= 4 bits, the
+    weights are narrow-range and signed (DSP48E1 parts need narrow weights) and the widths
+    fit the DSP datapath; otherwise MVAU_hls
+  network input: the 8-bit input quantizer becomes a standalone Thresholding_rtl on the
+    float image (FLOAT32 thresholds), unless input_mode="absorbed"
+
+The allocator picks the MVAU folding (PE, SIMD); the padding / sliding-window / pool units
+of the layer are folded the way FINN's SetFolding folds them, with the MVAU's cycle count
+as the target: the least parallel unit that keeps up with its MVAU (FINN inserts width
+converters between units of different widths; its estimate reports do not price them, and
+neither does this model). `layer_units` returns every unit with its folding attributes so
+a backend can apply exactly the folding that was priced.
+
+Accumulator widths: FINN's default flow minimises each MVAU's accumulator from the actual
+weight values; before training we do not have them, so this model uses the worst case of
+the data types (MinimizeAccumulatorWidth(datatype_only=True)). For the LUT estimate FINN
+takes the minimum of that width and its own alpha bound, so the difference is small, and
+this model is never below FINN's estimate for the trained weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+
+from fqhw.errors import FqhwError
+from fqhw.hwmodels.base import LayerCost, TargetLimits
+from fqhw.network import LayerSpec, NetworkSpec
+
+# finn.util.basic.MAX_ALLOWED_AP_INT_W: widest ap_int an HLS node may use
+MAX_ALLOWED_AP_INT_W = 8191
+
+# finn.util.platforms.DEFAULT_RES_LIMITS (LUT, FF, BRAM_18K, URAM, DSP)
+DEFAULT_UTILISATION = {"LUT": 0.7, "FF": 0.5, "BRAM_18K": 0.8, "URAM": 0.8, "DSP": 0.8}
+
+# resources FINN's analytical estimates price (it has no FF estimate)
+PRICED = ("LUT", "BRAM_18K", "URAM", "DSP")
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    part: str
+    finn_board: str
+    totals: dict  # per SLR for multi-SLR devices
+    note: str = ""
+
+
+def _totals(lut: int, bram18: int, uram: int, dsp: int) -> dict:
+    return {"LUT": lut, "FF": 2 * lut, "BRAM_18K": bram18, "URAM": uram, "DSP": dsp}
+
+
+# finn.util.platforms (Zynq7020_Platform, ZU3EG_Platform, ZU7EV_Platform,
+# Alveo_NxU250_Platform) and finn.util.basic.part_map
+BOARDS: dict[str, Board] = {
+    "pynq-z1": Board("pynq-z1", "xc7z020clg400-1", "Pynq-Z1", _totals(53200, 280, 0, 220)),
+    "pynq-z2": Board("pynq-z2", "xc7z020clg400-1", "Pynq-Z2", _totals(53200, 280, 0, 220)),
+    "ultra96": Board("ultra96", "xczu3eg-sbva484-1-e", "Ultra96", _totals(71000, 412, 0, 360)),
+    "zcu104": Board("zcu104", "xczu7ev-ffvc1156-2-e", "ZCU104", _totals(230000, 610, 92, 1728)),
+    "u250": Board(
+        "u250",
+        "xcu250-figd2104-2L-e",
+        "U250",
+        _totals(375000, 1152, 320, 2880),
+        note="one SLR of four (the dataflow pipeline is placed in one SLR)",
+    ),
+}
+
+
+# ------------------------------------------------------------------ FINN helpers
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def dsp_block(part: str) -> str:
+    """finn.util.basic.get_dsp_block."""
+    if part[0:4] in ("xcvc", "xcve", "xcvp", "xcvm", "xqvc", "xqvm") or part[0:5] in ("xqrvc", "xcv80"):
+        return "DSP58"  # Versal (finn.util.basic.is_versal); not one of the boards above
+    if part[2] == "7":
+        return "DSP48E1"
+    return "DSP48E2"
+
+
+def dsp_datapath_limits(block: str) -> tuple[int, int, int]:
+    """finn.util.basic.get_dsp_datapath_limits: (activation, weight, accumulator) widths."""
+    if block == "DSP58":
+        return 24, 27, 58
+    if block == "DSP48E2":
+        return 18, 27, 48
+    return 18, 25, 48
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@lru_cache(maxsize=None)
+def acc_bits_worst_case(mw: int, w_bits: int, in_bits: int, in_signed: bool, last_node: bool = False) -> int:
+    """Accumulator width from the data types alone, as MVAU.minimize_accumulator_width
+    with datatype_only=True: signed weights of w_bits times inputs of in_bits, MW terms.
+    A no-activation MVAU that is the last node is rounded up to a multiple of 8."""
+    wmin, wmax = int_range(w_bits, True)
+    vmin, vmax = int_range(in_bits, in_signed)
+    # calculate_matvec_accumulator_range on all-wmin and all-wmax matrices
+    lower = (mw * wmin * vmax, mw * wmin * vmin)
+    upper = (mw * wmax * vmin, mw * wmax * vmax)
+    acc_min = min(min(lower), min(upper))
+    acc_max = max(max(lower), max(upper))
+    if acc_min >= 0:
+        bits = math.ceil(np.log2(acc_max + 1))
+    else:
+        bits = math.ceil(np.log2(max(-acc_min, 1 + acc_max)) + 1)
+    if last_node and bits % 8:
+        bits += 8 - bits % 8
+    return int(bits)
+
+
+def mvau_cycles(mw: int, mh: int, pe: int, simd: int, n_vectors: int) -> int:
+    """MVAU.get_exp_cycles (TH = MMV = 1)."""
+    return int((mh / pe) * (mw / simd) * n_vectors)
+
+
+def mvau_bram(mw: int, mh: int, pe: int, simd: int, w_bits: int, mem_mode: str = "internal_decoupled", ram_style: str = "auto") -> int:
+    """MVAU.bram_estimation (RAMB18 count for the weight memory)."""
+    omega = (mw * mh) / (simd * pe)
+    width = simd * w_bits * pe
+    wmem = mw * mh // (pe * simd)
+    if (
+        (mem_mode == "internal_decoupled" and ram_style in ("distributed", "ultra"))
+        or (mem_mode == "internal_embedded" and wmem <= 128)
+        or mem_mode in ("external", "external_mem")
+    ):
+        return 0
+    if width == 1:
+        return math.ceil(omega / 16384)
+    if width == 2:
+        return math.ceil(omega / 8192)
+    if width <= 4:
+        return math.ceil(omega / 4096) * math.ceil(width / 4)
+    if width <= 9:
+        return math.ceil(omega / 2048) * math.ceil(width / 9)
+    if width <= 18 or omega > 512:
+        return math.ceil(omega / 1024) * math.ceil(width / 18)
+    return math.ceil(omega / 512) * math.ceil(width / 36)
+
+
+def mvau_uram(mw: int, mh: int, pe: int, simd: int, w_bits: int, mem_mode: str = "internal_decoupled", ram_style: str = "auto") -> int:
+    """MVAU.uram_estimation."""
+    omega = (mw * mh) / (simd * pe)
+    width = simd * w_bits * pe
+    wmem = mw * mh // (pe * simd)
+    if (
+        (mem_mode == "internal_decoupled" and ram_style != "ultra")
+        or (mem_mode == "internal_embedded" and wmem <= 128)
+        or mem_mode in ("external", "external_mem")
+    ):
+        return 0
+    return math.ceil(width / 72) * math.ceil(omega / 4096)
+
+
+def mvau_hls_lut(
+    mw: int,
+    mh: int,
+    pe: int,
+    simd: int,
+    w_bits: int,
+    in_bits: int,
+    in_signed: bool,
+    acc_dt_bits: int,
+    out_bits: int | None,
+    *,
+    mem_mode: str = "internal_decoupled",
+    ram_style: str = "auto",
+    ram_style_thresholds: str = "auto",
+    res_type: str = "lut",
+) -> int:
+    """MVAU_hls.lut_estimation (the FINN-R model: c0 + c1 * P * (mult + adder tree + acc +
+    thresholds + comparators) + c2). out_bits None: no activation (no thresholds)."""
+    P, Q, W, A = pe, simd, w_bits, in_bits
+    c0, c1, c2 = 300, 1.1, 0
+    wmem = mw * mh // (pe * simd)
+    if (mem_mode == "internal_decoupled" and ram_style == "distributed") or (mem_mode == "internal_embedded" and wmem <= 128):
+        c2 = (P * Q * W) * math.ceil(wmem / 64)
+    mult_luts = 0 if res_type == "dsp" else Q * (2 * math.ceil((W + A) / 6) - 1) * (W + A)
+    addertree_luts = (W + A) * (2 * Q - 1)
+    alpha = math.log(mw, 2) + W + A - 1 - int(in_signed)
+    acc_bits = min(acc_dt_bits, np.ceil(alpha + math.log(1 + pow(2, -alpha), 2) + 1))
+    thr_luts = comp_luts = 0
+    if out_bits is not None and ram_style_thresholds == "distributed":
+        tmem = mh // pe
+        thr_luts = (2**out_bits - 1) * acc_bits * math.ceil(tmem / 64)
+        comp_luts = (2**out_bits - 1) * acc_bits
+    return int(c0 + c1 * (P * (mult_luts + addertree_luts + acc_bits + thr_luts + comp_luts)) + c2)
+
+
+def mvau_hls_dsp(pe: int, simd: int, w_bits: int, in_bits: int, res_type: str = "lut") -> int:
+    """MVAU_hls.dsp_estimation."""
+    if res_type == "dsp":
+        return int(pe * simd * np.ceil((w_bits + in_bits) / 48))
+    return 0
+
+
+def mvau_rtl_dsp(pe: int, simd: int, block: str) -> int:
+    """MVAU_rtl.dsp_estimation (its LUT estimate is 0)."""
+    if block == "DSP58":
+        return int(pe * np.ceil(simd / 3))
+    return int(np.ceil(pe / 4) * simd)
+
+
+def mvau_rtl_possible(
+    has_act: bool, w_bits: int, in_bits: int, in_signed: bool, acc_out_bits: int, narrow_weights: bool, block: str
+) -> bool:
+    """SpecializeLayers' choice for an MVAU with no preferred_impl_style: RTL only without
+    embedded thresholds, with weights and input of at least 4 bits, signed weights (narrow
+    on DSP48E1) and widths inside the DSP datapath (_mvu_rtl_possible)."""
+    if has_act:
+        return False
+    if w_bits < 4 or in_bits < 4:
+        return False
+    if not narrow_weights and block == "DSP48E1":
+        return False
+    max_act, max_weight, max_acc = dsp_datapath_limits(block)
+    act_fits = (in_bits - int(in_signed)) < max_act
+    return act_fits and w_bits <= max_weight and acc_out_bits <= max_acc
+
+
+# sliding window (ConvolutionInputGenerator_rtl) -------------------------------------
+
+
+@dataclass(frozen=True)
+class SWG:
+    """One ConvolutionInputGenerator_rtl (attributes as FINN names them)."""
+
+    ifm_ch: int
+    ifm_dim: tuple[int, int]
+    ofm_dim: tuple[int, int]
+    k: tuple[int, int]
+    stride: tuple[int, int]
+    simd: int
+    in_bits: int
+    depthwise: bool = False
+    parallel_window: bool = False
+    dilation: tuple[int, int] = (1, 1)
+    ram_style: str = "distributed"
+
+    def impl_style(self) -> str:
+        kh, kw = self.k
+        mmv_out = kh * kw if self.parallel_window else 1
+        if mmv_out > 1 or (kh == 1 and kw == 1):
+            return "parallel"
+        return "default"
+
+    def buffer_depth(self) -> int:
+        kh, kw = self.k
+        _, w = self.ifm_dim
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        cf = self.ifm_ch // self.simd
+        if self.impl_style() == "default":
+            min_size = ((kh - 1) * dh * w + (kw - 1) * dw + 1) * cf
+            return min_size + max(0, ((sw - 1) - kh * kw) * cf) + max(0, ((sh - 1) * w - kh * kw) * cf)
+        min_size = ((kh - 1) * dh * w + (kw - 1) * dw) * cf + 1
+        return min_size + 1
+
+    def cycles(self) -> int:
+        cf = self.ifm_ch // self.simd
+        ifm_h, ifm_w = self.ifm_dim
+        ofm_h, ofm_w = self.ofm_dim
+        kh, kw = self.k
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        if self.impl_style() == "parallel":
+            return int(ifm_h * ifm_w * cf + 2)
+        if ifm_h == 1 or ifm_w == 1:
+            # 1D: normalise (D, 1) to (1, D)
+            if ifm_w == 1:
+                ifm_h, ifm_w = ifm_w, ifm_h
+                ofm_h, ofm_w = ofm_w, ofm_h
+                kh, kw = kw, kh
+                sh, sw = sw, sh
+            if self.depthwise:
+                c_out = ofm_w * kw * cf + (cf - 1) * kw
+                c_in = ifm_w * cf + cf * (kw - 1) * (sw - 1)
+                return int(max(c_out, c_in) + 2)
+            return int(ofm_w * kw * cf + 2)
+        min_size = ((kh - 1) * dh * ifm_w + (kw - 1) * dw + 1) * cf
+        write = ofm_w * kw * kh * cf
+        read = sw * ifm_w * cf
+        mx = max(write, read)
+        if self.depthwise:
+            mx += ofm_w * (sw - 1) * (cf - 1)
+        cyc = min_size + ofm_h * mx
+        if self.depthwise:
+            cyc += (sh - 1) * ifm_w * cf
+        return int(cyc)
+
+    def lut(self) -> int:
+        ram = 0
+        if self.ram_style == "distributed":
+            ram = int(self.simd * self.in_bits * math.ceil(self.buffer_depth() / 38))
+        return 300 + ram
+
+    def _line_buffers(self) -> tuple[int, int] | None:
+        """(depth, count) of the buffers FINN estimates, None for none."""
+        kh, kw = self.k
+        ifm_h, ifm_w = self.ifm_dim
+        dh, dw = self.dilation
+        if self.impl_style() == "default":
+            return self.buffer_depth(), 1
+        if ifm_h == 1 or ifm_w == 1:
+            return None
+        kernel_width = (kw - 1) * dw + 1
+        return (ifm_w - kernel_width) + ifm_w * (dh - 1), kh - 1
+
+    def bram(self) -> int:
+        if self.ram_style not in ("block", "auto"):
+            return 0
+        lb = self._line_buffers()
+        if lb is None:
+            return 0
+        depth, count = lb
+        width = self.simd * self.in_bits
+
+        def ram_width(d: int) -> int:
+            for limit, rw in ((512, 36), (1024, 18), (2048, 9), (4096, 4), (8192, 2)):
+                if d <= limit:
+                    return rw
+            return 1
+
+        cascade_depth = math.ceil(depth / 16384)
+        cascade_width = math.ceil(width / ram_width(depth))
+        savings = 0
+        if depth > 16384:
+            savings = cascade_width - math.ceil(width / ram_width(depth % 16384))
+        return int((cascade_depth * cascade_width - savings) * count)
+
+    def uram(self) -> int:
+        if self.ram_style != "ultra":
+            return 0
+        lb = self._line_buffers()
+        if lb is None:
+            return 0
+        depth, count = lb
+        return int(math.ceil(depth / 4096) * math.ceil(self.simd * self.in_bits / 72) * count)
+
+
+def fmpadding_cycles(img_dim: tuple[int, int], padding: tuple[int, int, int, int], channels: int, simd: int) -> int:
+    """FMPadding.get_exp_cycles (FMPadding_rtl has no resource estimate: 0)."""
+    oh = img_dim[0] + padding[0] + padding[2]
+    ow = img_dim[1] + padding[1] + padding[3]
+    return int((channels / simd) * 1 * oh * ow)
+
+
+def pool_cycles(channels: int, pe: int, k: tuple[int, int], out_dim: tuple[int, int]) -> int:
+    """Pool.get_exp_cycles (Pool_hls has no resource estimate: 0)."""
+    return int(((channels * k[0] * k[1]) / pe) * out_dim[0] * out_dim[1] * 1)
+
+
+# Thresholding_rtl ---------------------------------------------------------------------
+
+# finn.util.memutil.mem_primitives_versal (FINN uses this list on every part)
+_MEM_PRIMITIVES = (
+    ("URAM_72x4096", 72, 4096),
+    ("URAM_36x8192", 36, 8192),
+    ("URAM_18x16384", 18, 16384),
+    ("URAM_9x32768", 9, 32768),
+    ("BRAM18_36x512", 36, 512),
+    ("BRAM18_18x1024", 18, 1024),
+    ("BRAM18_9x2048", 9, 2048),
+    ("LUTRAM", 1, 64),
+)
+
+
+def _roundup(x: int, factor: int) -> int:
+    if x < factor:
+        return factor
+    return x if x % factor == 0 else x + (factor - x % factor)
+
+
+def thresholding_rtl_memory(channels: int, pe: int, thr_bits: int, out_bits: int) -> dict[str, int]:
+    """Thresholding_rtl.get_memory_estimate: per output bit x, a memory of thr_bits x
+    (C/PE * 2^x) per PE, each given the primitive with the least waste (first on ties)."""
+    res: dict[str, int] = {}
+    cf = channels // pe
+    for x in range(out_bits):
+        width, depth = thr_bits, cf * 2**x
+        best = None
+        for name, pw, pd in _MEM_PRIMITIVES:
+            count = (_roundup(width, pw) // pw) * (_roundup(depth, pd) // pd)
+            waste = count * pw * pd - width * depth
+            if best is None or waste < best[2]:
+                best = (name, count, waste)
+        name, count, _ = best
+        kind = "BRAM" if name.startswith("BRAM") else name.split("_")[0]
+        res[kind] = res.get(kind, 0) + pe * count
+    return res
+
+
+def thresholding_cycles(channels: int, pe: int, n_vectors: int) -> int:
+    """Thresholding.get_exp_cycles: product of the folded shape without its last dim."""
+    return int(n_vectors * (channels // pe))
+
+
+# ------------------------------------------------------------------ the cost model
+
+
+def _first_meeting(options: Iterable[int], cycles_of, target: int) -> tuple[int, bool]:
+    """SetFolding.optimize_attribute_val: the first divisor whose cycles meet the target,
+    else the last one. Returns (value, met)."""
+    val = 1
+    for val in options:
+        if cycles_of(val) <= target:
+            return val, True
+    return val, False
+
+
+class FinnCostModel:
+    """FINN dataflow on one board; implements fqhw.hwmodels.base.CostModel."""
+
+    def __init__(
+        self,
+        board: str = "pynq-z2",
+        clock_ns: float = 10.0,
+        *,
+        utilisation: dict[str, float] | None = None,
+        input_mode: str = "thresholding",
+        input_threshold_bits: int = 32,
+        narrow_weights: bool = True,
+        mem_mode: str = "internal_decoupled",
+        ram_style: str = "auto",
+        ram_style_thresholds: str = "auto",
+        swg_ram_style: str = "distributed",
+        head_is_last_node: bool = True,
+    ):
+        key = board.lower()
+        if key not in BOARDS:
+            raise FqhwError(f"unknown FINN board {board!r}: known boards are {', '.join(sorted(BOARDS))}")
+        if clock_ns <= 0:
+            raise FqhwError(f"clock period {clock_ns} ns must be positive")
+        if input_mode not in ("thresholding", "absorbed"):
+            raise FqhwError(f"input_mode {input_mode!r} must be 'thresholding' or 'absorbed'")
+        self.board = BOARDS[key]
+        self.clock_ns = float(clock_ns)
+        self.part = self.board.part
+        self.dsp_block = dsp_block(self.part)
+        self.input_mode = input_mode
+        self.input_threshold_bits = input_threshold_bits
+        self.narrow_weights = narrow_weights
+        self.mem_mode = mem_mode
+        self.ram_style = ram_style
+        self.ram_style_thresholds = ram_style_thresholds
+        self.swg_ram_style = swg_ram_style
+        self.head_is_last_node = head_is_last_node
+        self._cache: dict = {}
+        self.limits = TargetLimits(
+            name=self.board.name,
+            part=self.part,
+            clock_hz=1e9 / self.clock_ns,
+            totals=dict(self.board.totals),
+            utilisation=dict(DEFAULT_UTILISATION if utilisation is None else utilisation),
+        )
+
+    def __repr__(self) -> str:
+        return f"FinnCostModel({self.board.name!r}, clock_ns={self.clock_ns})"
+
+    # ---------------------------------------------------------------- folding
+
+    def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
+        """Every MVAU folding FINN accepts: PE | MH, SIMD | MW. (The sliding window's SIMD
+        must divide C_in; it is folded on its own, see `layer_units`, because FINN puts a
+        width converter between the window and the MVAU.)"""
+        return [(pe, simd) for pe in divisors(layer.mh) for simd in divisors(layer.mw)]
+
+    def buildable(self, layer: LayerSpec, weight_bits: int, in_bits: int, out_bits: int | None, pe: int, simd: int) -> bool:
+        """False where an HLS node would need an ap_int wider than FINN allows (8191 bits)."""
+        mv = self._mvau_unit(layer, weight_bits, in_bits, out_bits, pe, simd, False)
+        units = [mv]
+        if out_bits is not None:
+            units += self._pool_units(layer, out_bits, mv["cycles"])
+        return all(u["ap_int_max_w"] <= MAX_ALLOWED_AP_INT_W for u in units if u["op_type"].endswith("_hls"))
+
+    # ---------------------------------------------------------------- units
+
+    def _mvau_unit(self, layer: LayerSpec, w: int, a_in: int, a_out: int | None, pe: int, simd: int, in_signed: bool) -> dict:
+        if layer.mh % pe or layer.mw % simd:
+            raise FqhwError(f"{layer.name}: PE {pe} must divide MH {layer.mh} and SIMD {simd} must divide MW {layer.mw}")
+        has_act = a_out is not None
+        acc_dt = acc_bits_worst_case(layer.mw, w, a_in, in_signed, last_node=(not has_act) and self.head_is_last_node)
+        n_vec = layer.out_pixels
+        rtl = mvau_rtl_possible(has_act, w, a_in, in_signed, acc_dt, self.narrow_weights, self.dsp_block)
+        out_bits = a_out if has_act else acc_dt
+        if rtl:
+            op, lut, dsp = "MVAU_rtl", 0, mvau_rtl_dsp(pe, simd, self.dsp_block)
+        else:
+            op = "MVAU_hls"
+            lut = mvau_hls_lut(
+                layer.mw, layer.mh, pe, simd, w, a_in, in_signed, acc_dt, a_out,
+                mem_mode=self.mem_mode, ram_style=self.ram_style, ram_style_thresholds=self.ram_style_thresholds,
+            )
+            dsp = mvau_hls_dsp(pe, simd, w, a_in)
+        wstream = pe * simd * w if self.mem_mode in ("internal_decoupled", "external", "external_mem") else 0
+        return {
+            "op_type": op,
+            "role": "mvau",
+            "attrs": {
+                "MW": layer.mw, "MH": layer.mh, "PE": pe, "SIMD": simd, "numInputVectors": n_vec,
+                "weight_bits": w, "in_bits": a_in, "out_bits": out_bits, "acc_bits": acc_dt,
+                "noActivation": int(not has_act), "mem_mode": self.mem_mode, "ram_style": self.ram_style,
+                "ram_style_thresholds": self.ram_style_thresholds,
+            },
+            "cycles": mvau_cycles(layer.mw, layer.mh, pe, simd, n_vec),
+            "LUT": lut,
+            "BRAM_18K": mvau_bram(layer.mw, layer.mh, pe, simd, w, self.mem_mode, self.ram_style),
+            "URAM": mvau_uram(layer.mw, layer.mh, pe, simd, w, self.mem_mode, self.ram_style),
+            "DSP": dsp,
+            "ap_int_max_w": max(simd * a_in, pe * out_bits, wstream, simd * w),
+        }
+
+    def layer_units(
+        self, layer: LayerSpec, weight_bits: int, in_bits: int, out_bits: int | None, pe: int, simd: int, in_signed: bool = False
+    ) -> list[dict]:
+        """The HW nodes FINN builds for the layer, in stream order, each with its folding
+        attributes, cycles and resources (FINN's estimate functions)."""
+        mv = self._mvau_unit(layer, weight_bits, in_bits, out_bits, pe, simd, in_signed)
+        target = mv["cycles"]
+        before = self._window_units(layer, in_bits, target)
+        after = self._pool_units(layer, out_bits, target) if out_bits is not None else ()
+        return [*before, mv, *after]
+
+    def _window_units(self, layer: LayerSpec, in_bits: int, target: int) -> tuple[dict, ...]:
+        """Padding and sliding window in front of a conv's MVAU, folded by SetFolding's rule
+        with the MVAU's cycles as the target."""
+        key = ("window", layer, in_bits, target)
+        if key in self._cache:
+            return self._cache[key]
+        units: list[dict] = []
+        needs_window = layer.kind == "conv" and (layer.kernel != 1 or layer.stride != 1 or layer.padding != 0)
+        if needs_window:
+            c = layer.in_channels
+            h, w = layer.in_hw
+            p = layer.padding
+            ifm = (h, w)
+            if p > 0:
+                pads = (p, p, p, p)
+                s_pad, _ = _first_meeting(divisors(c), lambda s: fmpadding_cycles((h, w), pads, c, s), target)
+                units.append(
+                    {
+                        "op_type": "FMPadding_rtl",
+                        "role": "padding",
+                        "attrs": {"ImgDim": [h, w], "Padding": list(pads), "NumChannels": c, "SIMD": s_pad, "in_bits": in_bits},
+                        "cycles": fmpadding_cycles((h, w), pads, c, s_pad),
+                        "LUT": 0, "BRAM_18K": 0, "URAM": 0, "DSP": 0,
+                        "ap_int_max_w": 0,
+                    }
+                )
+                ifm = (h + 2 * p, w + 2 * p)
+
+            def swg(s: int, pw: bool = False) -> SWG:
+                return SWG(
+                    ifm_ch=c, ifm_dim=ifm, ofm_dim=tuple(layer.out_hw), k=(layer.kernel, layer.kernel),
+                    stride=(layer.stride, layer.stride), simd=s, in_bits=in_bits, parallel_window=pw,
+                    ram_style=self.swg_ram_style,
+                )
+
+            s_swg, _ = _first_meeting(divisors(c), lambda s: swg(s).cycles(), target)
+            unit = swg(s_swg)
+            if s_swg == c and unit.cycles() > target:
+                unit = swg(c, pw=True)
+            units.append(self._swg_unit(unit, "window"))
+        self._cache[key] = tuple(units)
+        return self._cache[key]
+
+    def _pool_units(self, layer: LayerSpec, out_bits: int, target: int) -> tuple[dict, ...]:
+        """Max pool after the MVAU: a depthwise sliding window and Pool_hls sharing one
+        folding (SetFolding: Pool PE first, the window's SIMD follows, raised together
+        until the window keeps up too)."""
+        key = ("pool", layer, out_bits, target)
+        if key in self._cache:
+            return self._cache[key]
+        units: list[dict] = []
+        if layer.pool_kernel:
+            cp = layer.mh
+            k = (layer.pool_kernel, layer.pool_kernel)
+            odim = tuple(layer.pool_out_hw)
+
+            def dw(s: int) -> SWG:
+                return SWG(
+                    ifm_ch=cp, ifm_dim=tuple(layer.out_hw), ofm_dim=odim, k=k,
+                    stride=(layer.pool_stride, layer.pool_stride), simd=s, in_bits=out_bits, depthwise=True,
+                    ram_style=self.swg_ram_style,
+                )
+
+            pe_pool, _ = _first_meeting(divisors(cp), lambda v: pool_cycles(cp, v, k, odim), target)
+            if dw(pe_pool).cycles() > target:
+                for v in divisors(cp):
+                    if v <= pe_pool:
+                        continue
+                    pe_pool = v
+                    if dw(v).cycles() <= target:
+                        break
+            units.append(self._swg_unit(dw(pe_pool), "pool_window"))
+            units.append(
+                {
+                    "op_type": "Pool_hls",
+                    "role": "pool",
+                    "attrs": {"Channels": cp, "PE": pe_pool, "KernelSize": list(k), "OutImgDims": list(odim), "Function": "MaxPool", "in_bits": out_bits},
+                    "cycles": pool_cycles(cp, pe_pool, k, odim),
+                    "LUT": 0, "BRAM_18K": 0, "URAM": 0, "DSP": 0,
+                    "ap_int_max_w": pe_pool * out_bits,
+                }
+            )
+        self._cache[key] = tuple(units)
+        return self._cache[key]
+
+    def _swg_unit(self, s: SWG, role: str) -> dict:
+        return {
+            "op_type": "ConvolutionInputGenerator_rtl",
+            "role": role,
+            "attrs": {
+                "IFMChannels": s.ifm_ch, "IFMDim": list(s.ifm_dim), "OFMDim": list(s.ofm_dim), "ConvKernelDim": list(s.k),
+                "Stride": list(s.stride), "SIMD": s.simd, "depthwise": int(s.depthwise), "parallel_window": int(s.parallel_window),
+                "ram_style": s.ram_style, "in_bits": s.in_bits,
+            },
+            "cycles": s.cycles(),
+            "LUT": s.lut(),
+            "BRAM_18K": s.bram(),
+            "URAM": s.uram(),
+            "DSP": 0,
+            "ap_int_max_w": 0,
+        }
+
+    def layer_cost(
+        self, layer: LayerSpec, weight_bits: int, in_bits: int, out_bits: int | None, pe: int, simd: int, in_signed: bool = False
+    ) -> LayerCost:
+        units = self.layer_units(layer, weight_bits, in_bits, out_bits, pe, simd, in_signed)
+        return _sum_units(units)
+
+    # ---------------------------------------------------------------- network extras
+
+    def extras_options(self, net: NetworkSpec, input_bits: int = 8) -> list[LayerCost]:
+        """The units FINN builds outside the compute layers, one LayerCost per folding it
+        could be given: the standalone Thresholding_rtl of the input quantizer (float image
+        in, input_bits out), PE | C_in. Empty when the input quantizer is absorbed."""
+        if self.input_mode == "absorbed":
+            return []
+        c, h, w = net.input_shape
+        return [_sum_units([self._input_threshold_unit(c, h * w, pe, input_bits)]) for pe in divisors(c)]
+
+    def _input_threshold_unit(self, channels: int, pixels: int, pe: int, out_bits: int) -> dict:
+        mem = thresholding_rtl_memory(channels, pe, self.input_threshold_bits, out_bits)
+        return {
+            "op_type": "Thresholding_rtl",
+            "role": "input_threshold",
+            "attrs": {"NumChannels": channels, "PE": pe, "numInputVectors": pixels, "threshold_bits": self.input_threshold_bits, "out_bits": out_bits},
+            "cycles": thresholding_cycles(channels, pe, pixels),
+            "LUT": mem.get("LUTRAM", 0),
+            "BRAM_18K": mem.get("BRAM", 0),
+            "URAM": mem.get("URAM", 0),
+            "DSP": 0,
+            "ap_int_max_w": 0,
+        }
+
+
+def _sum_units(units: list[dict]) -> LayerCost:
+    resources = {r: int(sum(u[r] for u in units)) for r in PRICED}
+    return LayerCost(
+        cycles=int(max(u["cycles"] for u in units)),
+        resources=resources,
+        latency_cycles=int(sum(u["cycles"] for u in units)),
+        units=tuple(units),
+    )

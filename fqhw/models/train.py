@@ -1,0 +1,250 @@
+"""Training and evaluation of a classifier on grouped images, and a cache of trained models.
+
+`train_float` trains any nn.Module that maps (N, C, H, W) inputs in [0, 1) to class logits
+(the float FairCNN, and equally a Brevitas model for QAT): AdamW (or SGD with momentum) and a
+cosine learning-rate schedule stepped per batch, random horizontal and vertical flips and 90
+degree rotations (lesion images have no canonical orientation). By default it keeps the
+weights of the epoch with the best validation accuracy (overall accuracy, ties to the later
+epoch); `select="last"` keeps the last epoch's.
+
+Determinism: given `seed`, the initial weights (when `init_seed` re-initializes them), the
+shuffling and the augmentation are fixed; torch.use_deterministic_algorithms(True) is set for
+the duration of the call (and restored after), so the same seed on the same machine and
+torch build gives the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.dataset import INPUT_SCALE, DataSplits, GroupedImages
+from ..errors import FqhwError
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    selected_epoch: int  # 1-based epoch whose weights the model now holds
+    selection: str  # "best-val" or "last"
+    val_acc: float  # validation accuracy of the kept weights
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, train_acc, val_acc, lr
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random flips (H and V) and a random 90-degree rotation (square images)."""
+    n = x.shape[0]
+    r = torch.randint(0, 8, (n,), generator=gen)
+    out = x.clone()
+    hflip = (r & 1).bool()
+    vflip = (r & 2).bool()
+    rot = (r & 4).bool()
+    if hflip.any():
+        out[hflip] = out[hflip].flip(-1)
+    if vflip.any():
+        out[vflip] = out[vflip].flip(-2)
+    if rot.any() and x.shape[-1] == x.shape[-2]:
+        out[rot] = out[rot].transpose(-1, -2)
+    return out
+
+
+def evaluate(model: nn.Module, data: GroupedImages, batch_size: int = 512) -> np.ndarray:
+    """Predicted class per sample (int64 array), model in eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                x = torch.from_numpy(data.images[start : start + batch_size].astype(np.float32) * INPUT_SCALE)
+                preds.append(model(x).argmax(dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, dtype=np.int64)
+
+
+def train_float(
+    model: nn.Module,
+    splits: DataSplits,
+    epochs: int = 8,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    optimizer: str = "adamw",
+    weight_decay: float = 1e-4,
+    augment: bool = True,
+    select: str = "best",
+    warmup_frac: float = 0.05,
+) -> TrainResult:
+    """Train `model` in place on splits.train, validating on splits.val after each epoch.
+
+    select="best" keeps the epoch with the best validation accuracy; "last" keeps the last.
+    optimizer: "adamw" (default) or "sgd" (momentum 0.9, nesterov). The learning rate warms up
+    linearly over warmup_frac of the steps, then follows a cosine to 0.
+    """
+    from tqdm.auto import tqdm
+
+    if epochs < 1:
+        raise FqhwError(f"epochs={epochs} must be at least 1")
+    if batch_size < 1:
+        raise FqhwError(f"batch_size={batch_size} must be at least 1")
+    if not lr > 0:
+        raise FqhwError(f"lr={lr} must be positive")
+    if select not in ("best", "last"):
+        raise FqhwError(f"select={select!r} must be 'best' or 'last'")
+
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x_all, y_all, _ = splits.train.tensors()
+        n = len(y_all)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        elif optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        else:
+            raise FqhwError(f"optimizer={optimizer!r} must be 'adamw' or 'sgd'")
+        steps_per_epoch = (n + batch_size - 1) // batch_size
+        total = epochs * steps_per_epoch
+        warm = max(1, int(warmup_frac * total))
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + np.cos(np.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        loss_fn = nn.CrossEntropyLoss()
+        history: list[dict] = []
+        best_acc, best_epoch, best_state = -1.0, 0, None
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, disable=not progress, desc="train", unit="batch", leave=False)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            loss_sum, correct = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                x, y = x_all[idx], y_all[idx]
+                if augment:
+                    x = _augment(x, gen)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_v = loss.detach().item()
+                loss_sum += loss_v * len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_v:.3f}", refresh=False)
+            val_acc = float((evaluate(model, splits.val) == splits.val.labels).mean())
+            history.append(
+                {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
+            )
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n:.3f}", val=f"{val_acc:.3f}")
+            if select == "best" and val_acc >= best_acc:
+                best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
+        bar.close()
+        if select == "best" and best_state is not None:
+            model.load_state_dict(best_state)
+        else:
+            best_epoch, best_acc = epochs, history[-1]["val_acc"]
+        model.eval()
+        return TrainResult(
+            epochs=epochs,
+            selected_epoch=best_epoch,
+            selection="best-val" if select == "best" else "last",
+            val_acc=best_acc,
+            seconds=time.perf_counter() - t0,
+            history=history,
+        )
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+# ---------------------------------------------------------------------------------------
+# cache
+
+
+def cache_key(cfg_key: dict) -> str:
+    """Stable hash of a JSON-serialisable config (sorted keys)."""
+    try:
+        text = json.dumps(cfg_key, sort_keys=True, separators=(",", ":"))
+    except TypeError as e:
+        raise FqhwError(f"cache key must be JSON-serialisable: {e}") from e
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cached_float_model(
+    cfg_key: dict,
+    build_fn: Callable[[], nn.Module],
+    train_fn: Callable[[nn.Module], dict | TrainResult],
+    cache_dir: str | os.PathLike,
+) -> tuple[nn.Module, dict, bool]:
+    """(model, info, hit): the trained model for cfg_key, from cache_dir if it is there.
+
+    On a miss: model = build_fn(); info = train_fn(model) (a JSON-serialisable dict or a
+    TrainResult); the state_dict is saved as <hash>.pt and then info (with the key) as
+    <hash>.json, each written atomically; the JSON is written last, so a run killed between
+    the two leaves no hit. On a hit, build_fn() then load_state_dict(torch.load(...,
+    weights_only=True)). An unreadable cache entry is retrained and overwritten.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    h = cache_key(cfg_key)
+    wpath, ipath = cache_dir / f"{h}.pt", cache_dir / f"{h}.json"
+    if wpath.exists() and ipath.exists():
+        try:
+            info = json.loads(ipath.read_text())
+            model = build_fn()
+            model.load_state_dict(torch.load(wpath, map_location="cpu", weights_only=True))
+            model.eval()
+            return model, info.get("info", info), True
+        except Exception:  # corrupt or stale entry (e.g. the model class changed): retrain
+            pass
+    model = build_fn()
+    result = train_fn(model)
+    info = result.to_dict() if isinstance(result, TrainResult) else dict(result or {})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(wpath, lambda tmp: torch.save(state, tmp))
+    _atomic_write(ipath, lambda tmp: Path(tmp).write_text(json.dumps({"key": cfg_key, "hash": h, "info": info}, indent=2) + "\n"))
+    model.eval()
+    return model, info, False
