@@ -2,40 +2,45 @@
 
 For each compute layer l (in stream order):
 
-    w_l in bits                       weight width (one-hot booleans xw[l,b], w_l = sum b xw[l,b])
-    a_l in act_bits                   output activation width, for layers with an output
-                                      activation (one-hot xa[l,b]); layer l reads a_{l-1}
-                                      (input_bits for the first layer)
-    f_l                               index of the layer's folding (PE, SIMD) among the
-                                      target's folding options
-    (w_l, a_{l-1}, a_l, f_l, cyc_l, R_l,r)  in  T_l            (AddAllowedAssignments)
+    w_l in bits          weight width: one-hot booleans xw[l,b], w_l = sum_b b * xw[l,b]
+    a_l in act_bits      output activation width (layers with an output activation):
+                         one-hot xa[l,b]; layer l reads a_{l-1}, the first layer input_bits
+    f_l                  index of the layer's folding (PE, SIMD) among the target's options
+    (w_l, a_{l-1}, a_l, f_l, cyc_l, R_l,LUT, R_l,BRAM_18K, R_l,URAM, R_l,DSP) in T_l
+                         (AddAllowedAssignments)
 
-T_l is the cost model's price of every buildable choice: cycles of the layer's slowest unit
-and each resource (LUT, BRAM_18K, URAM, DSP). Rows whose (cycles, resources) are dominated
-by another folding of the same widths are left out: they can never be needed.
+T_l holds the cost model's price of every buildable choice: the cycles of the layer's
+slowest unit and each resource it prices. A row is left out when another folding of the
+same widths is no slower and no dearer in every resource; for a cycle cap C (a throughput
+floor, or stage 2 below) the rows slower than C are removed and the rest pruned the same
+way on resources alone, so each model holds only the rows that can matter.
 
 Constraints
-    sum_l params_l * w_l * q <= p * total_params          (budget = p / q, exact)
-    sum_l R_l,r + E_r <= floor(cap_r)                      for every priced resource r
-    cyc_l <= floor(clock_hz / min_fps)                     (when min_fps is given)
+    sum_l params_l * w_l * q <= p * total_params            (budget = p / q, exact)
+    sum_l R_l,r + E_r <= floor(cap_r)                        for every priced resource r
+    cyc_l <= C_max = floor(clock_hz / min_fps)               (when min_fps is given)
 where E_r is the cost of the units the target builds outside the layers (FINN: the input
 thresholding), one of its folding options chosen by one-hot booleans.
 
 Objectives, lexicographic:
-    1. minimise z >= sum_l S_w[l, w_l, g] + S_a[l, a_l, g]    for every group g
-       (the worst group's predicted loss increase; floats scaled to integers, see below)
-    2. with z <= z*, minimise the bottleneck C >= cyc_l (maximise throughput)
-    3. with C <= C*, minimise total LUTs
+    1. minimise z  subject to  z >= sum_l S_w[l, w_l, g] + S_a[l, a_l, g]  for every group g
+       (the worst group's predicted loss increase)
+    2. with z <= z*: minimise the bottleneck C >= cyc_l (throughput = clock / C), found by
+       bisection over the cycle counts that occur in the tables, each step a feasibility
+       solve of the same model with every cyc_l <= C
+    3. with z <= z* and cyc_l <= C*: minimise the total LUTs
 
-Sensitivities are scaled by LOSS_RESOLUTION / M and rounded, where M bounds every group's
-total; the largest possible rounding error of a group's total is reported in
+Sensitivities are floats; the model uses integers round(S * scale) with
+scale = LOSS_RESOLUTION / M, where M bounds every group's total, so z has a resolution of
+M / LOSS_RESOLUTION. The largest possible rounding error of a group's total is reported in
 Allocation.solver["loss_rounding_error"] (in the sensitivity's own units).
 """
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -49,9 +54,44 @@ from fqhw.network import LayerSpec, NetworkSpec
 
 LOSS_RESOLUTION = 10**7  # integer units for the largest possible group total
 RESOURCE_ORDER = ("LUT", "BRAM_18K", "URAM", "DSP")
+NO_ACT = -1  # a_out column of a layer without an output activation
 
 
 # ------------------------------------------------------------------ the problem data
+
+
+def _pareto(arr: np.ndarray) -> np.ndarray:
+    """Mask of the rows of `arr` (n x k ints) that no other row matches or beats in every
+    column (of identical rows, the first is kept)."""
+    n = len(arr)
+    if n <= 1:
+        return np.ones(n, dtype=bool)
+    le = np.all(arr[:, None, :] <= arr[None, :, :], axis=2)  # le[j, i]: row j <= row i everywhere
+    lt = np.any(arr[:, None, :] < arr[None, :, :], axis=2)
+    earlier = np.triu(np.ones((n, n), dtype=bool), 1)  # earlier[j, i]: j < i
+    return ~np.any(le & (lt | earlier), axis=0)
+
+
+def _prune_on_resources(rows: np.ndarray) -> list[tuple]:
+    """Per (w, a_in, a_out): the rows no other row beats or matches in every resource
+    (ties go to the fastest, then the first folding)."""
+    if len(rows) == 0:
+        return []
+    keys = [rows[:, k] for k in range(rows.shape[1] - 1, 4, -1)]  # resources, last first
+    order = np.lexsort((rows[:, 3], rows[:, 4], *keys, rows[:, 2], rows[:, 1], rows[:, 0]))
+    out: list[tuple] = []
+    group = None
+    kept: list[tuple] = []
+    for row in rows[order].tolist():
+        g = (row[0], row[1], row[2])
+        if g != group:
+            group, kept = g, []
+        res = row[5:]
+        if any(all(k <= r for k, r in zip(kr, res)) for kr in kept):
+            continue
+        kept.append(res)
+        out.append(tuple(row))
+    return out
 
 
 @dataclass
@@ -61,7 +101,15 @@ class _Layer:
     a_vals: list[int] | None  # None: no output activation
     ai_vals: list[int]  # widths of the input activation
     folds: list[tuple[int, int]]
-    rows: list[tuple]  # (w, a_in, a_out | None, fold, cycles, *resources)
+    cand: np.ndarray  # (w, a_in, a_out | NO_ACT, fold, cycles, *resources), Pareto in all columns
+    _rows: dict = field(default_factory=dict)
+
+    def rows(self, cmax: int | None) -> list[tuple]:
+        """The table for cycle cap `cmax` (None: no cap)."""
+        if cmax not in self._rows:
+            sel = self.cand if cmax is None else self.cand[self.cand[:, 4] <= cmax]
+            self._rows[cmax] = _prune_on_resources(sel)
+        return self._rows[cmax]
 
 
 @dataclass
@@ -78,8 +126,9 @@ class _Problem:
     max_cycles: int | None
     groups: list[str]
     scale: float
-    tw: list[dict[int, np.ndarray]]  # integer sensitivity terms per layer, per width: (G,)
+    tw: list[dict[int, np.ndarray]]  # integer sensitivity terms per layer and width: (G,)
     ta: list[dict[int, np.ndarray] | None]
+    candidates: int = 0
     timings: dict = field(default_factory=dict)
 
 
@@ -87,24 +136,11 @@ def _resource_value(c: LayerCost, r: str) -> int:
     return int(math.ceil(c.resources.get(r, 0)))
 
 
-def _pareto(cands: list[tuple]) -> list[tuple]:
-    """Keep the candidates (cycles, *resources, fold) that no other candidate matches or
-    beats in every column but the last; of identical ones the first."""
-    if len(cands) <= 1:
-        return cands
-    arr = np.asarray([c[:-1] for c in cands], dtype=np.int64)
-    le = np.all(arr[:, None, :] <= arr[None, :, :], axis=2)  # le[j, i]: j <= i everywhere
-    lt = np.any(arr[:, None, :] < arr[None, :, :], axis=2)
-    n = len(cands)
-    earlier = np.tri(n, n, -1, dtype=bool).T  # earlier[j, i]: j < i
-    dominated = np.any(le & (lt | earlier), axis=0)
-    return [c for c, d in zip(cands, dominated) if not d]
-
-
-def _layer_rows(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, resources) -> tuple[list, list]:
+def _layer_candidates(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, resources) -> tuple[list, np.ndarray, int]:
     folds = list(cost.folding_options(spec))
     buildable = getattr(cost, "buildable", None)
     rows = []
+    n = 0
     for w in w_vals:
         for ai in ai_vals:
             for ao in ao_vals:
@@ -113,10 +149,13 @@ def _layer_rows(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, reso
                     if buildable is not None and not buildable(spec, w, ai, ao, pe, simd):
                         continue
                     c = cost.layer_cost(spec, w, ai, ao, pe, simd)
-                    cands.append((int(c.cycles), *(_resource_value(c, r) for r in resources), f))
-                for c in _pareto(cands):
-                    rows.append((w, ai, ao, c[-1], *c[:-1]))
-    return folds, rows
+                    cands.append((w, ai, NO_ACT if ao is None else ao, f, int(c.cycles), *(_resource_value(c, r) for r in resources)))
+                n += len(cands)
+                if cands:
+                    arr = np.asarray(cands, dtype=np.int64)
+                    rows.append(arr[_pareto(arr[:, 4:])])
+    width = 5 + len(resources)
+    return folds, (np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.int64)), n
 
 
 def _priced_resources(cost: CostModel, net: NetworkSpec) -> list[str]:
@@ -128,14 +167,16 @@ def _priced_resources(cost: CostModel, net: NetworkSpec) -> list[str]:
     return sorted(names, key=lambda r: (RESOURCE_ORDER.index(r) if r in RESOURCE_ORDER else len(RESOURCE_ORDER), r))
 
 
-def _check_sensitivity(net: NetworkSpec, sens: Sensitivity, layer: str, table: str, widths) -> dict[int, np.ndarray]:
+def _check_sensitivity(sens: Sensitivity, layer: str, table: str, widths) -> dict[int, np.ndarray]:
     per_bits = getattr(sens, table).get(layer)
     if per_bits is None:
         raise FqhwError(f"the sensitivity has no {table} entry for layer {layer!r}: recompute it for this network")
     out = {}
     for b in widths:
         if b not in per_bits:
-            raise FqhwError(f"the sensitivity of layer {layer!r} has no {table} entry for {b} bits: recompute it for bits {min(widths)}..{max(widths)}")
+            raise FqhwError(
+                f"the sensitivity of layer {layer!r} has no {table} entry for {b} bits: recompute it for bits {min(widths)}..{max(widths)}"
+            )
         v = np.asarray(per_bits[b], dtype=np.float64)
         if v.shape != (len(sens.groups),) or not np.all(np.isfinite(v)):
             raise FqhwError(f"the sensitivity of layer {layer!r} at {b} bits ({table}) is not {len(sens.groups)} finite numbers")
@@ -158,7 +199,7 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
             raise FqhwError(f"pinned layer {name!r} is not in the network (layers: {', '.join(names)})")
         if int(b) != b or b < 1:
             raise FqhwError(f"pinned width {b!r} of layer {name!r} is not a positive integer")
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) or budget <= 0:
         raise FqhwError(f"budget {budget!r} must be a positive number of bits per weight")
     if min_fps is not None and not (math.isfinite(min_fps) and min_fps > 0):
         raise FqhwError(f"min fps {min_fps!r} must be a positive number")
@@ -168,24 +209,26 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
     max_cycles = None if min_fps is None else int(math.floor(cost.limits.clock_hz / min_fps))
 
     raw_w, raw_a, layers = [], [], []
+    n_cand = 0
     prev_a: list[int] | None = [input_bits]
-    for i, spec in enumerate(net.layers):
+    for spec in net.layers:
         if prev_a is None:
             raise FqhwError(f"layer {spec.name!r} follows a layer without an output activation")
         w_vals = [int(pinned[spec.name])] if spec.name in pinned else bits
         a_vals = act_bits if spec.has_output_act else None
-        raw_w.append(_check_sensitivity(net, sens, spec.name, "weight", w_vals))
-        raw_a.append(_check_sensitivity(net, sens, spec.name, "act", a_vals) if a_vals else None)
-        folds, rows = _layer_rows(cost, spec, w_vals, prev_a, a_vals or [None], resources)
-        if not rows:
+        raw_w.append(_check_sensitivity(sens, spec.name, "weight", w_vals))
+        raw_a.append(_check_sensitivity(sens, spec.name, "act", a_vals) if a_vals else None)
+        folds, cand, n = _layer_candidates(cost, spec, w_vals, prev_a, a_vals or [None], resources)
+        n_cand += n
+        if len(cand) == 0:
             raise InfeasibleError(f"layer {spec.name!r} cannot be built on {cost.limits.name} with any folding at the candidate widths")
-        layers.append(_Layer(spec, w_vals, a_vals, list(prev_a), folds, rows))
+        layers.append(_Layer(spec, w_vals, a_vals, list(prev_a), folds, cand))
         prev_a = a_vals
 
     extras_fn = getattr(cost, "extras_options", None)
     extras = list(extras_fn(net, input_bits)) if extras_fn is not None else []
 
-    # integer sensitivity terms
+    # integer sensitivity terms: M bounds every group's total
     bound = np.zeros(len(sens.groups))
     for tw, ta in zip(raw_w, raw_a):
         bound += np.max(np.abs(np.stack(list(tw.values()))), axis=0)
@@ -199,9 +242,10 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
 
     prob = _Problem(
         net=net, cost=cost, target=cost.limits.name, input_bits=input_bits, layers=layers, resources=resources,
-        caps=caps, extras=extras, budget=Fraction(repr(float(budget))) if isinstance(budget, float) else Fraction(budget),
+        caps=caps, extras=extras,
+        budget=Fraction(int(budget)) if isinstance(budget, numbers.Integral) else Fraction(repr(float(budget))),
         max_cycles=max_cycles, groups=list(sens.groups), scale=scale,
-        tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a],
+        tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], candidates=n_cand,
     )
     prob.timings["tables_s"] = round(time.perf_counter() - t0, 3)
     return prob
@@ -213,6 +257,7 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
 @dataclass
 class _Model:
     m: cp_model.CpModel
+    cmax: int | None
     xw: list[dict]
     xa: list[dict | None]
     w: list
@@ -221,20 +266,32 @@ class _Model:
     cyc: list
     res: list[dict]
     ext: list
+    ext_cycles: list[int]
+    ext_index: list[int]
     z: object
     bottleneck: object
     lut_total: object | None
     avg_num: object  # sum_l params_l * w_l
     res_total: dict
     decision: list
+    table_rows: dict
 
 
-def _build(p: _Problem, *, budget: bool = True, fps: bool = True, caps: bool = True, loss: bool = True) -> _Model:
+def _build(
+    p: _Problem, cmax: int | None, *, budget: bool = True, caps: bool = True, loss: bool = True, z_max: int | None = None
+) -> _Model | None:
+    """The model with every layer's cycles capped at cmax; None when some layer (or the
+    extras) has no folding that fast."""
+    tables = [L.rows(cmax) for L in p.layers]
+    if any(not t for t in tables):
+        return None
+    ext_index = [k for k, e in enumerate(p.extras) if cmax is None or e.cycles <= cmax]
+    if p.extras and not ext_index:
+        return None
     m = cp_model.CpModel()
     xw, xa, W, A, F, CYC, RES, decision = [], [], [], [], [], [], [], []
-    max_cyc = p.max_cycles if fps else None
-    all_cycles = [r[4] for L in p.layers for r in L.rows] + [e.cycles for e in p.extras]
-    for i, L in enumerate(p.layers):
+    ncol = 5 + len(p.resources)
+    for i, (L, rows) in enumerate(zip(p.layers, tables)):
         name = L.spec.name
         bw = {b: m.NewBoolVar(f"xw[{name},{b}]") for b in L.w_vals}
         m.AddExactlyOne(bw.values())
@@ -254,11 +311,7 @@ def _build(p: _Problem, *, budget: bool = True, fps: bool = True, caps: bool = T
         else:
             xa.append(None)
             A.append(None)
-        rows = [r for r in L.rows if max_cyc is None or r[4] <= max_cyc]
-        if not rows:  # no folding is fast enough: an empty table makes the model infeasible
-            m.AddBoolOr([])
-            rows = L.rows
-        f = m.NewIntVar(0, len(L.folds) - 1, f"fold[{name}]")
+        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[3] for r in rows})), f"fold[{name}]")
         cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[4] for r in rows})), f"cycles[{name}]")
         res = {
             r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({row[5 + k] for row in rows})), f"{r}[{name}]")
@@ -268,8 +321,8 @@ def _build(p: _Problem, *, budget: bool = True, fps: bool = True, caps: bool = T
         CYC.append(cyc)
         RES.append(res)
         decision.append(f)
-        cols, tuples = [w], None
-        keep = [0]
+        # table columns: w_l, a_{l-1} (a variable unless l is the first layer), a_l (if any)
+        cols, keep = [w], [0]
         if i > 0:
             cols.append(A[i - 1])
             keep.append(1)
@@ -277,60 +330,60 @@ def _build(p: _Problem, *, budget: bool = True, fps: bool = True, caps: bool = T
             cols.append(A[i])
             keep.append(2)
         cols += [f, cyc, *res.values()]
-        keep += list(range(3, 5 + len(p.resources)))
-        tuples = [tuple(r[k] for k in keep) for r in rows]
-        m.AddAllowedAssignments(cols, tuples)
+        keep += list(range(3, ncol))
+        m.AddAllowedAssignments(cols, sorted({tuple(r[k] for k in keep) for r in rows}))
 
-    # units outside the layers (e.g. FINN's input thresholding)
-    ext = [m.NewBoolVar(f"extras[{k}]") for k in range(len(p.extras))]
+    # units outside the layers (FINN: the input thresholding), one folding option each
+    ext = [m.NewBoolVar(f"extras[{k}]") for k in ext_index]
     decision += ext
     if ext:
         m.AddExactlyOne(ext)
-    ext_cyc = sum(e.cycles * x for e, x in zip(p.extras, ext)) if ext else 0
+    ext_cycles = [p.extras[k].cycles for k in ext_index]
 
-    bottleneck = m.NewIntVar(0, max(all_cycles), "bottleneck_cycles")
+    top = max([max(r[4] for r in t) for t in tables] + ext_cycles)
+    bottleneck = m.NewIntVar(0, top, "bottleneck_cycles")
     for cyc in CYC:
         m.Add(bottleneck >= cyc)
     if ext:
-        m.Add(bottleneck >= ext_cyc)
-    if max_cyc is not None:
-        m.Add(bottleneck <= max_cyc)
+        m.Add(bottleneck >= sum(c * x for c, x in zip(ext_cycles, ext)))
 
     res_total = {}
     for r in p.resources:
-        total = sum(res[r] for res in RES) + sum(_resource_value(e, r) * x for e, x in zip(p.extras, ext))
+        total = sum(res[r] for res in RES) + sum(_resource_value(p.extras[k], r) * x for k, x in zip(ext_index, ext))
         res_total[r] = total
         if caps:
             m.Add(total <= p.caps[r])
 
-    params = [L.spec.params for L in p.layers]
-    avg_num = sum(n * w for n, w in zip(params, W))
+    avg_num = sum(L.spec.params * w for L, w in zip(p.layers, W))
     if budget:
         m.Add(avg_num * p.budget.denominator <= p.budget.numerator * p.net.total_params)
 
     z = None
     if loss:
         lo = hi = 0
-        groups_expr = []
+        exprs = []
         for g in range(len(p.groups)):
-            terms = []
-            glo = ghi = 0
+            terms, glo, ghi = [], 0, 0
             for i, L in enumerate(p.layers):
                 vals = [int(p.tw[i][b][g]) for b in L.w_vals]
-                terms += [int(p.tw[i][b][g]) * xw[i][b] for b in L.w_vals]
+                terms += [v * xw[i][b] for v, b in zip(vals, L.w_vals)]
                 glo, ghi = glo + min(vals), ghi + max(vals)
                 if L.a_vals:
                     vals = [int(p.ta[i][b][g]) for b in L.a_vals]
-                    terms += [int(p.ta[i][b][g]) * xa[i][b] for b in L.a_vals]
+                    terms += [v * xa[i][b] for v, b in zip(vals, L.a_vals)]
                     glo, ghi = glo + min(vals), ghi + max(vals)
-            groups_expr.append(sum(terms))
+            exprs.append(sum(terms))
             lo, hi = min(lo, glo), max(hi, ghi)
         z = m.NewIntVar(lo, hi, "z_worst_group_loss")
-        for e in groups_expr:
+        for e in exprs:
             m.Add(z >= e)
+        if z_max is not None:
+            m.Add(z <= z_max)
 
-    lut_total = res_total.get("LUT")
-    return _Model(m, xw, xa, W, A, F, CYC, RES, ext, z, bottleneck, lut_total, avg_num, res_total, decision)
+    return _Model(
+        m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, res_total.get("LUT"), avg_num,
+        res_total, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
+    )
 
 
 @dataclass
@@ -340,16 +393,22 @@ class _Stage:
     objective: float | None
     bound: float | None
     wall_time_s: float
-    values: dict | None = None
+    values: dict | None = None  # variable index -> value (CP-SAT variables are not hashable)
+    model: _Model | None = None
+    steps: int = 1
 
 
-def _solve(mod: _Model, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None) -> _Stage:
+def _solve(mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None) -> _Stage:
+    if mod is None:
+        return _Stage(name, "INFEASIBLE", None, None, 0.0)
     m = mod.m
     m.ClearHints()
     for var, val in hint or ():
         m.AddHint(var, val)
     if objective is not None:
         m.Minimize(objective)
+    elif m.HasObjective():
+        m.ClearObjective()
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.05, float(time_limit))
     solver.parameters.num_workers = max(1, int(workers))
@@ -361,8 +420,7 @@ def _solve(mod: _Model, objective, name: str, time_limit: float, workers: int, s
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if status == cp_model.MODEL_INVALID:
             raise RuntimeError(f"CP-SAT model invalid: {m.Validate()}")
-        return _Stage(name, sname, None, None, wall)
-    # keyed by variable index (CP-SAT variables are not hashable)
+        return _Stage(name, sname, None, None, wall, model=mod)
     values = {v.Index(): solver.Value(v) for v in mod.decision}
     for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values()), mod.bottleneck]:
         values[v.Index()] = solver.Value(v)
@@ -371,17 +429,72 @@ def _solve(mod: _Model, objective, name: str, time_limit: float, workers: int, s
     values["avg_num"] = solver.Value(mod.avg_num)
     for r, e in mod.res_total.items():
         values[f"total:{r}"] = solver.Value(e)
+    # the slowest unit of the solution (the bottleneck variable is only bounded below)
+    values["max_cycles"] = max(
+        [solver.Value(c) for c in mod.cyc] + [c for c, x in zip(mod.ext_cycles, mod.ext) if solver.Value(x)]
+    )
     obj = solver.ObjectiveValue() if objective is not None else None
     bnd = solver.BestObjectiveBound() if objective is not None else None
-    return _Stage(name, sname, obj, bnd, wall, values)
-
-
-def _hint(mod: _Model, st: _Stage) -> list:
-    return [(v, st.values[v.Index()]) for v in mod.decision]
+    return _Stage(name, sname, obj, bnd, wall, values, mod)
 
 
 def _val(st: _Stage, var) -> int:
     return st.values[var.Index()]
+
+
+def _bits_hint(st: _Stage, mod: _Model) -> list:
+    """Hint the widths of a solution of another model of the same problem (layer by layer)."""
+    old = st.model
+    hint = []
+    for xo, xn in zip(old.xw + old.xa, mod.xw + mod.xa):
+        if xo is None:
+            continue
+        for b, var in xn.items():
+            hint.append((var, st.values[xo[b].Index()]))
+    return hint
+
+
+def _min_bottleneck(
+    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, **build
+) -> tuple[_Stage, bool]:
+    """Smallest cycle cap C at which the model (with `build` options) is feasible, by
+    bisection over the cycle counts in the tables between the largest per-layer minimum
+    and the slowest unit of the feasible solution `start`. Returns the feasible stage at C
+    and whether every step was decided (False: a step timed out and was taken as
+    infeasible, so C may not be the least)."""
+    t0 = time.perf_counter()
+    ub = int(start.values["max_cycles"])
+    cap = p.max_cycles
+    lb = max(int(np.min(L.cand[:, 4] if cap is None else L.cand[L.cand[:, 4] <= cap, 4])) for L in p.layers)
+    if p.extras:
+        lb = max(lb, min(e.cycles for e in p.extras))
+    values = {int(v) for L in p.layers for v in L.cand[:, 4]} | {e.cycles for e in p.extras}
+    cands = sorted(v for v in values if lb <= v <= ub)
+    if not cands or cands[-1] != ub:
+        cands.append(ub)
+    best = start
+    lo, hi = 0, len(cands) - 1
+    exact, steps = True, 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        steps += 1
+        remaining = deadline - time.perf_counter()
+        est_steps = max(1, math.ceil(math.log2(hi - lo + 1)))
+        mod = _build(p, cands[mid], **build)
+        hint = _bits_hint(best, mod) if mod is not None else None
+        st = _solve(mod, None, name, max(0.2, remaining / (2 * est_steps)), workers, seed, hint)
+        if st.values is not None:
+            hi, best = mid, st
+        else:
+            if st.status != "INFEASIBLE":
+                exact = False
+            lo = mid + 1
+    c_star = cands[hi]
+    if best.values is None or best.values["max_cycles"] > c_star:  # pragma: no cover - defensive
+        raise AssertionError("bisection lost its feasible solution")
+    out = _Stage(name, "OPTIMAL" if exact else "FEASIBLE", float(c_star), float(cands[lo]) if exact else float(lb),
+                 time.perf_counter() - t0, best.values, best.model, steps)
+    return out, exact
 
 
 # ------------------------------------------------------------------ public API
@@ -409,55 +522,62 @@ def allocate(
     t_start = time.perf_counter()
     p = _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits)
     _precheck_budget(p, budget)
-    mod = _build(p)
-    proto = mod.m.Proto()
-    model_size = {
-        "variables": len(proto.variables),
-        "constraints": len(proto.constraints),
-        "table_rows": sum(len(L.rows) for L in p.layers),
-        "table_rows_per_layer": {L.spec.name: len(L.rows) for L in p.layers},
-    }
     deadline = t_start + float(time_limit_s)
 
     def left(frac: float) -> float:
         return max(0.1, (deadline - time.perf_counter()) * frac)
 
-    s1 = _solve(mod, mod.z, "min_worst_group_loss", left(0.6), workers, seed)
+    # stage 1: the worst group's predicted loss
+    mod1 = _build(p, p.max_cycles)
+    if mod1 is None:
+        _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
+    proto = mod1.m.Proto()
+    model_size = {
+        "variables": len(proto.variables),
+        "constraints": len(proto.constraints),
+        "table_rows": sum(mod1.table_rows.values()),
+        "table_rows_per_layer": dict(mod1.table_rows),
+        "priced_choices": p.candidates,
+        "pareto_choices": int(sum(len(L.cand) for L in p.layers)),
+    }
+    s1 = _solve(mod1, mod1.z, "min_worst_group_loss", left(0.5), workers, seed)
     if s1.values is None:
         if s1.status == "INFEASIBLE":
             _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
-        raise FqhwError(
-            f"no allocation found on {p.target} within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time"
-        )
+        raise FqhwError(f"no allocation found on {p.target} within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time")
     z_star = int(round(s1.objective))
-    mod.m.Add(mod.z <= z_star)
-    s2 = _solve(mod, mod.bottleneck, "min_bottleneck_cycles", left(0.5), workers, seed, _hint(mod, s1))
-    if s2.values is None:
-        s2 = _Stage(s2.name, s2.status, None, None, s2.wall_time_s, s1.values)
-    c_star = int(_val(s2, mod.bottleneck))
-    mod.m.Add(mod.bottleneck <= c_star)
+
+    # stage 2: the bottleneck, with the loss held at z*
+    s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed, z_max=z_star)
+    c_star = int(s2.objective)
+
+    # stage 3: the fewest LUTs at that throughput
     stages = [s1, s2]
     final = s2
-    if mod.lut_total is not None:
-        s3 = _solve(mod, mod.lut_total, "min_luts", left(1.0), workers, seed, _hint(mod, s2))
+    mod3 = _build(p, c_star, z_max=z_star)
+    if mod3 is not None and mod3.lut_total is not None:
+        s3 = _solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(s2, mod3))
         stages.append(s3)
         if s3.values is not None:
             final = s3
+    fm = final.model
 
     layers = []
     for i, L in enumerate(p.layers):
-        pe, simd = L.folds[_val(final, mod.fold[i])]
-        a = _val(final, mod.a[i]) if mod.a[i] is not None else None
-        layers.append(LayerAllocation(L.spec.name, int(_val(final, mod.w[i])), None if a is None else int(a), int(pe), int(simd)))
+        pe, simd = L.folds[_val(final, fm.fold[i])]
+        a = _val(final, fm.a[i]) if fm.a[i] is not None else None
+        layers.append(LayerAllocation(L.spec.name, int(_val(final, fm.w[i])), None if a is None else int(a), int(pe), int(simd)))
     alloc = Allocation(target=p.target, layers=layers, input_bits=input_bits)
 
-    # the exact (unscaled) objective of the chosen allocation
+    # the exact (unscaled) objective of the chosen allocation, and its price
     pred = sens.predicted({la.name: la.weight_bits for la in layers}, {la.name: la.act_bits for la in layers})
     n_terms = sum(1 + (L.a_vals is not None) for L in p.layers)
     priced = price(net, alloc, cost)
     for r in p.resources:
         if priced["total"][r] > p.caps[r]:
             raise AssertionError(f"allocation exceeds the {r} cap after pricing: {priced['total'][r]} > {p.caps[r]}")
+    if p.max_cycles is not None and priced["total"]["cycles"] > p.max_cycles:
+        raise AssertionError("allocation misses the throughput floor after pricing")
     status = "OPTIMAL" if all(s.status == "OPTIMAL" for s in stages) else "FEASIBLE"
     z = s1.objective / p.scale
     zb = s1.bound / p.scale
@@ -487,9 +607,10 @@ def allocate(
             {
                 "name": s.name,
                 "status": s.status,
-                "objective": s.objective if s.name != "min_worst_group_loss" or s.objective is None else s.objective / p.scale,
-                "bound": s.bound if s.name != "min_worst_group_loss" or s.bound is None else s.bound / p.scale,
+                "objective": (s.objective / p.scale if s is s1 else s.objective) if s.objective is not None else None,
+                "bound": (s.bound / p.scale if s is s1 else s.bound) if s.bound is not None else None,
                 "wall_time_s": round(s.wall_time_s, 3),
+                "solves": s.steps,
             }
             for s in stages
         ],
@@ -528,11 +649,9 @@ def _fmt(x) -> str:
 
 def _precheck_budget(p: _Problem, budget: float) -> None:
     """The narrowest widths allowed (pinned layers at their pin) against the budget."""
-    total = p.net.total_params
-    num = sum(L.spec.params * min(L.w_vals) for L in p.layers)
-    need = Fraction(num, total)
+    need = Fraction(sum(L.spec.params * min(L.w_vals) for L in p.layers), p.net.total_params)
     if need > p.budget:
-        pinned = [L.spec.name for L in p.layers if len(L.w_vals) == 1]
+        pinned = any(len(L.w_vals) == 1 for L in p.layers)
         why = "the pinned layers need" if pinned else "the narrowest candidate width gives"
         raise InfeasibleError(
             f"budget {budget} is infeasible on {p.target}: {why} an average of at least {_fmt(_ceil2(need))} bits; "
@@ -545,8 +664,8 @@ def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, s
     tl = max(1.0, min(10.0, time_limit_s / 3))
     total = p.net.total_params
 
-    # 1. the resource caps alone
-    mod = _build(p, budget=False, fps=False, caps=True, loss=False)
+    # 1. the resource caps alone: the narrowest allocation that fits
+    mod = _build(p, None, budget=False, caps=True, loss=False)
     st = _solve(mod, mod.avg_num, "diag_caps", tl, workers, seed)
     if st.values is None:
         _diagnose_resources(p, workers, seed, tl)
@@ -554,20 +673,24 @@ def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, s
 
     # 2. the throughput floor with the caps
     if min_fps is not None:
-        mod = _build(p, budget=False, fps=True, caps=True, loss=False)
-        st = _solve(mod, mod.avg_num, "diag_fps", tl, workers, seed)
-        if st.values is None:
+        mod = _build(p, p.max_cycles, budget=False, caps=True, loss=False)
+        st_fps = _solve(mod, mod.avg_num if mod is not None else None, "diag_fps", tl, workers, seed)
+        if st_fps.values is None:
             with_budget = need_caps <= p.budget
-            mod = _build(p, budget=with_budget, fps=False, caps=True, loss=False)
-            st = _solve(mod, mod.bottleneck, "diag_fastest", tl, workers, seed)
-            cyc = _val(st, mod.bottleneck)
+            start = _solve(_build(p, None, budget=with_budget, caps=True, loss=False), None, "diag_start", tl, workers, seed)
+            if start.values is None:  # pragma: no cover - the caps-only model was feasible
+                start = st
+                with_budget = False
+            fast, _ = _min_bottleneck(replace(p, max_cycles=None), start, "diag_fastest", time.perf_counter() + 3 * tl,
+                                      workers, seed, budget=with_budget, loss=False)
+            cyc = int(fast.objective)
             best = p.cost.limits.clock_hz / cyc
             within = f" within budget {budget}" if with_budget else ""
             raise InfeasibleError(
                 f"min fps {min_fps:g} is infeasible on {p.target}: the fastest allocation that fits{within} reaches "
                 f"{best:.2f} fps ({cyc} cycles per image); use --min-fps {_floor2(best):.2f} or less"
             )
-        need = Fraction(st.values["avg_num"], total)
+        need = Fraction(st_fps.values["avg_num"], total)
         if need > p.budget:
             raise InfeasibleError(
                 f"budget {budget} is infeasible on {p.target} at min fps {min_fps:g}: the narrowest allocation that fits "
@@ -578,13 +701,11 @@ def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, s
             f"budget {budget} is infeasible on {p.target}: the narrowest allocation that fits the resource caps "
             f"needs an average of {_fmt(_ceil2(need_caps))} bits; use --budget {_fmt(_ceil2(need_caps))} or more"
         )
-    raise InfeasibleError(
-        f"budget {budget} is infeasible on {p.target}: the budget, resource caps and min fps cannot be met together"
-    )
+    raise InfeasibleError(f"budget {budget} is infeasible on {p.target}: the budget, resource caps and min fps cannot be met together")
 
 
 def _diagnose_resources(p: _Problem, workers: int, seed: int, tl: float) -> None:
-    mod = _build(p, budget=False, fps=False, caps=False, loss=False)
+    mod = _build(p, None, budget=False, caps=False, loss=False)
     for r in p.resources:
         st = _solve(mod, mod.res_total[r], f"diag_min_{r}", tl, workers, seed)
         if st.values is None:

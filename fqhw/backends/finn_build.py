@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -117,25 +116,27 @@ class FinnBuild:
 
 @contextlib.contextmanager
 def _finn_env(build_dir: Path):
-    """FINN_BUILD_DIR inside build_dir while FINN runs; FINN's chatter kept off stdout."""
+    """While FINN runs: FINN_BUILD_DIR inside build_dir, FINN's warnings, prints and
+    logging below ERROR kept quiet; all restored afterwards."""
     finn_tmp = build_dir / "finn_tmp"
     finn_tmp.mkdir(parents=True, exist_ok=True)
     old = os.environ.get("FINN_BUILD_DIR")
     os.environ["FINN_BUILD_DIR"] = str(finn_tmp)
+    loggers = [logging.getLogger(n) for n in ("finn", "qonnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         if old is None:
             os.environ.pop("FINN_BUILD_DIR", None)
         else:
             os.environ["FINN_BUILD_DIR"] = old
-
-
-def _quiet_finn_logging() -> None:
-    for name in ("finn", "qonnx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- sub-steps
@@ -244,7 +245,6 @@ def _step_streamline(model):
 
 def _step_convert_to_hw(model):
     """The builder's step_convert_to_hw with its defaults (thresholds inside the MVAUs)."""
-    import finn.transformation.fpgadataflow.convert_to_hw as hw  # noqa: F401
     import finn.transformation.streamline.absorb as absorb
     from finn.transformation.fpgadataflow.absorb_into_requant import AbsorbElementwiseOpsIntoRequant
     from finn.transformation.fpgadataflow.convert_to_hw.binary_matrix_vector_activation import (
@@ -437,108 +437,109 @@ def _attr(node, name):
     return None
 
 
-def _step_apply_folding(model, alloc: Allocation, layer_names: list[str]):
-    """PE / SIMD of each MVAU from the allocation; the nodes around it folded to match.
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
-    - sliding window (ConvolutionInputGenerator) in front of an MVAU: SIMD = the MVAU's
-      SIMD when that divides the input channels, else the channel count (largest divisor of
-      C that divides the MVAU's SIMD), with the RTL window's parallel_window mode when the
-      MVAU takes a whole window per cycle (SIMD = K*K*C);
-    - padding in front of a sliding window: the window's SIMD;
-    - pooling after an MVAU (depthwise sliding window + Pool): PE = largest divisor of the
-      channels not above the MVAU's PE, its sliding window SIMD the same;
-    - thresholding / other PE ops: PE = the producer's PE where it divides, else 1.
+
+def _step_apply_folding(model, alloc: Allocation, layer_names: list[str]):
+    """PE / SIMD of each MVAU from the allocation; the nodes around it folded to keep up.
+
+    The allocation folds the MVAUs; the other nodes of a layer are folded, like FINN's
+    SetFolding does, just enough that none is slower than the layer's MVAU, preferring
+    widths that match the MVAU's streams:
+    - sliding window (ConvolutionInputGenerator) in front of an MVAU and the padding in
+      front of it: SIMD = the smallest divisor of the channels C that is a multiple of the
+      MVAU's SIMD and keeps up (else C); an RTL window with SIMD = C that is still slower
+      switches to parallel_window mode (a whole K x K window per cycle);
+    - pooling after an MVAU (a depthwise sliding window + Pool): PE = the smallest multiple
+      of the MVAU's PE dividing the channels that keeps up (the window's SIMD the same);
+    - every other HW node keeps FINN's default folding.
+    Data width converters, which FINN inserts only when it generates hardware, are not in
+    the estimates (as in FINN's own estimate reports).
     """
     from finn.util.basic import MAX_ALLOWED_AP_INT_W
     from qonnx.custom_op.registry import getCustomOp
 
-    folding: dict[str, dict] = {}
     mvaus = _mvau_nodes(model)
+    if len(mvaus) != len(layer_names):
+        raise FqhwError(
+            f"the dataflow graph has {len(mvaus)} MVAUs ({', '.join(n.name for n in mvaus)}) "
+            f"but the allocation has {len(layer_names)} layers ({', '.join(layer_names)})"
+        )
+    folding: dict[str, dict] = {}
+
+    def set_attrs(node, **attrs):
+        inst = getCustomOp(node)
+        for k, v in attrs.items():
+            inst.set_nodeattr(k, int(v))
+        folding.setdefault(node.name, {}).update({k: int(v) for k, v in attrs.items()})
+        return inst
+
+    def slowest(nodes):
+        return max(getCustomOp(n).get_exp_cycles() for n in nodes)
+
     for ln, node in zip(layer_names, mvaus):
         la = alloc.layer(ln)
         inst = getCustomOp(node)
         mw, mh = int(inst.get_nodeattr("MW")), int(inst.get_nodeattr("MH"))
-        if mh % la.pe or mw % la.simd:
+        if la.pe < 1 or la.simd < 1 or mh % la.pe or mw % la.simd:
             raise FqhwError(
-                f"{ln}: folding PE={la.pe}, SIMD={la.simd} does not divide the matrix "
-                f"MH={mh} (outputs), MW={mw} (inputs) of FINN node {node.name}"
+                f"{ln}: folding PE={la.pe}, SIMD={la.simd} must divide the matrix of FINN node "
+                f"{node.name}: MH={mh} outputs (PE), MW={mw} inputs (SIMD)"
             )
-        inst.set_nodeattr("PE", int(la.pe))
-        inst.set_nodeattr("SIMD", int(la.simd))
+        inst = set_attrs(node, PE=la.pe, SIMD=la.simd)
         if node.op_type == "MVAU_hls" and inst.get_instream_width(1) > MAX_ALLOWED_AP_INT_W:
             raise FqhwError(
-                f"{ln}: weight stream of FINN node {node.name} is {inst.get_instream_width(1)} bits "
+                f"{ln}: the weight stream of FINN node {node.name} is {inst.get_instream_width(1)} bits "
                 f"wide at PE={la.pe}, SIMD={la.simd}, more than HLS allows ({MAX_ALLOWED_AP_INT_W})"
             )
-        folding[node.name] = {"PE": int(la.pe), "SIMD": int(la.simd), "layer": ln}
-
-    def largest_divisor_at_most(n, cap):
-        return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, cap))
-
-    # walk backwards from each MVAU over its input chain: sliding window, padding
-    for node in mvaus:
-        m = getCustomOp(node)
-        simd = int(m.get_nodeattr("SIMD"))
-        prod = model.find_producer(node.input[0])
-        if prod is not None and prod.op_type.startswith("ConvolutionInputGenerator"):
-            swg = getCustomOp(prod)
+        target = inst.get_exp_cycles()
+        # input side: sliding window and the padding in front of it
+        swg_node = model.find_producer(node.input[0])
+        if swg_node is not None and swg_node.op_type.startswith("ConvolutionInputGenerator"):
+            swg = getCustomOp(swg_node)
             c = int(swg.get_nodeattr("IFMChannels"))
             k = int(np.prod(swg.get_nodeattr("ConvKernelDim")))
-            if c % simd == 0:
-                s = simd
-            else:
-                s = math.gcd(c, simd)
-            swg.set_nodeattr("SIMD", int(s))
-            pw = 0
-            if prod.op_type == "ConvolutionInputGenerator_rtl":
-                swg.set_nodeattr("parallel_window", 0)
-                # like SetFolding: once SIMD covers the channels, a window that is still
-                # slower than the MVAU it feeds emits whole windows per cycle
-                if s == c and k > 1 and swg.get_exp_cycles() > m.get_exp_cycles():
-                    swg.set_nodeattr("parallel_window", 1)
-                    pw = 1
-            folding[prod.name] = {"SIMD": int(s), "parallel_window": pw}
-            pad = model.find_producer(prod.input[0])
-            if pad is not None and pad.op_type.startswith("FMPadding"):
-                getCustomOp(pad).set_nodeattr("SIMD", int(s))
-                folding[pad.name] = {"SIMD": int(s)}
-        # pooling after the MVAU
-        cons = model.find_consumers(node.output[0]) or []
-        pe = int(m.get_nodeattr("PE"))
-        for c_node in cons:
-            chain = [c_node]
-            if c_node.op_type.startswith("ConvolutionInputGenerator") and _attr(c_node, "depthwise") == 1:
-                nxt = model.find_consumers(c_node.output[0]) or []
-                chain += nxt
-            pool = [n for n in chain if n.op_type.startswith("Pool")]
-            if not pool:
+            pad = model.find_producer(swg_node.input[0])
+            chain = [swg_node] + ([pad] if pad is not None and pad.op_type.startswith("FMPadding") else [])
+            rtl = swg_node.op_type == "ConvolutionInputGenerator_rtl"
+            candidates = [d for d in _divisors(c) if d % la.simd == 0] or [c]
+            if c not in candidates:
+                candidates.append(c)
+            for simd in candidates:
+                for n in chain:
+                    set_attrs(n, SIMD=simd)
+                if rtl:
+                    set_attrs(swg_node, parallel_window=0)
+                if slowest(chain) <= target:
+                    break
+            if rtl and int(swg.get_nodeattr("SIMD")) == c and k > 1 and swg.get_exp_cycles() > target:
+                set_attrs(swg_node, parallel_window=1)
+        # output side: pooling (a depthwise sliding window feeding a Pool)
+        for cons in model.find_consumers(node.output[0]) or []:
+            chain = [cons]
+            if cons.op_type.startswith("ConvolutionInputGenerator") and _attr(cons, "depthwise") == 1:
+                chain += model.find_consumers(cons.output[0]) or []
+            pools = [n for n in chain if n.op_type in POOL_TYPES]
+            if not pools:
                 continue
-            pinst = getCustomOp(pool[0])
-            ch = int(pinst.get_nodeattr("Channels"))
-            p = largest_divisor_at_most(ch, pe)
-            pinst.set_nodeattr("PE", int(p))
-            folding[pool[0].name] = {"PE": int(p)}
-            for n in chain:
-                if n.op_type.startswith("ConvolutionInputGenerator"):
-                    inst = getCustomOp(n)
-                    inst.set_nodeattr("SIMD", int(p))
-                    if n.op_type == "ConvolutionInputGenerator_rtl":
-                        inst.set_nodeattr("parallel_window", 0)
-                    folding[n.name] = {"SIMD": int(p), "parallel_window": 0}
-                if n.op_type.startswith("FMPadding"):
-                    getCustomOp(n).set_nodeattr("SIMD", int(p))
-                    folding[n.name] = {"SIMD": int(p)}
-    # any other HW node keeps FINN's default (fully folded) configuration
+            chain = chain[: chain.index(pools[0]) + 1]
+            channels = int(getCustomOp(pools[0]).get_nodeattr("Channels"))
+            for pe in [d for d in _divisors(channels) if d % la.pe == 0]:
+                for n in chain:
+                    if n.op_type.startswith("ConvolutionInputGenerator"):
+                        set_attrs(n, SIMD=pe)
+                        if n.op_type == "ConvolutionInputGenerator_rtl":
+                            set_attrs(n, parallel_window=0)
+                    else:
+                        set_attrs(n, PE=pe)
+                if slowest(chain) <= target:
+                    break
     for node in model.graph.node:
         if node.name not in folding and _is_hw(node):
             inst = getCustomOp(node)
-            entry = {}
-            for a in ("PE", "SIMD"):
-                try:
-                    entry[a] = int(inst.get_nodeattr(a))
-                except (AttributeError, Exception):
-                    pass
-            folding[node.name] = entry
+            types = inst.get_nodeattr_types()
+            folding[node.name] = {a: int(inst.get_nodeattr(a)) for a in ("PE", "SIMD") if a in types}
     return model, folding
 
 
@@ -585,12 +586,18 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
     """Estimate-only FINN dataflow build of the QONNX file at `qonnx_path` folded as `alloc` says."""
     from qonnx.core.modelwrapper import ModelWrapper
 
-    build_dir = Path(build_dir)
+    build_dir = Path(build_dir).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
-    qonnx_path = Path(qonnx_path)
+    qonnx_path = Path(qonnx_path).resolve()
     if not qonnx_path.exists():
         raise FqhwError(f"QONNX file {qonnx_path} does not exist: run export_qonnx first")
     layer_names = [la.name for la in alloc.layers]
+    meta = {p.key: p.value for p in onnx.load(str(qonnx_path), load_external_data=False).metadata_props}
+    if "fqhw_layer_names" in meta and json.loads(meta["fqhw_layer_names"]) != layer_names:
+        raise FqhwError(
+            f"the allocation's layers {layer_names} are not the exported model's "
+            f"{json.loads(meta['fqhw_layer_names'])}"
+        )
     steps: list[FinnStep] = []
     counter = [0]
 
@@ -601,7 +608,6 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
         steps.append(FinnStep(name, round(time.perf_counter() - t0, 4), str(path)))
 
     with _finn_env(build_dir):
-        _quiet_finn_logging()
         model = ModelWrapper(str(qonnx_path))
         t0 = time.perf_counter()
         model = _step_input_codes(model)
@@ -656,7 +662,7 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
         for k, v in r.items():
             if k not in e:
                 e[k] = v
-        e.update({f"fold_{k}": v for k, v in folding.get(node.name, {}).items() if k != "layer"})
+        e.update({f"fold_{k}": v for k, v in folding.get(node.name, {}).items()})
         node_est[node.name] = e
     layer_est: dict[str, dict] = {}
     for ln in layer_names:
@@ -736,13 +742,33 @@ def _python_exec_model(model):
     return m
 
 
+def _execute_dataflow(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an all-HW graph node by node with each node's own Python execute_node, like
+    qonnx's execute_onnx, but with float64 containers: FINN's Python MVAU multiplies with
+    np.matmul in the inputs' dtype, and float32 (qonnx's default) stops being exact once an
+    accumulator passes 2^24. float64 is exact for any integer below 2^53."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    ctx = model.make_empty_exec_context()
+    ctx.update(inputs)
+    for node in model.graph.node:
+        for name in node.input:
+            v = ctx.get(name)
+            if isinstance(v, np.ndarray) and v.dtype != np.float64:
+                ctx[name] = v.astype(np.float64)
+        getCustomOp(node).execute_node(ctx, model.graph)
+    return ctx
+
+
 def finn_integer_trace(build: FinnBuild, x) -> dict[str, np.ndarray]:
-    """Run the folded dataflow graph in Python on `x` (N, C, H, W floats = pixel/256), batch 1;
-    return int64 NCHW codes: "input", "<layer>.act" (each MVAU's thresholded output), and
-    "head.acc" (the last MVAU's accumulator)."""
+    """Run the folded dataflow graph in Python on `x` (N, C, H, W floats = pixel/256), one
+    image at a time, each _hls/_rtl node through its generic Python implementation; return
+    int64 NCHW codes: "input" (what the accelerator was fed), "<layer>.act" (each MVAU's
+    thresholded output) and "<layer>.acc" for an MVAU without activation ("head.acc", the
+    head's accumulator)."""
     import torch
     from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.custom_op.registry import getCustomOp
 
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     codes_f = x.astype(np.float64) / INPUT_SCALE
@@ -766,31 +792,44 @@ def finn_integer_trace(build: FinnBuild, x) -> dict[str, np.ndarray]:
         t = p.input[0]
     front.reverse()
 
-    layer_names = list(build.mvau_of_layer)
-    mvaus = {build.mvau_of_layer[ln]: ln for ln in layer_names}
-    out_of = {n.name: n.output[0] for n in df.graph.node}
+    mvau_nodes = {n.name: n for n in df.graph.node if n.name in set(build.mvau_of_layer.values())}
+    keys = {}
+    for ln, node_name in build.mvau_of_layer.items():
+        no_act = int(getCustomOp(mvau_nodes[node_name]).get_nodeattr("noActivation")) == 1
+        keys[node_name] = f"{ln}.acc" if no_act else f"{ln}.act"
     in_name = df.graph.input[0].name
     in_shape = tuple(df.get_tensor_shape(in_name))
     per_key: dict[str, list[np.ndarray]] = {}
     for i in range(codes.shape[0]):
         a = codes[i : i + 1].astype(np.float64)
+        undo = []  # how to map the accelerator's input back to NCHW
         for node in front:
             if node.op_type == "Transpose":
-                a = np.transpose(a, _attr(node, "perm"))
+                perm = list(_attr(node, "perm"))
+                a = np.transpose(a, perm)
+                undo.append(("T", list(np.argsort(perm))))
             else:
+                undo.append(("R", a.shape))
                 a = a.reshape(parent.get_tensor_shape(node.output[0]))
         a = a.reshape(in_shape)
-        # float64 so that the Python MVAU's np.matmul is exact for any accumulator width
-        ctx = execute_onnx(sim, {in_name: a}, return_full_exec_context=True)
-        per_key.setdefault("input", []).append(codes[i : i + 1])
-        for node_name, ln in mvaus.items():
-            v = np.asarray(ctx[out_of[node_name]], dtype=np.float64)
-            r = np.round(v)
-            if np.abs(v - r).max(initial=0.0) > INT_TOL:
-                raise AssertionError(f"FINN node {node_name}: output is not integer")
-            r = r.astype(np.int64)
+        ctx = _execute_dataflow(sim, {in_name: a})
+        seen = np.asarray(ctx[in_name], dtype=np.float64)
+        for kind, arg in reversed(undo):
+            seen = np.transpose(seen, arg) if kind == "T" else seen.reshape(arg)
+        per_key.setdefault("input", []).append(_exact_int(seen, "the accelerator's input"))
+        for node_name, key in keys.items():
+            r = _exact_int(np.asarray(ctx[mvau_nodes[node_name].output[0]]), f"FINN node {node_name}")
             if r.ndim == 4:
                 r = r.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-            key = "head.acc" if ln == layer_names[-1] else f"{ln}.act"
-            per_key.setdefault(key, []).append(r.reshape(r.shape[0], -1) if key == "head.acc" else r)
+            per_key.setdefault(key, []).append(r)
     return {k: np.concatenate(v, axis=0) for k, v in per_key.items()}
+
+
+def _exact_int(v: np.ndarray, what: str) -> np.ndarray:
+    v = v.astype(np.float64)
+    r = np.round(v)
+    if np.abs(v - r).max(initial=0.0) > INT_TOL:
+        raise AssertionError(f"{what}: values are not integers")
+    if np.abs(r).max(initial=0.0) >= 2.0**53:
+        raise AssertionError(f"{what}: values beyond float64's exact integers")
+    return r.astype(np.int64)

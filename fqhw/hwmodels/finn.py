@@ -1,44 +1,49 @@
 """FINN dataflow cost model: what finn-plus 1.6.1 builds for each layer, priced with the
-analytical estimates that finn-plus itself reports (estimate_layer_cycles.json,
-estimate_layer_resources.json).
+analytical estimates finn-plus itself reports (estimate_layer_cycles.json,
+estimate_layer_resources.json): the same formulas, checked node by node against the
+installed finn-plus in tests/test_hwmodels.py.
 
-What FINN builds (default build settings: standalone_thresholds=False, mem_mode
-internal_decoupled, ram_style auto, ram_style_thresholds auto, SWG ram_style distributed,
-minimize_bit_width on), after SpecializeLayers:
+What FINN builds with its default settings (standalone_thresholds=False, mem_mode
+internal_decoupled, ram_style auto, ram_style_thresholds auto, sliding-window ram_style
+distributed), after SpecializeLayers:
 
   conv layer (K x K, padding p, stride s), followed by a max pool (k, stride t):
-    FMPadding_rtl            (only when p > 0)                   folding SIMD | C_in
-    ConvolutionInputGenerator_rtl (sliding window, depthwise=0)  folding SIMD | C_in
-    MVAU_hls                 (MatMul + BN/ReLU/requant thresholds embedded: an MVAU with
-                              thresholds is never given the RTL backend)   PE | MH, SIMD | MW
-    ConvolutionInputGenerator_rtl (depthwise=1) + Pool_hls (MaxPool)      SWG SIMD = Pool PE | C_out
+    FMPadding_rtl                   (only when p > 0)
+    ConvolutionInputGenerator_rtl   the sliding window (depthwise=0)
+    MVAU_hls                        MatMul with BN + ReLU + requantisation as embedded
+                                    thresholds: an MVAU with thresholds never gets the RTL
+                                    backend
+    ConvolutionInputGenerator_rtl   depthwise=1, feeding
+    Pool_hls                        MaxPool (finn-plus has no StreamingMaxPool any more)
   linear layer with an output activation: MVAU_hls with thresholds
-  classifier head (no activation): MVAU_rtl when weights and input are >= 4 bits, the
-    weights are narrow-range and signed (DSP48E1 parts need narrow weights) and the widths
-    fit the DSP datapath; otherwise MVAU_hls
-  network input: the 8-bit input quantizer becomes a standalone Thresholding_rtl on the
-    float image (FLOAT32 thresholds), unless input_mode="absorbed"
+  classifier head (no activation): MVAU_rtl (DSPs, no LUT estimate) when weights and input
+    are >= 4 bits, the weights are signed and narrow-range (DSP48E1 parts need narrow
+    weights; Brevitas' default weight quantizers are narrow) and the widths fit the DSP
+    datapath; otherwise MVAU_hls
+  network input: fqhw's FINN backend feeds the uint8 pixel codes, the 8-bit input quantizer
+    becomes a Mul that streamlining absorbs, so nothing is built (input_mode="absorbed");
+    a float input would instead get a standalone Thresholding_rtl (input_mode="thresholding")
 
-The allocator picks the MVAU folding (PE, SIMD); the padding / sliding-window / pool units
-of the layer are folded the way FINN's SetFolding folds them, with the MVAU's cycle count
-as the target: the least parallel unit that keeps up with its MVAU (FINN inserts width
-converters between units of different widths; its estimate reports do not price them, and
-neither does this model). `layer_units` returns every unit with its folding attributes so
-a backend can apply exactly the folding that was priced.
+Folding: the allocator picks each MVAU's (PE, SIMD); the other units of the layer are
+folded as fqhw's FINN backend folds them (fqhw.backends.finn_build._step_apply_folding):
+just enough that none is slower than the layer's MVAU, with widths that are multiples of
+the MVAU's (window and padding share a SIMD | C_in that is a multiple of the MVAU's SIMD,
+else C_in, switching the window to parallel_window mode if it is still too slow; the pool
+and its window share a PE | C_out that is a multiple of the MVAU's PE). `layer_units`
+returns every unit with those attributes. Width converters and FIFOs, which FINN inserts
+only when it generates hardware, are in neither FINN's estimate reports nor this model.
 
-Accumulator widths: FINN's default flow minimises each MVAU's accumulator from the actual
-weight values; before training we do not have them, so this model uses the worst case of
-the data types (MinimizeAccumulatorWidth(datatype_only=True)). For the LUT estimate FINN
-takes the minimum of that width and its own alpha bound, so the difference is small, and
-this model is never below FINN's estimate for the trained weights.
+Widths FINN derives from the trained weights: its flow minimises each MVAU's weight and
+accumulator types from the actual values. Before training we only have the data types, so
+this model uses the worst case of the types (MinimizeAccumulatorWidth(datatype_only=True));
+FINN's LUT estimate takes the minimum of that and its own alpha bound, so the model is never
+below FINN's number for the trained weights and usually equal or a few LUTs above.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable
-
 import numpy as np
 
 from fqhw.errors import FqhwError
@@ -426,16 +431,6 @@ def thresholding_cycles(channels: int, pe: int, n_vectors: int) -> int:
 # ------------------------------------------------------------------ the cost model
 
 
-def _first_meeting(options: Iterable[int], cycles_of, target: int) -> tuple[int, bool]:
-    """SetFolding.optimize_attribute_val: the first divisor whose cycles meet the target,
-    else the last one. Returns (value, met)."""
-    val = 1
-    for val in options:
-        if cycles_of(val) <= target:
-            return val, True
-    return val, False
-
-
 class FinnCostModel:
     """FINN dataflow on one board; implements fqhw.hwmodels.base.CostModel."""
 
@@ -445,7 +440,7 @@ class FinnCostModel:
         clock_ns: float = 10.0,
         *,
         utilisation: dict[str, float] | None = None,
-        input_mode: str = "thresholding",
+        input_mode: str = "absorbed",
         input_threshold_bits: int = 32,
         narrow_weights: bool = True,
         mem_mode: str = "internal_decoupled",
@@ -473,7 +468,9 @@ class FinnCostModel:
         self.ram_style_thresholds = ram_style_thresholds
         self.swg_ram_style = swg_ram_style
         self.head_is_last_node = head_is_last_node
-        self._cache: dict = {}
+        self._cache: dict = {}  # folded padding / window / pool units, by (layer, bits, target)
+        self._layers: dict[int, LayerSpec] = {}  # keeps the cached layers alive (keys use id())
+        self._last_mvau: tuple | None = None  # (key, unit): buildable() then layer_cost()
         self.limits = TargetLimits(
             name=self.board.name,
             part=self.part,
@@ -498,12 +495,26 @@ class FinnCostModel:
         mv = self._mvau_unit(layer, weight_bits, in_bits, out_bits, pe, simd, False)
         units = [mv]
         if out_bits is not None:
-            units += self._pool_units(layer, out_bits, mv["cycles"])
+            units += self._pool_units(layer, out_bits, mv["cycles"], pe)
         return all(u["ap_int_max_w"] <= MAX_ALLOWED_AP_INT_W for u in units if u["op_type"].endswith("_hls"))
 
     # ---------------------------------------------------------------- units
 
+    def _layer_key(self, layer: LayerSpec) -> int:
+        k = id(layer)
+        if self._layers.get(k) is not layer:
+            self._layers[k] = layer
+        return k
+
     def _mvau_unit(self, layer: LayerSpec, w: int, a_in: int, a_out: int | None, pe: int, simd: int, in_signed: bool) -> dict:
+        key = (self._layer_key(layer), w, a_in, a_out, pe, simd, in_signed)
+        if self._last_mvau is not None and self._last_mvau[0] == key:
+            return self._last_mvau[1]
+        unit = self._mvau_unit_uncached(layer, w, a_in, a_out, pe, simd, in_signed)
+        self._last_mvau = (key, unit)
+        return unit
+
+    def _mvau_unit_uncached(self, layer: LayerSpec, w: int, a_in: int, a_out: int | None, pe: int, simd: int, in_signed: bool) -> dict:
         if layer.mh % pe or layer.mw % simd:
             raise FqhwError(f"{layer.name}: PE {pe} must divide MH {layer.mh} and SIMD {simd} must divide MW {layer.mw}")
         has_act = a_out is not None
@@ -545,14 +556,16 @@ class FinnCostModel:
         attributes, cycles and resources (FINN's estimate functions)."""
         mv = self._mvau_unit(layer, weight_bits, in_bits, out_bits, pe, simd, in_signed)
         target = mv["cycles"]
-        before = self._window_units(layer, in_bits, target)
-        after = self._pool_units(layer, out_bits, target) if out_bits is not None else ()
+        before = self._window_units(layer, in_bits, target, simd)
+        after = self._pool_units(layer, out_bits, target, pe) if out_bits is not None else ()
         return [*before, mv, *after]
 
-    def _window_units(self, layer: LayerSpec, in_bits: int, target: int) -> tuple[dict, ...]:
-        """Padding and sliding window in front of a conv's MVAU, folded by SetFolding's rule
-        with the MVAU's cycles as the target."""
-        key = ("window", layer, in_bits, target)
+    def _window_units(self, layer: LayerSpec, in_bits: int, target: int, mvau_simd: int) -> tuple[dict, ...]:
+        """Padding and sliding window in front of a conv's MVAU, sharing one SIMD: the
+        smallest divisor of C_in that is a multiple of the MVAU's SIMD (so the streams'
+        widths match) and keeps up with the MVAU, else C_in; a window at SIMD = C_in that
+        is still slower runs in parallel_window mode (a whole K x K window per cycle)."""
+        key = ("window", self._layer_key(layer), in_bits, target, mvau_simd)
         if key in self._cache:
             return self._cache[key]
         units: list[dict] = []
@@ -561,21 +574,8 @@ class FinnCostModel:
             c = layer.in_channels
             h, w = layer.in_hw
             p = layer.padding
-            ifm = (h, w)
-            if p > 0:
-                pads = (p, p, p, p)
-                s_pad, _ = _first_meeting(divisors(c), lambda s: fmpadding_cycles((h, w), pads, c, s), target)
-                units.append(
-                    {
-                        "op_type": "FMPadding_rtl",
-                        "role": "padding",
-                        "attrs": {"ImgDim": [h, w], "Padding": list(pads), "NumChannels": c, "SIMD": s_pad, "in_bits": in_bits},
-                        "cycles": fmpadding_cycles((h, w), pads, c, s_pad),
-                        "LUT": 0, "BRAM_18K": 0, "URAM": 0, "DSP": 0,
-                        "ap_int_max_w": 0,
-                    }
-                )
-                ifm = (h + 2 * p, w + 2 * p)
+            pads = (p, p, p, p)
+            ifm = (h + 2 * p, w + 2 * p)
 
             def swg(s: int, pw: bool = False) -> SWG:
                 return SWG(
@@ -584,19 +584,39 @@ class FinnCostModel:
                     ram_style=self.swg_ram_style,
                 )
 
-            s_swg, _ = _first_meeting(divisors(c), lambda s: swg(s).cycles(), target)
-            unit = swg(s_swg)
-            if s_swg == c and unit.cycles() > target:
+            def slowest(s: int) -> int:
+                return max(swg(s).cycles(), fmpadding_cycles((h, w), pads, c, s) if p > 0 else 0)
+
+            cands = [d for d in divisors(c) if d % mvau_simd == 0] or [c]
+            if c not in cands:
+                cands.append(c)
+            s_win = cands[-1]
+            for s_win in cands:
+                if slowest(s_win) <= target:
+                    break
+            if p > 0:
+                units.append(
+                    {
+                        "op_type": "FMPadding_rtl",
+                        "role": "padding",
+                        "attrs": {"ImgDim": [h, w], "Padding": list(pads), "NumChannels": c, "SIMD": s_win, "in_bits": in_bits},
+                        "cycles": fmpadding_cycles((h, w), pads, c, s_win),
+                        "LUT": 0, "BRAM_18K": 0, "URAM": 0, "DSP": 0,
+                        "ap_int_max_w": 0,
+                    }
+                )
+            unit = swg(s_win)
+            if s_win == c and layer.kernel > 1 and unit.cycles() > target:
                 unit = swg(c, pw=True)
             units.append(self._swg_unit(unit, "window"))
         self._cache[key] = tuple(units)
         return self._cache[key]
 
-    def _pool_units(self, layer: LayerSpec, out_bits: int, target: int) -> tuple[dict, ...]:
+    def _pool_units(self, layer: LayerSpec, out_bits: int, target: int, mvau_pe: int) -> tuple[dict, ...]:
         """Max pool after the MVAU: a depthwise sliding window and Pool_hls sharing one
-        folding (SetFolding: Pool PE first, the window's SIMD follows, raised together
-        until the window keeps up too)."""
-        key = ("pool", layer, out_bits, target)
+        folding, the smallest divisor of C_out that is a multiple of the MVAU's PE and keeps
+        up with the MVAU (else C_out)."""
+        key = ("pool", self._layer_key(layer), out_bits, target, mvau_pe)
         if key in self._cache:
             return self._cache[key]
         units: list[dict] = []
@@ -612,14 +632,11 @@ class FinnCostModel:
                     ram_style=self.swg_ram_style,
                 )
 
-            pe_pool, _ = _first_meeting(divisors(cp), lambda v: pool_cycles(cp, v, k, odim), target)
-            if dw(pe_pool).cycles() > target:
-                for v in divisors(cp):
-                    if v <= pe_pool:
-                        continue
-                    pe_pool = v
-                    if dw(v).cycles() <= target:
-                        break
+            cands = [d for d in divisors(cp) if d % mvau_pe == 0] or [cp]
+            pe_pool = cands[-1]
+            for pe_pool in cands:
+                if max(dw(pe_pool).cycles(), pool_cycles(cp, pe_pool, k, odim)) <= target:
+                    break
             units.append(self._swg_unit(dw(pe_pool), "pool_window"))
             units.append(
                 {

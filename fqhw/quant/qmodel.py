@@ -200,12 +200,56 @@ def _codes(qt: QuantTensor, what: str) -> torch.Tensor:
     return rounded.to(torch.int64)
 
 
-def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Integer codes seen by Brevitas on input `x` (N, C, H, W floats = pixel/256), int64 NCHW.
+def float64_twin(qmodel: QuantFairCNN) -> QuantFairCNN:
+    """A float64 copy of `qmodel` with exactly its quantized parameters.
+
+    A plain `.double()` copy would recompute the weight scales (max |w| / (2^(b-1) - 1)) and
+    the activation scales (threshold / (2^a - 1)) in float64, which moves them by up to half
+    a float32 ulp and can flip a weight code. Here every weight is set to code x float32
+    scale (exact in float64) and every learned activation threshold to float32 scale x
+    (2^a - 1), so the twin's codes and scales equal the original's bit for bit (checked).
+    """
+    import copy
+
+    twin = copy.deepcopy(qmodel).double()
+    with torch.no_grad():
+        for (name, ql), tl in zip(qmodel.layers.items(), twin.layers.values()):
+            qw = ql.compute.quant_weight()
+            w_int = _codes(qw, f"{name} weight")
+            w_scale = qw.scale.detach().double()
+            tl.compute.weight.copy_(w_int.double() * w_scale)
+            tw = tl.compute.quant_weight()
+            if not (torch.equal(_codes(tw, f"{name} weight"), w_int) and torch.equal(tw.scale.detach(), w_scale)):
+                raise AssertionError(f"{name}: the float64 twin's weight codes or scales differ")
+            if ql.act is not None:
+                a_scale = ql.act.act_quant.scale().detach().double()
+                levels = float(2 ** int(ql.act.act_quant.bit_width()) - 1)
+                impl = tl.act.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+                impl.value.copy_(a_scale * levels)
+                if not torch.equal(tl.act.act_quant.scale().detach(), a_scale):
+                    raise AssertionError(f"{name}: the float64 twin's activation scale differs")
+    return twin
+
+
+def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor, precision: str = "float64") -> dict[str, np.ndarray]:
+    """Integer codes of the Brevitas model on input `x` (N, C, H, W floats = pixel/256),
+    int64 NCHW.
 
     Keys: "input", "<layer>.act" for each layer with an output activation (QuantReLU codes,
     before pooling), "head.acc" (integer head weights x integer input codes, exact).
+
+    precision="float64" (the default, the reference for bit-exactness) runs
+    `float64_twin(qmodel)`: the same quantized parameters, evaluated with float64
+    arithmetic, so a code flips only if its pre-activation lies within ~1e-15 of a rounding
+    boundary. precision="float32" runs the model itself, as training and evaluation do:
+    its float32 convolution sums put about one activation code in a million (at 6-8 bit
+    activations) on the other side of a rounding boundary than exact arithmetic does.
     """
+    if precision == "float64":
+        qmodel = float64_twin(qmodel)
+        x = x.double()
+    elif precision != "float32":
+        raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
     captured: dict[str, QuantTensor] = {}
     hooks = []
 

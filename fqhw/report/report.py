@@ -99,10 +99,10 @@ def markdown(report: dict) -> str:
         m = acc.get(key)
         if m is None:
             continue
-        per = [_pct(m["per_group_acc"].get(g)) for g in groups]
+        per = [_pct(m["group_acc"].get(g)) for g in groups]
         lines.append(
             f"| {label} | {_pct(m['overall_acc'])} | {_pct(m['mean_group_acc'])} | {_pct(m['worst_group_acc'])} ({m['worst_group']}) "
-            f"| {_pct(m['gap'])} | " + " | ".join(per) + " |"
+            f"| {_pct(m['gap_mean_worst'])} | " + " | ".join(per) + " |"
         )
     a = report["allocation"]
     lines += [

@@ -1,0 +1,202 @@
+"""The CP-SAT allocator: hard constraints hold (checked by pricing the result), the choice
+follows the sensitivity, and infeasible requests name the constraint and what would work."""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from fqhw.allocator.allocation import Allocation
+from fqhw.allocator.cpsat import allocate, price
+from fqhw.errors import InfeasibleError
+from fqhw.fairness.sensitivity import Sensitivity
+from fqhw.hwmodels import get_cost_model
+from fqhw.hwmodels.finn import FinnCostModel
+from fqhw.models.cnn import CNNConfig, FairCNN
+from fqhw.network import network_spec
+
+GROUPS = ["light", "dark"]
+BITS = range(2, 9)
+
+
+def synthetic_sensitivity(net, seed=0, act_scale=0.3):
+    """Loss increase falling 4x per extra bit, proportional to each layer's share of the
+    parameters, with a random per-group factor."""
+    rng = np.random.default_rng(seed)
+    weight, act = {}, {}
+    for spec in net.layers:
+        s = rng.uniform(0.5, 2.0, size=len(GROUPS)) * spec.params / net.total_params
+        weight[spec.name] = {b: s * 4.0 ** (-(b - 2)) for b in BITS}
+        if spec.has_output_act:
+            s2 = rng.uniform(0.2, 1.0, size=len(GROUPS)) * act_scale
+            act[spec.name] = {b: s2 * 4.0 ** (-(b - 2)) for b in BITS}
+    return Sensitivity(list(GROUPS), weight, act)
+
+
+@pytest.fixture(scope="module")
+def faircnn():
+    return network_spec(FairCNN(), (3, 32, 32), name="fqcnn")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return network_spec(FairCNN(CNNConfig(channels=(8, 16), image_size=16)), (3, 16, 16), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def pynq():
+    return get_cost_model("pynq-z2")
+
+
+def check_hard_constraints(net, alloc, cost, budget, min_fps=None):
+    pr = price(net, alloc, cost)
+    assert Fraction(sum(net.layer(la.name).params * la.weight_bits for la in alloc.layers), net.total_params) <= Fraction(repr(float(budget)))
+    assert pr["total"]["fits"]
+    for r, cap in pr["total"]["caps"].items():
+        assert pr["total"][r] <= cap == int(cost.limits.totals[r] * cost.limits.utilisation[r] + 1e-9)
+    for la in alloc.layers:
+        spec = net.layer(la.name)
+        assert spec.mh % la.pe == 0 and spec.mw % la.simd == 0
+        assert (la.act_bits is None) == (not spec.has_output_act)
+    if min_fps is not None:
+        assert pr["total"]["fps"] >= min_fps
+    # what the solver reports is what pricing gives
+    assert alloc.solver["resources"] == {r: pr["total"][r] for r in alloc.solver["resources"]}
+    assert alloc.solver["bottleneck_cycles"] == pr["total"]["cycles"]
+    return pr
+
+
+def test_faircnn_respects_budget_and_caps(faircnn, pynq):
+    sens = synthetic_sensitivity(faircnn)
+    pinned = {"features.0.conv": 8, "head": 8}
+    alloc = allocate(faircnn, sens, pynq, 4.0, pinned=pinned, time_limit_s=20)
+    check_hard_constraints(faircnn, alloc, pynq, 4.0)
+    assert alloc.layer("features.0.conv").weight_bits == 8 and alloc.layer("head").weight_bits == 8
+    info = alloc.solver
+    assert info["status"] == "OPTIMAL" and info["gap"] == 0.0
+    assert [s["name"] for s in info["stages"]] == ["min_worst_group_loss", "min_bottleneck_cycles", "min_luts"]
+    assert abs(info["objective"] - info["objective_exact"]) <= info["loss_rounding_error"]
+    assert info["model"]["variables"] > 0 and info["model"]["table_rows"] > 0
+    pred = sens.predicted({la.name: la.weight_bits for la in alloc.layers}, {la.name: la.act_bits for la in alloc.layers})
+    again = Allocation.from_dict(json.loads(json.dumps(alloc.to_dict())))  # plain data
+    assert again.layers == alloc.layers and again.solver["status"] == "OPTIMAL"
+    assert info["objective_exact"] == pytest.approx(float(np.max(pred)))
+
+
+def test_min_fps_and_lexicographic_order(tiny, pynq):
+    sens = synthetic_sensitivity(tiny, seed=1)
+    free = allocate(tiny, sens, pynq, 4.0, time_limit_s=10)
+    fps_free = free.solver["fps"]
+    # a throughput floor the unconstrained optimum misses cannot improve the loss
+    floor = fps_free * 1.5
+    try:
+        fast = allocate(tiny, sens, pynq, 4.0, min_fps=floor, time_limit_s=10)
+    except InfeasibleError:
+        fast = None
+    if fast is not None:
+        check_hard_constraints(tiny, fast, pynq, 4.0, min_fps=floor)
+        assert fast.solver["objective_exact"] >= free.solver["objective_exact"] - free.solver["loss_rounding_error"]
+    slow_floor = fps_free / 10
+    slow = allocate(tiny, sens, pynq, 4.0, min_fps=slow_floor, time_limit_s=10)
+    check_hard_constraints(tiny, slow, pynq, 4.0, min_fps=slow_floor)
+
+
+def test_choice_follows_sensitivity(tiny, pynq):
+    sens = synthetic_sensitivity(tiny, seed=2)
+    base = allocate(tiny, sens, pynq, 3.0, time_limit_s=10)
+    layer = "features.0.conv"  # small enough that the budget lets it widen
+    b0 = base.layer(layer).weight_bits
+    assert b0 < 8
+    # group "dark" loses a lot when this layer's weights are narrow: it must get more bits
+    w = {n: dict(t) for n, t in sens.weight.items()}
+    w[layer] = {b: v + np.array([0.0, 50.0 * 4.0 ** (-(b - 2))]) for b, v in sens.weight[layer].items()}
+    shifted = Sensitivity(sens.groups, w, sens.act)
+    after = allocate(tiny, shifted, pynq, 3.0, time_limit_s=10)
+    check_hard_constraints(tiny, after, pynq, 3.0)
+    assert after.layer(layer).weight_bits > b0
+    assert after.solver["worst_group"] == "dark"
+
+
+def test_stage_one_is_optimal_against_brute_force(tiny):
+    """Worst-group loss over every width combination (weights {2,4,8}, activations {2,4,8})
+    under the budget and a binding LUT cap, with the cheapest folding of each layer."""
+    cost = FinnCostModel("pynq-z2", utilisation={"LUT": 0.044, "FF": 1, "BRAM_18K": 1, "URAM": 1, "DSP": 1}, input_mode="absorbed")
+    sens = synthetic_sensitivity(tiny, seed=3, act_scale=0.05)
+    bits = [2, 4, 8]
+    budget = 4.0
+    cap = int(cost.limits.cap("LUT"))
+    layers = tiny.layers
+    best, n_fit, n_over = None, 0, 0
+    for ws in itertools.product(bits, repeat=len(layers)):
+        if sum(s.params * w for s, w in zip(layers, ws)) > budget * tiny.total_params:
+            continue
+        for acts in itertools.product(bits, repeat=len(layers) - 1):
+            ins = [8, *acts]
+            outs = [*acts, None]
+            lut = 0
+            for s, w, ai, ao in zip(layers, ws, ins, outs):
+                lut += min(
+                    cost.layer_cost(s, w, ai, ao, pe, simd).resources["LUT"]
+                    for pe, simd in cost.folding_options(s)
+                    if cost.buildable(s, w, ai, ao, pe, simd)
+                )
+            if lut > cap:
+                n_over += 1
+                continue
+            n_fit += 1
+            loss = max(sens.predicted(dict(zip([s.name for s in layers], ws)), dict(zip([s.name for s in layers], outs))))
+            best = loss if best is None else min(best, loss)
+    alloc = allocate(tiny, sens, cost, budget, bits=bits, act_bits=bits, time_limit_s=10)
+    check_hard_constraints(tiny, alloc, cost, budget)
+    assert n_fit > 0 and n_over > 0  # the cap binds
+    assert abs(alloc.solver["objective_exact"] - best) <= 2 * alloc.solver["loss_rounding_error"]
+
+
+def test_infeasible_budget_names_smallest_budget(faircnn, pynq):
+    sens = synthetic_sensitivity(faircnn)
+    pinned = {"features.0.conv": 8, "head": 8}
+    with pytest.raises(InfeasibleError) as e:
+        allocate(faircnn, sens, pynq, 2.0, pinned=pinned, time_limit_s=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "budget 2.0" in msg and "pinned" in msg and "pynq-z2" in msg
+    need = float(re.search(r"--budget (\d+\.\d+)", msg).group(1))
+    exact = (sum(faircnn.layer(n).params * b for n, b in pinned.items())
+             + 2 * sum(s.params for s in faircnn.layers if s.name not in pinned)) / faircnn.total_params
+    assert need >= exact and need - exact < 0.01
+    alloc = allocate(faircnn, sens, pynq, need, pinned=pinned, time_limit_s=10)
+    check_hard_constraints(faircnn, alloc, pynq, need)
+
+
+def test_infeasible_fps_names_fastest(tiny, pynq):
+    sens = synthetic_sensitivity(tiny)
+    with pytest.raises(InfeasibleError) as e:
+        allocate(tiny, sens, pynq, 4.0, min_fps=1e7, time_limit_s=10)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("min fps 1e+07 is infeasible on pynq-z2")
+    best = float(re.search(r"--min-fps (\d+\.\d+)", msg).group(1))
+    alloc = allocate(tiny, sens, pynq, 4.0, min_fps=best, time_limit_s=10)
+    check_hard_constraints(tiny, alloc, pynq, 4.0, min_fps=best)
+
+
+def test_infeasible_resources_names_resource(tiny):
+    cost = FinnCostModel("pynq-z2", utilisation={"LUT": 0.01, "FF": 1, "BRAM_18K": 1, "URAM": 1, "DSP": 1})
+    with pytest.raises(InfeasibleError) as e:
+        allocate(tiny, synthetic_sensitivity(tiny), cost, 4.0, time_limit_s=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "LUT" in msg and "does not fit pynq-z2" in msg
+
+
+def test_price_uniform_baseline(faircnn, pynq):
+    alloc = Allocation.uniform(faircnn, 4)
+    pr = price(faircnn, alloc, pynq)
+    layer_sum = {r: sum(v[r] for v in pr["layers"].values()) + pr["extras"][r] for r in ("LUT", "BRAM_18K", "URAM", "DSP")}
+    assert layer_sum == {r: pr["total"][r] for r in layer_sum}
+    assert pr["total"]["cycles"] == max(v["cycles"] for v in pr["layers"].values())
+    assert pr["total"]["fps"] == pytest.approx(1e8 / pr["total"]["cycles"])
+    assert pr["total"]["avg_weight_bits"] == 4.0
+    assert pr["layers"]["head"]["out_bits"] is None and pr["layers"]["features.0.conv"]["in_bits"] == 8
+    assert pr["total"]["fits"]

@@ -1,0 +1,357 @@
+"""The FINN cost model against finn-plus's own estimates, node by node and for a whole
+specialised dataflow graph (exact equality: these are the numbers FINN's estimate reports
+would show)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqhw.errors import FqhwError
+from fqhw.hwmodels import get_cost_model, known_targets
+from fqhw.hwmodels import finn as F
+from fqhw.network import LayerSpec
+
+PART = "xc7z020clg400-1"
+
+finn = pytest.importorskip("finn")
+from onnx import TensorProto, helper  # noqa: E402
+from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+from qonnx.util.basic import qonnx_make_model  # noqa: E402
+
+
+def hw_node(op: str, style: str, inputs=("in0",), outputs=("out0",), **attrs):
+    domain = "finn.custom_op.fpgadataflow" + (f".{style}" if style else "")
+    n = helper.make_node(op, list(inputs), list(outputs), domain=domain, backend="fpgadataflow", **attrs)
+    return n
+
+
+def estimates(inst, part=PART):
+    return (
+        int(inst.get_exp_cycles()),
+        inst.lut_estimation(part),
+        inst.bram_estimation(part),
+        inst.uram_estimation(part),
+        inst.dsp_estimation(part),
+    )
+
+
+# ---------------------------------------------------------------- registry and boards
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(FqhwError) as e:
+        get_cost_model("pynq-z3")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for t in known_targets():
+        assert t in msg
+    assert set(known_targets()) >= {"pynq-z1", "pynq-z2", "ultra96", "zcu104", "u250"}
+
+
+@pytest.mark.parametrize(
+    "target,finn_board,platform",
+    [("pynq-z1", "Pynq-Z1", "Pynq-Z1"), ("pynq-z2", "Pynq-Z2", "Pynq-Z2"), ("ultra96", "Ultra96", "Ultra96"),
+     ("zcu104", "ZCU104", "ZCU104"), ("u250", "U250", "U250")],
+)
+def test_boards_match_finn_platforms(target, finn_board, platform):
+    from finn.util.basic import part_map
+    from finn.util.platforms import DEFAULT_RES_LIMITS, platforms
+
+    cm = get_cost_model(target)
+    assert cm.limits.part == part_map[finn_board]
+    slr0 = platforms[platform]().compute_resources[0]  # per SLR: LUT, FF, BRAM_18K, URAM, DSP
+    names = ["LUT", "FF", "BRAM_18K", "URAM", "DSP"]
+    assert [cm.limits.totals[n] for n in names] == slr0
+    assert [cm.limits.utilisation[n] for n in names] == list(DEFAULT_RES_LIMITS)
+    assert cm.limits.clock_hz == 1e8  # FINN's default synth_clk_period_ns = 10
+
+
+# ---------------------------------------------------------------- node by node
+
+
+MVAU_SHAPES = [(27, 16, 1024), (144, 32, 256), (288, 64, 64), (64, 4, 1), (576, 128, 49)]
+
+
+def _mvau_cases():
+    rng = np.random.default_rng(0)
+    cases = []
+    for mw, mh, n in MVAU_SHAPES:
+        folds = [(pe, simd) for pe in F.divisors(mh) for simd in F.divisors(mw)]
+        for k in rng.choice(len(folds), size=6, replace=False):
+            pe, simd = folds[k]
+            w, a, b = (int(x) for x in rng.integers(2, 9, size=3))
+            cases.append((mw, mh, n, pe, simd, w, a, b))
+    return cases
+
+
+@pytest.mark.parametrize("noact", [0, 1])
+@pytest.mark.parametrize("mw,mh,n,pe,simd,w,a,b", _mvau_cases())
+def test_mvau_matches_finn(mw, mh, n, pe, simd, w, a, b, noact):
+    acc = F.acc_bits_worst_case(mw, w, a, False, last_node=bool(noact))
+    attrs = dict(
+        MW=mw, MH=mh, PE=pe, SIMD=simd, inputDataType=f"UINT{a}", weightDataType=f"INT{w}",
+        outputDataType=f"INT{acc}" if noact else f"UINT{b}", accDataType=f"INT{acc}", noActivation=noact,
+        numInputVectors=[1, n],
+    )
+    out = None if noact else b
+    for ram_style in ("auto", "distributed", "block", "ultra"):
+        for thr_style in ("auto", "distributed"):
+            inst = getCustomOp(hw_node("MVAU_hls", "hls", ram_style=ram_style, ram_style_thresholds=thr_style, **attrs))
+            mine = (
+                F.mvau_cycles(mw, mh, pe, simd, n),
+                F.mvau_hls_lut(mw, mh, pe, simd, w, a, False, acc, out, ram_style=ram_style, ram_style_thresholds=thr_style),
+                F.mvau_bram(mw, mh, pe, simd, w, ram_style=ram_style),
+                F.mvau_uram(mw, mh, pe, simd, w, ram_style=ram_style),
+                F.mvau_hls_dsp(pe, simd, w, a),
+            )
+            assert mine == estimates(inst), (ram_style, thr_style)
+    rtl = getCustomOp(hw_node("MVAU_rtl", "rtl", **attrs))
+    for part in (PART, "xczu7ev-ffvc1156-2-e"):
+        mine = (F.mvau_cycles(mw, mh, pe, simd, n), 0, F.mvau_bram(mw, mh, pe, simd, w), 0, F.mvau_rtl_dsp(pe, simd, F.dsp_block(part)))
+        assert mine == estimates(rtl, part)
+
+
+def test_accumulator_width_matches_finn_datatype_bound():
+    from qonnx.core.datatype import DataType
+
+    for mw, w, a, signed in [(27, 8, 8, False), (288, 2, 3, False), (64, 5, 7, True), (1, 2, 2, False), (4096, 8, 8, True)]:
+        mh = 2
+        in_dt = f"INT{a}" if signed else f"UINT{a}"
+        node = hw_node("MVAU", "", inputs=("in0", "w0"), MW=mw, MH=mh, PE=1, SIMD=1, inputDataType=in_dt,
+                       weightDataType=f"INT{w}", outputDataType="INT32", noActivation=1)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("in0", TensorProto.FLOAT, [1, mw])],
+            [helper.make_tensor_value_info("out0", TensorProto.FLOAT, [1, mh])],
+            value_info=[helper.make_tensor_value_info("w0", TensorProto.FLOAT, [mw, mh])],
+        )
+        model = ModelWrapper(qonnx_make_model(graph))
+        model.set_initializer("w0", np.ones((mw, mh), dtype=np.float32))
+        inst = getCustomOp(model.graph.node[0])
+        adt = inst.minimize_accumulator_width(model, datatype_only=True)
+        assert adt.bitwidth() == F.acc_bits_worst_case(mw, w, a, signed, last_node=True)
+        assert DataType[inst.get_nodeattr("accDataType")].bitwidth() % 8 == 0
+
+
+SWG_CASES = [
+    # (IFM h, w, C, K, stride, depthwise)
+    (34, 34, 3, 3, 1, 0), (18, 18, 16, 3, 1, 0), (10, 10, 32, 3, 1, 0), (32, 32, 16, 2, 2, 1),
+    (16, 16, 32, 2, 2, 1), (8, 8, 64, 8, 8, 1), (7, 7, 8, 1, 1, 0), (15, 15, 4, 3, 2, 0), (1, 40, 8, 3, 1, 0),
+    (40, 1, 8, 3, 1, 1), (200, 200, 128, 5, 1, 0),
+]
+
+
+@pytest.mark.parametrize("h,w,c,k,s,dw", SWG_CASES)
+def test_sliding_window_matches_finn(h, w, c, k, s, dw):
+    one_d = h == 1 or w == 1
+    kdim = [k, k] if not one_d else ([1, k] if h == 1 else [k, 1])
+    sdim = [s, s] if not one_d else ([1, s] if h == 1 else [s, 1])
+    odim = [(h - kdim[0]) // sdim[0] + 1, (w - kdim[1]) // sdim[1] + 1]
+    n = 0
+    for simd in F.divisors(c):
+        for pw in (0, 1):
+            if pw and not dw and simd != c:
+                continue  # FINN asserts SIMD == C for a parallel non-depthwise window
+            for bits in (2, 5, 8):
+                for ram_style in ("distributed", "block", "auto", "ultra"):
+                    inst = getCustomOp(hw_node(
+                        "ConvolutionInputGenerator_rtl", "rtl", ConvKernelDim=kdim, IFMChannels=c, IFMDim=[h, w], OFMDim=odim,
+                        SIMD=simd, Stride=sdim, Dilation=[1, 1], inputDataType=f"UINT{bits}", outputDataType=f"UINT{bits}",
+                        depthwise=dw, parallel_window=pw, ram_style=ram_style, is1D=int(one_d),
+                    ))
+                    swg = F.SWG(c, (h, w), tuple(odim), tuple(kdim), tuple(sdim), simd, bits, bool(dw), bool(pw), ram_style=ram_style)
+                    assert (swg.cycles(), swg.lut(), swg.bram(), swg.uram(), 0) == estimates(inst), (simd, pw, bits, ram_style)
+                    n += 1
+    assert n > 0
+
+
+def test_padding_and_pool_match_finn():
+    for h, w, c, p in [(32, 32, 3, 1), (16, 16, 16, 1), (8, 8, 32, 2), (5, 7, 12, 1)]:
+        for simd in F.divisors(c):
+            inst = getCustomOp(hw_node("FMPadding_rtl", "rtl", ImgDim=[h, w], Padding=[p] * 4, NumChannels=c, SIMD=simd, inputDataType="UINT4"))
+            assert (F.fmpadding_cycles((h, w), (p,) * 4, c, simd), 0, 0, 0, 0) == estimates(inst)
+    for c, k, od in [(16, 2, 16), (32, 2, 8), (64, 8, 1), (10, 3, 5)]:
+        for pe in F.divisors(c):
+            inst = getCustomOp(hw_node("Pool_hls", "hls", Channels=c, PE=pe, KernelSize=[k, k], Function="MaxPool",
+                                       OutImgDims=[od, od], InputDataType="UINT3", OutputDataType="UINT3"))
+            assert (F.pool_cycles(c, pe, (k, k), (od, od)), 0, 0, 0, 0) == estimates(inst)
+
+
+@pytest.mark.parametrize("c", [1, 3, 16, 100])
+def test_thresholding_rtl_matches_finn(c):
+    for pe in F.divisors(c):
+        for tbits, tdt in ((32, "FLOAT32"), (9, "INT9"), (20, "INT20")):
+            for ob in (1, 2, 4, 8):
+                inst = getCustomOp(hw_node(
+                    "Thresholding_rtl", "rtl", NumChannels=c, PE=pe, numSteps=2**ob - 1,
+                    inputDataType="FLOAT32" if tdt == "FLOAT32" else "INT20", weightDataType=tdt, outputDataType=f"UINT{ob}",
+                    numInputVectors=[1, 32, 32],
+                ))
+                mem = F.thresholding_rtl_memory(c, pe, tbits, ob)
+                mine = (F.thresholding_cycles(c, pe, 1024), mem.get("LUTRAM", 0), mem.get("BRAM", 0), mem.get("URAM", 0), 0)
+                assert mine == estimates(inst)
+
+
+# ---------------------------------------------------------------- a whole specialised graph
+
+
+def _generic_graph(net, alloc, cost, narrow=True):
+    """The generic (unspecialised) FINN HW nodes for `alloc`, with the folding the cost
+    model priced, chained in stream order: what SpecializeLayers sees."""
+    from fqhw.allocator.cpsat import price
+
+    pr = price(net, alloc, cost)
+    rng = np.random.default_rng(0)
+    nodes, inits, expect = [], {}, []
+    t = 0
+
+    def tensors():
+        nonlocal t
+        t += 1
+        return f"t{t - 1}", f"t{t}"
+
+    units = []
+    if pr["extras"]:
+        units += [("input", u) for u in pr["extras"]["units"]]
+    for spec in net.layers:
+        units += [(spec, u) for u in pr["layers"][spec.name]["units"]]
+    for spec, u in units:
+        a = u["attrs"]
+        i, o = tensors()
+        op = u["op_type"]
+        if op == "Thresholding_rtl":
+            inits[f"thr{t}"] = np.sort(rng.random((a["NumChannels"], 2 ** a["out_bits"] - 1)), axis=1).astype(np.float32)
+            n = hw_node("Thresholding", "", inputs=(i, f"thr{t}"), outputs=(o,), NumChannels=a["NumChannels"], PE=a["PE"],
+                        numSteps=2 ** a["out_bits"] - 1, inputDataType="FLOAT32", weightDataType="FLOAT32",
+                        outputDataType=f"UINT{a['out_bits']}", numInputVectors=[1, a["numInputVectors"]])
+        elif op == "FMPadding_rtl":
+            n = hw_node("FMPadding", "", inputs=(i,), outputs=(o,), ImgDim=a["ImgDim"], Padding=a["Padding"], NumChannels=a["NumChannels"],
+                        SIMD=a["SIMD"], inputDataType=f"UINT{a['in_bits']}")
+        elif op == "ConvolutionInputGenerator_rtl":
+            n = hw_node("ConvolutionInputGenerator", "", inputs=(i,), outputs=(o,), ConvKernelDim=a["ConvKernelDim"],
+                        IFMChannels=a["IFMChannels"], IFMDim=a["IFMDim"], OFMDim=a["OFMDim"], SIMD=a["SIMD"], Stride=a["Stride"],
+                        Dilation=[1, 1], inputDataType=f"UINT{a['in_bits']}", outputDataType=f"UINT{a['in_bits']}",
+                        depthwise=a["depthwise"], parallel_window=a["parallel_window"], ram_style=a["ram_style"], is1D=0)
+        elif op in ("MVAU_hls", "MVAU_rtl"):
+            wb = a["weight_bits"]
+            lim = 2 ** (wb - 1) - 1 if narrow else 2 ** (wb - 1)
+            wts = rng.integers(-lim, 2 ** (wb - 1), size=(a["MW"], a["MH"])).astype(np.float32)
+            wts[0, 0] = -lim
+            inits[f"w{t}"] = wts
+            ins = [i, f"w{t}"]
+            if not a["noActivation"]:
+                inits[f"thr{t}"] = np.zeros((a["MH"], 2 ** a["out_bits"] - 1), dtype=np.float32)
+                ins.append(f"thr{t}")
+            vecs = [1, spec.out_hw[0], spec.out_hw[1]] if spec.kind == "conv" else [1]
+            n = hw_node("MVAU", "", inputs=tuple(ins), outputs=(o,), MW=a["MW"], MH=a["MH"], PE=a["PE"], SIMD=a["SIMD"],
+                        inputDataType=f"UINT{a['in_bits']}", weightDataType=f"INT{wb}",
+                        outputDataType=(f"INT{a['out_bits']}" if a["noActivation"] else f"UINT{a['out_bits']}"),
+                        accDataType=f"INT{a['acc_bits']}", noActivation=a["noActivation"], numInputVectors=vecs,
+                        mem_mode="internal_decoupled", binaryXnorMode=0)
+        elif op == "Pool_hls":
+            n = hw_node("Pool", "", inputs=(i,), outputs=(o,), Channels=a["Channels"], PE=a["PE"], KernelSize=a["KernelSize"],
+                        Function="MaxPool", OutImgDims=a["OutImgDims"], InputDataType=f"UINT{a['in_bits']}",
+                        OutputDataType=f"UINT{a['in_bits']}", BatchSize=1)
+        else:  # pragma: no cover
+            raise AssertionError(op)
+        n.name = f"n{len(nodes)}"
+        nodes.append(n)
+        expect.append(u)
+    graph = helper.make_graph(
+        nodes, "dataflow", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info(f"t{t}", TensorProto.FLOAT, [1])],
+    )
+    model = ModelWrapper(qonnx_make_model(graph))
+    for name, val in inits.items():
+        model.set_initializer(name, val)
+    return model, expect, pr
+
+
+@pytest.fixture(scope="module")
+def faircnn():
+    from fqhw.models.cnn import FairCNN
+    from fqhw.network import network_spec
+
+    return network_spec(FairCNN(), (3, 32, 32), name="fqcnn")
+
+
+def _mixed_alloc(net, head_bits):
+    from fqhw.allocator.allocation import Allocation, LayerAllocation
+
+    return Allocation(
+        "pynq-z2",
+        [
+            LayerAllocation("features.0.conv", 8, 5, pe=4, simd=9),
+            LayerAllocation("features.1.conv", 3, 4, pe=2, simd=48),
+            LayerAllocation("features.2.conv", 5, 6, pe=8, simd=32),
+            LayerAllocation("head", head_bits, None, pe=2, simd=16),
+        ],
+    )
+
+
+@pytest.mark.parametrize("head_bits,narrow,head_op", [(6, True, "MVAU_rtl"), (3, True, "MVAU_hls"), (6, False, "MVAU_hls")])
+def test_whole_graph_matches_finn_specialised(faircnn, head_bits, narrow, head_op):
+    """Build the generic HW graph of an allocation, let FINN's SpecializeLayers choose each
+    node's backend for the PYNQ-Z2 part, run FINN's estimate analyses, and compare with
+    the cost model node by node and in total."""
+    from finn.analysis.fpgadataflow.dataflow_performance import dataflow_performance
+    from finn.analysis.fpgadataflow.exp_cycles_per_layer import exp_cycles_per_layer
+    from finn.analysis.fpgadataflow.res_estimation import res_estimation
+    from finn.transformation.fpgadataflow.annotate_cycles import AnnotateCycles
+    from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
+
+    cost = get_cost_model("pynq-z2", narrow_weights=narrow)
+    model, expect, pr = _generic_graph(faircnn, _mixed_alloc(faircnn, head_bits), cost, narrow=narrow)
+    model = model.transform(SpecializeLayers(PART))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == [u["op_type"] for u in expect]
+    assert ops[-1] == head_op
+    cycles = model.analysis(exp_cycles_per_layer)
+    res = model.analysis(lambda m: res_estimation(m, PART))
+    totals = {r: 0 for r in F.PRICED}
+    for node, u in zip(model.graph.node, expect):
+        assert cycles[node.name] == u["cycles"], node.name
+        for r in F.PRICED:
+            assert res[node.name][r] == u[r], (node.name, r)
+            totals[r] += res[node.name][r]
+    for r in F.PRICED:
+        assert pr["total"][r] == totals[r]
+    perf = model.transform(AnnotateCycles()).analysis(dataflow_performance)
+    assert perf["max_cycles"] == pr["total"]["cycles"]
+    assert perf["critical_path_cycles"] == pr["total"]["latency_cycles"]
+
+
+# ---------------------------------------------------------------- folding rules
+
+
+def test_folding_options_and_window_folding(faircnn):
+    cost = get_cost_model("pynq-z2")
+    conv1 = faircnn.layer("features.1.conv")
+    opts = cost.folding_options(conv1)
+    assert len(opts) == len(F.divisors(32)) * len(F.divisors(144))
+    assert all(conv1.mh % pe == 0 and conv1.mw % simd == 0 for pe, simd in opts)
+    for pe, simd in [(1, 1), (4, 16), (32, 144)]:
+        units = cost.layer_cost(conv1, 4, 4, 4, pe, simd).units
+        by_role = {u["role"]: u for u in units}
+        assert list(by_role) == ["padding", "window", "mvau", "pool_window", "pool"]
+        target = by_role["mvau"]["cycles"]
+        # the window's SIMD divides C_in; the pool's window runs at the pool's PE
+        assert conv1.in_channels % by_role["window"]["attrs"]["SIMD"] == 0
+        assert by_role["pool_window"]["attrs"]["SIMD"] == by_role["pool"]["attrs"]["PE"]
+        # the least parallel units that keep up with the MVAU (SetFolding's rule)
+        for role in ("padding", "window", "pool"):
+            if by_role[role]["cycles"] <= target:
+                key = "PE" if role == "pool" else "SIMD"
+                smaller = [d for d in F.divisors(conv1.in_channels if role != "pool" else conv1.mh) if d < by_role[role]["attrs"][key]]
+                for d in smaller:
+                    if role == "padding":
+                        assert F.fmpadding_cycles(conv1.in_hw, (1,) * 4, conv1.in_channels, d) > target
+                    if role == "pool":
+                        assert F.pool_cycles(conv1.mh, d, (2, 2), (8, 8)) > target
+
+
+def test_unbuildable_hls_width_is_refused():
+    cost = get_cost_model("pynq-z2")
+    big = LayerSpec("big", "linear", mw=4096, mh=64, out_pixels=1, in_channels=4096)
+    assert cost.buildable(big, 8, 8, 8, 1, 1)
+    assert not cost.buildable(big, 8, 8, 8, 64, 4096)  # weight stream 64*4096*8 bits > 8191
