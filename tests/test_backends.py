@@ -202,3 +202,17 @@ def test_folding_that_does_not_divide_is_refused(flow, tmp_path):
     layers[1][3] = 3  # PE 3 does not divide the 8 outputs of features.1
     with pytest.raises(FqhwError, match="features.1.conv"):
         finn_build(flow["qonnx"], _alloc([tuple(la) for la in layers]), tmp_path / "bad")
+
+
+def test_compute_op_left_outside_the_partition_is_refused(flow, tmp_path):
+    """An op FINN cannot map (here an Exp after the logits) must fail the build by name."""
+    model = onnx.load(flow["qonnx"])
+    out = model.graph.output[0]
+    old_name = out.name
+    for node in model.graph.node:
+        node.output[:] = [f"{old_name}_pre" if o == old_name else o for o in node.output]
+    model.graph.node.append(onnx.helper.make_node("Exp", [f"{old_name}_pre"], [old_name], name="Exp_0"))
+    bad = tmp_path / "exp.onnx"
+    onnx.save(model, bad)
+    with pytest.raises(FqhwError, match="Exp_0"):
+        finn_build(bad, flow["alloc"], tmp_path / "exp_build")

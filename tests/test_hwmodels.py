@@ -289,8 +289,11 @@ def _mixed_alloc(net, head_bits):
     )
 
 
-@pytest.mark.parametrize("head_bits,narrow,head_op", [(6, True, "MVAU_rtl"), (3, True, "MVAU_hls"), (6, False, "MVAU_hls")])
-def test_whole_graph_matches_finn_specialised(faircnn, head_bits, narrow, head_op):
+@pytest.mark.parametrize(
+    "head_bits,narrow,head_op,input_mode",
+    [(6, True, "MVAU_rtl", "absorbed"), (3, True, "MVAU_hls", "thresholding"), (6, False, "MVAU_hls", "absorbed")],
+)
+def test_whole_graph_matches_finn_specialised(faircnn, head_bits, narrow, head_op, input_mode):
     """Build the generic HW graph of an allocation, let FINN's SpecializeLayers choose each
     node's backend for the PYNQ-Z2 part, run FINN's estimate analyses, and compare with
     the cost model node by node and in total."""
@@ -300,8 +303,9 @@ def test_whole_graph_matches_finn_specialised(faircnn, head_bits, narrow, head_o
     from finn.transformation.fpgadataflow.annotate_cycles import AnnotateCycles
     from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
 
-    cost = get_cost_model("pynq-z2", narrow_weights=narrow)
+    cost = get_cost_model("pynq-z2", narrow_weights=narrow, input_mode=input_mode)
     model, expect, pr = _generic_graph(faircnn, _mixed_alloc(faircnn, head_bits), cost, narrow=narrow)
+    assert (expect[0]["op_type"] == "Thresholding_rtl") == (input_mode == "thresholding")
     model = model.transform(SpecializeLayers(PART))
     ops = [n.op_type for n in model.graph.node]
     assert ops == [u["op_type"] for u in expect]
@@ -330,24 +334,31 @@ def test_folding_options_and_window_folding(faircnn):
     opts = cost.folding_options(conv1)
     assert len(opts) == len(F.divisors(32)) * len(F.divisors(144))
     assert all(conv1.mh % pe == 0 and conv1.mw % simd == 0 for pe, simd in opts)
-    for pe, simd in [(1, 1), (4, 16), (32, 144)]:
+    c_in, c_out = conv1.in_channels, conv1.mh
+    for pe, simd in opts:
         units = cost.layer_cost(conv1, 4, 4, 4, pe, simd).units
         by_role = {u["role"]: u for u in units}
         assert list(by_role) == ["padding", "window", "mvau", "pool_window", "pool"]
         target = by_role["mvau"]["cycles"]
-        # the window's SIMD divides C_in; the pool's window runs at the pool's PE
-        assert conv1.in_channels % by_role["window"]["attrs"]["SIMD"] == 0
-        assert by_role["pool_window"]["attrs"]["SIMD"] == by_role["pool"]["attrs"]["PE"]
-        # the least parallel units that keep up with the MVAU (SetFolding's rule)
-        for role in ("padding", "window", "pool"):
-            if by_role[role]["cycles"] <= target:
-                key = "PE" if role == "pool" else "SIMD"
-                smaller = [d for d in F.divisors(conv1.in_channels if role != "pool" else conv1.mh) if d < by_role[role]["attrs"][key]]
-                for d in smaller:
-                    if role == "padding":
-                        assert F.fmpadding_cycles(conv1.in_hw, (1,) * 4, conv1.in_channels, d) > target
-                    if role == "pool":
-                        assert F.pool_cycles(conv1.mh, d, (2, 2), (8, 8)) > target
+        s_win = by_role["window"]["attrs"]["SIMD"]
+        pe_pool = by_role["pool"]["attrs"]["PE"]
+        # window and padding share a SIMD | C_in, a multiple of the MVAU's where one exists
+        assert by_role["padding"]["attrs"]["SIMD"] == s_win and c_in % s_win == 0
+        multiples = [d for d in F.divisors(c_in) if d % simd == 0]
+        assert s_win in multiples or s_win == c_in
+        # the pool and its window share a PE | C_out that is a multiple of the MVAU's PE
+        assert by_role["pool_window"]["attrs"]["SIMD"] == pe_pool and pe_pool % pe == 0 and c_out % pe_pool == 0
+        # the least parallel choice that keeps up with the MVAU
+        win_slow = max(by_role["padding"]["cycles"], by_role["window"]["cycles"])
+        if win_slow <= target:
+            for d in multiples:
+                if d < s_win:
+                    assert max(F.fmpadding_cycles(conv1.in_hw, (1,) * 4, c_in, d),
+                               F.SWG(c_in, (18, 18), (16, 16), (3, 3), (1, 1), d, 4).cycles()) > target
+        else:
+            assert s_win == c_in
+        if max(by_role["pool"]["cycles"], by_role["pool_window"]["cycles"]) > target:
+            assert pe_pool == c_out
 
 
 def test_unbuildable_hls_width_is_refused():
@@ -355,3 +366,45 @@ def test_unbuildable_hls_width_is_refused():
     big = LayerSpec("big", "linear", mw=4096, mh=64, out_pixels=1, in_channels=4096)
     assert cost.buildable(big, 8, 8, 8, 1, 1)
     assert not cost.buildable(big, 8, 8, 8, 64, 4096)  # weight stream 64*4096*8 bits > 8191
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folding_matches_the_finn_backend(faircnn, seed):
+    """fqhw's FINN backend folds the units around each MVAU itself: its folding (and so
+    FINN's estimates of the graph it builds) must be the one this model priced."""
+    fb = pytest.importorskip("fqhw.backends.finn_build")
+    from finn.analysis.fpgadataflow.exp_cycles_per_layer import exp_cycles_per_layer
+    from finn.analysis.fpgadataflow.res_estimation import res_estimation
+    from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
+
+    from fqhw.allocator.allocation import Allocation, LayerAllocation
+
+    rng = np.random.default_rng(seed)
+    cost = get_cost_model("pynq-z2")
+    layers, a_in = [], 8
+    for spec in faircnn.layers:
+        w = int(rng.integers(2, 9))
+        a = int(rng.integers(2, 9)) if spec.has_output_act else None
+        opts = [f for f in cost.folding_options(spec) if cost.buildable(spec, w, a_in, a, *f)]
+        pe, simd = opts[int(rng.integers(len(opts)))]
+        layers.append(LayerAllocation(spec.name, w, a, pe, simd))
+        a_in = a
+    alloc = Allocation("pynq-z2", layers)
+    model, expect, pr = _generic_graph(faircnn, alloc, cost)
+    model = model.transform(SpecializeLayers(PART))
+    # scramble the folding the graph was built with: the backend must derive it again
+    for node in model.graph.node:
+        inst = getCustomOp(node)
+        for attr in ("SIMD", "PE"):
+            if attr in inst.get_nodeattr_types() and node.op_type not in ("MVAU_hls", "MVAU_rtl"):
+                inst.set_nodeattr(attr, 1)
+    model, folding = fb._step_apply_folding(model, alloc, [s.name for s in faircnn.layers])
+    cycles = model.analysis(exp_cycles_per_layer)
+    res = model.analysis(lambda m: res_estimation(m, PART))
+    for node, u in zip(model.graph.node, expect):
+        inst = getCustomOp(node)
+        for attr in ("SIMD", "PE", "parallel_window"):
+            if attr in u["attrs"] and attr in inst.get_nodeattr_types():
+                assert inst.get_nodeattr(attr) == u["attrs"][attr], (node.name, u["role"], attr)
+        assert cycles[node.name] == u["cycles"]
+        assert all(res[node.name][r] == u[r] for r in F.PRICED)

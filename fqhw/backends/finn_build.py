@@ -93,22 +93,56 @@ class FinnBuild:
     def latency_cycles(self) -> int:
         return self.critical_path_cycles
 
+    def summary(self) -> dict:
+        """The build in a few numbers (what a report shows)."""
+        return {
+            "part": self.part,
+            "clock_ns": self.clock_ns,
+            "total": {k: float(self.totals.get(k, 0.0)) for k in RESOURCE_KEYS},
+            "fps": self.fps,
+            "max_cycles": self.max_cycles,
+            "max_cycles_node": self.max_cycles_node,
+            "latency_cycles": self.critical_path_cycles,
+            "latency_ns": self.latency_ns,
+            "latency_ms": self.latency_ns / 1e6,
+            "outside_nodes": list(self.outside_nodes),
+            "steps_s": {st.name: st.seconds for st in self.steps},
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def save(self, path=None) -> Path:
-        path = Path(path) if path is not None else Path(self.build_dir) / "finn_build.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the build as JSON (default build_dir/finn_build.json), with its file paths
+        relative to build_dir so that the folder can be moved."""
+        root = Path(self.build_dir)
+        path = Path(path) if path is not None else root / "finn_build.json"
+        d = self.to_dict()
+        d["build_dir"] = "."
+        for key in _PATH_FIELDS:
+            d[key] = os.path.relpath(d[key], root)
+        for st in d["steps"]:
+            st["model"] = os.path.relpath(st["model"], root)
+        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
     def load(cls, path) -> "FinnBuild":
+        """Read a build saved by `save` (a finn_build.json or the folder holding it); its
+        paths are resolved against that folder."""
         path = Path(path)
         if path.is_dir():
             path = path / "finn_build.json"
+        root = path.parent.resolve()
         d = json.loads(path.read_text())
-        d["steps"] = [FinnStep(**s) for s in d["steps"]]
+        d["build_dir"] = str(root)
+        for key in _PATH_FIELDS:
+            d[key] = os.path.normpath(str(root / d[key]))
+        d["steps"] = [FinnStep(st["name"], st["seconds"], os.path.normpath(str(root / st["model"]))) for st in d["steps"]]
         return cls(**d)
+
+
+_PATH_FIELDS = ("qonnx_path", "dataflow_model", "parent_model")
 
 
 # --------------------------------------------------------------------------- environment

@@ -194,7 +194,10 @@ def _quant_params(ctx, model, node):
 def qonnx_integer_trace(path, x) -> dict[str, np.ndarray]:
     """Run the QONNX file at `path` on `x` (N, C, H, W floats = pixel/256), one image at a time,
     with qonnx's executor; return int64 codes: "input", "<layer>.act" (each ReLU's Quant
-    output / scale), "head.acc" (integer head weights x integer head input, exact)."""
+    output / scale), "head.acc" (integer head weights x integer head input, exact).
+
+    The graph runs in float32 (onnxruntime has no float64 Conv): a pre-activation within
+    float32 rounding of a code boundary can round differently from exact arithmetic."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.change_batchsize import ChangeBatchSize

@@ -40,6 +40,15 @@ class TargetLimits:
 
 
 class CostModel(Protocol):
+    """Required: `limits`, `folding_options`, `layer_cost`. Optional hooks the allocator and
+    `price` use when a model has them:
+      buildable(layer, weight_bits, in_bits, out_bits, pe, simd) -> bool
+          False for a choice the target's tools refuse (e.g. an HLS stream too wide);
+      extras_options(net, input_bits) -> list[LayerCost]
+          units built outside the compute layers (e.g. FINN's input thresholding), one
+          LayerCost per folding option; the allocator picks one.
+    """
+
     limits: TargetLimits
 
     def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:

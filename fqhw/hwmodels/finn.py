@@ -485,9 +485,9 @@ class FinnCostModel:
     # ---------------------------------------------------------------- folding
 
     def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
-        """Every MVAU folding FINN accepts: PE | MH, SIMD | MW. (The sliding window's SIMD
-        must divide C_in; it is folded on its own, see `layer_units`, because FINN puts a
-        width converter between the window and the MVAU.)"""
+        """Every MVAU folding FINN accepts: PE | MH, SIMD | MW. The MVAU's SIMD need not
+        divide C_in: the sliding window has its own SIMD | C_in (see `layer_units`) and FINN
+        puts a width converter between the two when their widths differ."""
         return [(pe, simd) for pe in divisors(layer.mh) for simd in divisors(layer.mw)]
 
     def buildable(self, layer: LayerSpec, weight_bits: int, in_bits: int, out_bits: int | None, pe: int, simd: int) -> bool:

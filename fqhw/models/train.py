@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.dataset import INPUT_SCALE, DataSplits, GroupedImages
 from ..errors import FqhwError
@@ -101,8 +102,6 @@ def train_float(
     optimizer: "adamw" (default) or "sgd" (momentum 0.9, nesterov). The learning rate warms up
     linearly over warmup_frac of the steps, then follows a cosine to 0.
     """
-    from tqdm.auto import tqdm
-
     if epochs < 1:
         raise FqhwError(f"epochs={epochs} must be at least 1")
     if batch_size < 1:

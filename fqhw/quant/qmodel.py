@@ -15,6 +15,13 @@ Quantizer choices (all of them absorbed exactly by FINN's streamlining):
   `calibrate`. FINN turns BN + ReLU + quantizer into a MultiThreshold / MVAU thresholds.
 - head: bias-free QuantLinear: no float add after the last integer accumulator, whose
   value is what `integer_trace` reports as "head.acc".
+
+Float scales and a float BatchNorm mean the activation codes are defined by real-number
+rounding of (integer accumulator x scales, BN) at the code boundaries. Every tool that
+evaluates this in float32 (Brevitas itself, onnxruntime for QONNX, and FINN, which derives
+its integer thresholds in float32) lands on the wrong side of a boundary for a handful of
+pre-activations per million that sit within ~1e-7 (relative) of it; the reference trace is
+therefore computed in float64 on the same quantized parameters (`float64_twin`).
 """
 from __future__ import annotations
 
