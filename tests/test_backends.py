@@ -216,3 +216,17 @@ def test_compute_op_left_outside_the_partition_is_refused(flow, tmp_path):
     onnx.save(model, bad)
     with pytest.raises(FqhwError, match="Exp_0"):
         finn_build(bad, flow["alloc"], tmp_path / "exp_build")
+
+
+def test_saved_build_can_move(flow, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(flow["build"].build_dir, moved)
+    build = FinnBuild.load(moved)
+    assert Path(build.dataflow_model).parent == moved.resolve() and Path(build.dataflow_model).exists()
+    assert all(Path(s.model).exists() and Path(s.model).parent == moved.resolve() for s in build.steps)
+    again = finn_integer_trace(build, flow["x"][:1])
+    for key, ref in flow["traces"]["finn"].items():
+        np.testing.assert_array_equal(again[key], ref[:1])
+    assert build.summary()["fps"] == pytest.approx(flow["build"].fps)
