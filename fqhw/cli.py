@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Library chatter (brevitas, torch, qonnx) is not the user's business on the console.
+    warnings.filterwarnings("ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -129,7 +129,9 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- |",
     ]
     for res, used in hw.get("total", {}).items():
-        cap = hw.get("caps", {}).get(res)
+        if res not in report["hardware"]["predicted"].get("caps", {}):
+            continue
+        cap = report["hardware"]["predicted"].get("caps", {}).get(res)
         lines.append(f"| {res} | {used:g} | {cap if cap is not None else '-'} |")
     lines += [
         "",
