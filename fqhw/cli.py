@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Library chatter (brevitas, torch, qonnx) is not the user's business on the console.
     warnings.filterwarnings("ignore")
     parser = build_parser()

@@ -102,6 +102,22 @@ def validate(cfg: CompileConfig) -> None:
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir)
+    # The budget against the pinned layers needs only the network's shape: check it before
+    # any training, on the untrained model.
+    from fqhw.allocator.cpsat import check_budget
+
+    net = network_spec(FairCNN(_model_config(cfg)), (3, cfg.data.image_size, cfg.data.image_size))
+    check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
+
+
+def _model_config(cfg: CompileConfig) -> CNNConfig:
+    return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=cfg.data.num_classes, channels=tuple(cfg.channels))
+
+
+def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
+    if cfg.edge_bits is None:
+        return None
+    return {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
 
 
 def check_writable(out_dir: Path) -> None:
@@ -111,7 +127,9 @@ def check_writable(out_dir: Path) -> None:
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is a file, not a folder): choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is not writable): choose another --out")
     if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
         raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
@@ -147,12 +165,7 @@ def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float
 
-    mcfg = CNNConfig(
-        in_channels=splits.train.input_shape[0],
-        image_size=splits.train.input_shape[1],
-        num_classes=splits.train.num_classes,
-        channels=tuple(cfg.channels),
-    )
+    mcfg = _model_config(cfg)
 
     def build():
         torch.manual_seed(cfg.seed)
@@ -176,15 +189,12 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Al
     from fqhw.allocator.cpsat import allocate
     from fqhw.hwmodels import get_cost_model
 
-    pinned = None
-    if cfg.edge_bits is not None:
-        pinned = {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
     return allocate(
         net,
         sens,
         get_cost_model(cfg.target),
         budget=cfg.budget,
-        pinned=pinned,
+        pinned=_pinned(cfg, net),
         min_fps=cfg.min_fps,
         time_limit_s=cfg.solver_time_limit_s,
         seed=cfg.seed,

@@ -647,16 +647,23 @@ def _fmt(x) -> str:
     return f"{float(x):.2f}"
 
 
-def _precheck_budget(p: _Problem, budget: float) -> None:
-    """The narrowest widths allowed (pinned layers at their pin) against the budget."""
-    need = Fraction(sum(L.spec.params * min(L.w_vals) for L in p.layers), p.net.total_params)
-    if need > p.budget:
-        pinned = any(len(L.w_vals) == 1 for L in p.layers)
+def check_budget(net: NetworkSpec, budget: float, target: str, bits=range(2, 9), pinned: dict[str, int] | None = None) -> None:
+    """The narrowest widths allowed (pinned layers at their pin) against the budget.
+
+    Needs no sensitivity and no solver, so the flow calls it before any training."""
+    pinned = pinned or {}
+    need = Fraction(sum(s.params * pinned.get(s.name, min(bits)) for s in net.layers), net.total_params)
+    if need > Fraction(repr(float(budget))):
         why = "the pinned layers need" if pinned else "the narrowest candidate width gives"
         raise InfeasibleError(
-            f"budget {budget} is infeasible on {p.target}: {why} an average of at least {_fmt(_ceil2(need))} bits; "
+            f"budget {budget} is infeasible on {target}: {why} an average of at least {_fmt(_ceil2(need))} bits; "
             f"use --budget {_fmt(_ceil2(need))} or more"
         )
+
+
+def _precheck_budget(p: _Problem, budget: float) -> None:
+    pins = {L.spec.name: min(L.w_vals) for L in p.layers}
+    check_budget(p.net, budget, p.target, bits=[min(pins.values())], pinned=pins)
 
 
 def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, seed: int, time_limit_s: float) -> None:

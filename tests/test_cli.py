@@ -1,0 +1,113 @@
+"""The `fqhw` command end to end on tiny inputs, and its answers to bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fqhw.cli import main
+
+TINY = [
+    "--data-n-train", "240", "--data-n-val", "120", "--data-n-test", "120", "--data-image-size", "16",
+    "--channels", "4,8", "--epochs", "1", "--qat-epochs", "1", "--quiet",
+]
+
+
+def run_cli(args, cwd=None):
+    """Run the real console entry point in a subprocess: exit code, stdout, stderr."""
+    proc = subprocess.run([sys.executable, "-m", "fqhw.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    out, cache = root / "out", root / "cache"
+    assert main(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
+    return out, cache
+
+
+def test_compile_writes_every_step(compiled):
+    out, _ = compiled
+    for name in ["config.json", "data.json", "network.json", "sensitivity.json", "allocation.json", "quant_model.pt",
+                 "model.qonnx.onnx", "bitexact.json", "report.json", "report.md", "finn/dataflow_model.onnx",
+                 "finn/report/estimate_layer_resources.json"]:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["bit_exact"]["ok"] is True
+    assert report["bit_exact"]["n_images"] == 32
+    assert {"brevitas", "qonnx", "finn"} <= set(report["bit_exact"]["backends"])
+    assert report["allocation"]["avg_weight_bits"] <= 4.0
+    assert report["allocation"]["solver"]["status"] in ("OPTIMAL", "FEASIBLE")
+    assert set(report["accuracy"]) == {"float", "uniform8", "uniform4", "compiled"}
+    for m in report["accuracy"].values():
+        assert 0.0 <= m["worst_group_acc"] <= m["mean_group_acc"] <= 1.0
+    caps = report["hardware"]["predicted"]["caps"]
+    for res, used in report["hardware"]["finn"]["total"].items():
+        if res in caps:
+            assert used <= caps[res], res
+    # no staging folders left beside the output
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_second_compile_reuses_the_float_model(compiled, tmp_path):
+    out, cache = compiled
+    before = sorted(p.name for p in cache.iterdir())
+    assert main(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["float_model"]["cache_hit"] is True
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--target", "pynq-z9"], "known targets are"),
+        (["--target", "../etc"], "known targets are"),
+        (["--budget", "1.5"], "outside [2, 8]"),
+        (["--budget", "100"], "outside [2, 8]"),
+        (["--budget", "2"], "infeasible on pynq-z2: the pinned layers need"),  # first/last pinned at 8 bits
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, needle):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["compile", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY, *args])
+    assert rc != 0
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fqhw: error: ") and needle in lines[0]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    rc, _, err = run_cli(["compile", "--out", str(blocker / "out"), *TINY])
+    assert rc != 0
+    lines = error_lines(err)
+    assert len(lines) == 1 and "cannot be written" in lines[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_failed_compile_keeps_previous_output(compiled, tmp_path):
+    out, cache = compiled
+    before = (out / "report.json").read_bytes()
+    rc, _, err = run_cli(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY, "--budget", "2"])
+    assert rc != 0
+    assert (out / "report.json").read_bytes() == before
+
+
+def test_data_command_prints_counts():
+    rc, out, _ = run_cli(["data", "--data-n-train", "60", "--data-n-val", "30", "--data-n-test", "30", "--data-image-size", "16"])
+    assert rc == 0
+    counts = json.loads(out)
+    assert counts["train"]["n"] == 60 and sum(counts["train"]["per_group"].values()) == 60
+    assert len(counts["test"]["per_group"]) == 6
