@@ -155,3 +155,6 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> None:
     Path(out_dir, "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Path(out_dir, "report.md").write_text(markdown(report))
+    from fqhw.report.html import write_html
+
+    write_html(report, out_dir)
