@@ -46,7 +46,7 @@ class CompileConfig:
     data: SyntheticDermConfig = field(default_factory=SyntheticDermConfig)
     channels: tuple[int, ...] = (16, 32, 64)
     float_epochs: int = 12
-    float_lr: float = 2e-3
+    float_lr: float = 3e-3
     qat_epochs: int = 3
     qat_lr: float = 5e-4
     fairness_lambda: float = 0.5

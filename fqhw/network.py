@@ -5,7 +5,7 @@ the cost models never touch torch.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -36,6 +36,15 @@ class LayerSpec:
     pool_kernel: int = 0
     pool_stride: int = 0
     pool_out_hw: tuple[int, int] = (0, 0)
+    # channel group: the name of the layer this unit is an output-channel group of ("" for a
+    # whole layer). The groups of a layer read the same input and share one output
+    # activation width (see split_channel_groups).
+    group: str = ""
+
+    @property
+    def act_group(self) -> str:
+        """Name of the activation this unit writes: its layer's (shared by its groups)."""
+        return self.group or self.name
 
     @property
     def params(self) -> int:
@@ -82,6 +91,65 @@ class NetworkSpec:
         d["total_params"] = self.total_params
         d["total_macs"] = self.total_macs
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkSpec":
+        """Inverse of to_dict (e.g. network.json of a compile output folder)."""
+        tuples = ("in_hw", "out_hw", "pool_out_hw")
+        layers = []
+        for ld in d["layers"]:
+            ld = dict(ld)
+            for k in tuples:
+                if k in ld:
+                    ld[k] = tuple(ld[k])
+            layers.append(LayerSpec(**ld))
+        return cls(
+            name=d["name"],
+            input_shape=tuple(d["input_shape"]),
+            num_classes=int(d["num_classes"]),
+            layers=layers,
+            edges=[tuple(e) for e in d.get("edges", [])],
+        )
+
+    def input_of(self, index: int) -> int:
+        """Index of the unit whose output activation feeds unit `index` (-1: the network
+        input): the previous layer in stream order, skipping the unit's own channel groups.
+        Any unit of that layer will do: its groups share one activation width."""
+        g = self.layers[index].act_group
+        j = index - 1
+        while j >= 0 and self.layers[j].act_group == g:
+            j -= 1
+        return j
+
+
+def split_channel_groups(net: NetworkSpec, groups: int | dict[str, int], name: str | None = None) -> NetworkSpec:
+    """Split layers into output-channel groups, each its own allocation unit (its own weight
+    width and folding, built as its own layer of MH / groups outputs), named
+    "<layer>:g<k>". The groups of a layer read the same input and share one output
+    activation width: the allocator gives them one activation variable.
+
+    `groups` is the number of groups for every layer, or per layer name; a layer whose MH
+    it does not divide (or with 1 group) is kept whole."""
+    new_layers: list[LayerSpec] = []
+    units_of: dict[str, list[str]] = {}
+    for spec in net.layers:
+        if spec.group:
+            raise ValueError(f"layer {spec.name!r} is already a channel group")
+        g = groups.get(spec.name, 1) if isinstance(groups, dict) else int(groups)
+        if g <= 1 or spec.mh % g:
+            new_layers.append(spec)
+            units_of[spec.name] = [spec.name]
+            continue
+        names = []
+        for k in range(g):
+            unit = replace(spec, name=f"{spec.name}:g{k}", mh=spec.mh // g, group=spec.name)
+            new_layers.append(unit)
+            names.append(unit.name)
+        units_of[spec.name] = names
+    edges = [(a, b) for u, v in net.edges for a in units_of.get(u, [u]) for b in units_of.get(v, [v])]
+    return NetworkSpec(
+        name=name or net.name, input_shape=net.input_shape, num_classes=net.num_classes, layers=new_layers, edges=edges
+    )
 
 
 def network_spec(model: nn.Module, input_shape: tuple[int, int, int], name: str = "model") -> NetworkSpec:

@@ -867,3 +867,76 @@ def _exact_int(v: np.ndarray, what: str) -> np.ndarray:
     if np.abs(r).max(initial=0.0) >= 2.0**53:
         raise AssertionError(f"{what}: values beyond float64's exact integers")
     return r.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- threshold check
+
+
+def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -> dict:
+    """Compare each MVAU's final integer thresholds (FINN derives them in float32 while
+    streamlining, then rounds them up) with thresholds computed in float64 from the QONNX
+    file's parameters (`qonnx_threshold_reference`). FINN's thresholds are not changed.
+
+    FINN flips the sign of a channel's weights where its scale is negative (then acc >=
+    thr counts codes of -acc). Both sides are compared as the MVAU uses them, clipped to the
+    accumulator range the channel can reach (a threshold outside it acts like the range's
+    end): a differing threshold means some accumulator value gets a different code.
+
+    Returns {"ok", "differing" (total), "layers": {layer: {"node", "thresholds" (count),
+    "differing", "channels_differing", "weights_differing" (codes that are neither the
+    QONNX codes nor their negation), "sign_flipped_channels", "max_abs_diff"}}}.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    from fqhw.backends.qonnx_export import qonnx_threshold_reference
+
+    ref = qonnx_threshold_reference(qonnx_path)
+    df = dataflow_model if not isinstance(dataflow_model, (str, Path)) else ModelWrapper(str(dataflow_model))
+    nodes = {n.name: n for n in df.graph.node}
+    layers: dict[str, dict] = {}
+    for ln, node_name in mvau_of_layer.items():
+        node = nodes[node_name]
+        inst = getCustomOp(node)
+        if int(inst.get_nodeattr("noActivation")) == 1:
+            continue
+        if ln not in ref:
+            raise FqhwError(f"{ln}: FINN node {node_name} has thresholds, the QONNX model has no activation there")
+        r = ref[ln]
+        c_out = r["w_int"].shape[0]
+        expect_w = r["w_int"].transpose(0, 2, 3, 1).reshape(c_out, -1).T  # FINN's (MW, MH) layout
+        w = np.asarray(df.get_initializer(node.input[1]), dtype=np.float64)
+        thr = np.asarray(df.get_initializer(node.input[2]), dtype=np.float64)
+        if w.shape != expect_w.shape:
+            raise FqhwError(f"{ln}: FINN weights {w.shape}, QONNX weights {expect_w.shape}")
+        if thr.shape[-1] != r["levels"]:
+            raise FqhwError(f"{ln}: FINN has {thr.shape[-1]} thresholds per channel, the QONNX quantizer {r['levels']}")
+        thr = np.broadcast_to(thr, (c_out, r["levels"]))
+        same = (w == expect_w).all(axis=0)
+        negated = (w == -expect_w).all(axis=0)
+        sign = np.where(same & ~negated, 1.0, np.where(negated & ~same, -1.0, np.sign(r["A"])))
+        bad_w = ~(same | negated)
+        w_codes_bad = int(((w != sign * expect_w) & bad_w[None, :]).sum())
+        # FINN's accumulator is sign * acc; expected integer thresholds for it
+        t = r["thresholds"]
+        with np.errstate(invalid="ignore"):
+            expect = np.where((sign * r["A"])[:, None] > 0, np.ceil(sign[:, None] * t), np.nan)
+        wf = expect_w * sign[None, :]
+        lo = r["in_max"] * np.minimum(wf, 0).sum(axis=0)
+        hi = r["in_max"] * np.maximum(wf, 0).sum(axis=0)
+        a = np.clip(expect, lo[:, None], hi[:, None] + 1)
+        b = np.clip(thr, lo[:, None], hi[:, None] + 1)
+        differ = ~(a == b)  # NaN (a channel whose sign FINN did not follow) counts as differing
+        differ |= bad_w[:, None]
+        diff = np.abs(np.nan_to_num(a - b, nan=np.inf))
+        layers[ln] = {
+            "node": node_name,
+            "thresholds": int(differ.size),
+            "differing": int(differ.sum()),
+            "channels_differing": int(differ.any(axis=1).sum()),
+            "weights_differing": w_codes_bad,
+            "sign_flipped_channels": int((sign < 0).sum()),
+            "max_abs_diff": float(diff[differ].max()) if differ.any() else 0.0,
+        }
+    total = int(sum(l["differing"] for l in layers.values()))
+    return {"ok": total == 0, "differing": total, "layers": layers}

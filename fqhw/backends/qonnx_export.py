@@ -233,3 +233,111 @@ def qonnx_integer_trace(path, x) -> dict[str, np.ndarray]:
             raise AssertionError("the QONNX head output is not its integer accumulator times the scales")
         per_key.setdefault("head.acc", []).append(acc)
     return {k: np.concatenate(v, axis=0) for k, v in per_key.items()}
+
+
+# --------------------------------------------------------------------------- float64 thresholds
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _consumers(model: onnx.ModelProto, tensor: str):
+    return [n for n in model.graph.node if tensor in n.input]
+
+
+def _quant_const(model, node, what: str):
+    """(scale, zero point, bit width, signed, narrow) of a Quant node, all float64 constants."""
+    vals = [_const(model, t) for t in node.input[1:4]]
+    if any(v is None for v in vals):
+        raise FqhwError(f"{what}: the Quant node's scale / zero point / bit width are not constants")
+    a = _attrs(node)
+    scale, zp, bits = (np.asarray(v, dtype=np.float64) for v in vals)
+    if np.any(zp != 0):
+        raise FqhwError(f"{what}: non-zero zero point")
+    return scale, zp, int(bits.reshape(-1)[0]), bool(a.get("signed", 1)), bool(a.get("narrow", 0))
+
+
+def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1 - int(narrow)
+
+
+def qonnx_threshold_reference(path) -> "dict[str, dict]":
+    """The integer-accumulator thresholds of every conv layer with an output activation,
+    computed in float64 from the parameters in the QONNX file (not from any Brevitas object,
+    so an edit to the file shows up here).
+
+    Per layer: {"w_int" (C_out, C_in, K, K) int64 weight codes, "A", "B" (per channel; the
+    pre-activation is A * acc + B), "s_a", "levels" (2^a - 1), "in_max" (largest input
+    code), "acc_lo", "acc_hi" (reachable accumulator range per channel), "thresholds"
+    (C_out, levels) float64: code >= k + 1 exactly where A * acc + B > (k + 0.5) * s_a, i.e.
+    acc > thresholds[:, k] for A > 0 and acc < thresholds[:, k] for A < 0}.
+    """
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    names = json.loads(meta[LAYER_NAMES_KEY]) if LAYER_NAMES_KEY in meta else [f"features.{i}.conv" for i in range(len(convs))]
+    out: dict[str, dict] = {}
+    for name, conv in zip(names, convs):
+        if len(conv.input) > 2:
+            raise FqhwError(f"{name}: conv with a bias is not supported by the threshold reference")
+        wq = _producer(model, conv.input[1])
+        if wq is None or wq.op_type != "Quant" or _const(model, wq.input[0]) is None:
+            raise FqhwError(f"{name}: the conv weight does not come from a Quant of a constant")
+        w = _const(model, wq.input[0]).astype(np.float64)
+        s_w, _, wbits, wsigned, wnarrow = _quant_const(model, wq, f"{name} weight")
+        lo, hi = _int_range(wbits, wsigned, wnarrow)
+        w_int = np.round(np.clip(w / s_w, lo, hi)).astype(np.int64)  # qonnx Quant: clip, round
+        # input codes: the Quant in front, through code-preserving ops
+        t = conv.input[0]
+        while True:
+            p = _producer(model, t)
+            if p is None or p.op_type == "Quant" or p.op_type not in _CODE_PRESERVING:
+                break
+            t = p.input[0]
+        if p is None or p.op_type != "Quant":
+            raise FqhwError(f"{name}: the conv input does not come from a Quant through pooling / layout ops")
+        s_in, _, ibits, isigned, inarrow = _quant_const(model, p, f"{name} input")
+        if isigned or s_in.size != 1:
+            raise FqhwError(f"{name}: the conv input must be unsigned with a per-tensor scale")
+        in_max = _int_range(ibits, isigned, inarrow)[1]
+        # BN (optional), Relu, activation Quant
+        node = _consumers(model, conv.output[0])
+        c_out = w_int.shape[0]
+        inv, mean, beta = np.ones(c_out), np.zeros(c_out), np.zeros(c_out)
+        if len(node) == 1 and node[0].op_type == "BatchNormalization":
+            bn = node[0]
+            gamma, beta, mean, var = (_const(model, x).astype(np.float64) for x in bn.input[1:5])
+            eps = float(_attrs(bn).get("epsilon", 1e-5))
+            inv = gamma / np.sqrt(var + eps)
+            node = _consumers(model, bn.output[0])
+        if len(node) != 1 or node[0].op_type != "Relu":
+            raise FqhwError(f"{name}: expected Conv [-> BatchNormalization] -> Relu -> Quant")
+        aq = _consumers(model, node[0].output[0])
+        if len(aq) != 1 or aq[0].op_type != "Quant":
+            raise FqhwError(f"{name}: the Relu does not feed a Quant")
+        s_a, _, abits, asigned, anarrow = _quant_const(model, aq[0], f"{name} activation")
+        if asigned or anarrow or s_a.size != 1:
+            raise FqhwError(f"{name}: the activation quantizer must be unsigned, wide, per-tensor")
+        s_a = float(s_a.reshape(-1)[0])
+        levels = 2**abits - 1
+        A = float(s_in.reshape(-1)[0]) * s_w.reshape(-1) * inv
+        B = beta - mean * inv
+        k = np.arange(levels, dtype=np.float64) + 0.5
+        with np.errstate(divide="ignore", invalid="ignore"):
+            thr = (k[None, :] * s_a - B[:, None]) / A[:, None]
+        flat = w_int.reshape(c_out, -1)
+        out[name] = {
+            "w_int": w_int,
+            "A": A,
+            "B": B,
+            "s_a": s_a,
+            "levels": levels,
+            "in_max": in_max,
+            "acc_lo": in_max * np.minimum(flat, 0).sum(axis=1),
+            "acc_hi": in_max * np.maximum(flat, 0).sum(axis=1),
+            "thresholds": thr,
+        }
+    return out

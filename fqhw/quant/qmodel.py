@@ -307,3 +307,235 @@ def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor, precision: str = "float
     if not (np.abs(approx - acc) <= slack).all():
         raise AssertionError("head output is not integer accumulator x scales")
     return trace
+
+
+# --------------------------------------------------------------------------- threshold margin
+#
+# A conv layer with an output activation computes, per output channel c,
+#     y = A_c * acc + B_c,   code = clamp(round(y / s_a), 0, 2^a - 1)
+# where acc is the integer accumulator (integer weights x integer input codes),
+# A_c = s_in * s_w[c] * gamma_c / sqrt(var_c + eps) and B_c = beta_c - mean_c * gamma_c /
+# sqrt(var_c + eps). The code changes where y / s_a crosses k + 0.5, i.e. at the accumulator
+# values t_k = ((k + 0.5) * s_a - B_c) / A_c, an arithmetic progression. acc is an integer,
+# so if every boundary that acc can reach lies at least `margin` away from an integer, every
+# evaluation whose error (in accumulator units) is below the margin rounds the same way.
+
+SNAP_MARGIN = 1e-3  # default required margin, in accumulator units
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gamma / sqrt(var + eps), mean, beta) of an eval-mode BatchNorm, in float64."""
+    var = bn.running_var.detach().double().numpy()
+    mean = bn.running_mean.detach().double().numpy()
+    gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(var)
+    beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(var)
+    return gamma / np.sqrt(var + float(bn.eps)), mean, beta
+
+
+def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
+    """Per conv layer with an output activation, in float64 from the model's quantized
+    parameters (the float32 values it holds, exactly): {"A", "B" (per channel), "s_a",
+    "levels" (2^a - 1), "acc_lo", "acc_hi" (per channel: the reachable accumulator range for
+    any input codes), "beta"}. Pre-activation y = A * acc + B."""
+    out: OrderedDict[str, dict] = OrderedDict()
+    with torch.no_grad():
+        s_in = float(qmodel.input_quant.act_quant.scale())
+        q_in_max = 2**8 - 1
+        for name, ql in qmodel.layers.items():
+            if ql.act is None:
+                continue
+            if not isinstance(ql.compute, QuantConv2d):
+                raise FqhwError(f"{name}: threshold margins are defined for conv layers only")
+            qw = ql.compute.quant_weight()
+            w_int = _codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
+            s_w = qw.scale.detach().double().numpy().reshape(-1)
+            bn = qmodel.get_submodule(ql.block).bn
+            inv, mean, beta = _bn_affine(bn)
+            s_a = float(ql.act.act_quant.scale())
+            levels = 2 ** int(ql.act.act_quant.bit_width()) - 1
+            out[name] = {
+                "A": s_in * s_w * inv,
+                "B": beta - mean * inv,
+                "beta": beta,
+                "s_a": s_a,
+                "levels": levels,
+                "acc_lo": q_in_max * np.minimum(w_int, 0).sum(axis=1).astype(np.float64),
+                "acc_hi": q_in_max * np.maximum(w_int, 0).sum(axis=1).astype(np.float64),
+            }
+            s_in, q_in_max = s_a, levels
+    return out
+
+
+def _boundaries(A: float, B: float, s_a: float, levels: int, lo: float, hi: float) -> np.ndarray:
+    """The code boundaries t_k in accumulator units that an accumulator in [lo, hi] can reach
+    (with one unit of slack on each side)."""
+    if A == 0.0:
+        return np.empty(0)
+    t = ((np.arange(levels, dtype=np.float64) + 0.5) * s_a - B) / A
+    return t[(t >= lo - 1.0) & (t <= hi + 1.0)]
+
+
+def _dist_to_int(t: np.ndarray) -> np.ndarray:
+    return np.abs(t - np.round(t))
+
+
+def _min_margin(t: np.ndarray) -> float:
+    return float(_dist_to_int(t).min()) if t.size else 0.5
+
+
+def _best_shift(t: np.ndarray, tie_tol: float) -> float:
+    """The shift u (accumulator units, |u| <= 0.5) that maximises min_k dist(t_k + u, Z),
+    the one nearest to zero among those within a factor (1 - tie_tol) of the best.
+
+    With z = -u mod 1 the point of the unit circle that the integers move to, dist(t_k + u, Z)
+    is the circular distance of z from frac(t_k): the best z is the middle of the widest gap
+    between the sorted fractional parts (half a gap >= 1 / (2K) for K boundaries)."""
+    if t.size == 0:
+        return 0.0
+    f = np.unique(t - np.floor(t))
+    lo = f
+    hi = np.append(f[1:], f[0] + 1.0)  # the last gap wraps around
+    half = (hi - lo) / 2.0
+    need = float(half.max()) * (1.0 - tie_tol)
+    best_u = None
+    for a, b in zip(lo[half >= need] + need, hi[half >= need] - need):
+        for n in (np.floor(a), np.floor(a) + 1.0, np.floor(a) + 2.0):
+            z = min(max(n, a), b)
+            u = float(n - z)
+            if best_u is None or abs(u) < abs(best_u):
+                best_u = u
+    return float(best_u)
+
+
+def threshold_margins(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
+    """Per conv layer with an output activation: the smallest distance (accumulator units)
+    from a reachable code boundary to an integer, overall ("min_margin") and per channel
+    ("channel_margin"), and the number of reachable boundaries ("boundaries")."""
+    out: OrderedDict[str, dict] = OrderedDict()
+    for name, g in threshold_geometry(qmodel).items():
+        margins, count = [], 0
+        for c in range(len(g["A"])):
+            t = _boundaries(g["A"][c], g["B"][c], g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c])
+            margins.append(_min_margin(t))
+            count += t.size
+        out[name] = {"min_margin": float(min(margins)), "channel_margin": np.asarray(margins), "boundaries": count}
+    return out
+
+
+def project_weights(qmodel: QuantFairCNN, max_iter: int = 4) -> dict[str, int]:
+    """Set every float weight to its dequantized value (code x scale, float32), so that
+    weight / scale is an integer up to a few float32 ulps and rounds to the same code in any
+    precision: a weight whose quotient sat within float32 error of k + 0.5 had a code that
+    depended on the precision of the division (Brevitas and FINN divide in float32, a
+    float64 execution of the QONNX file in float64). Codes are unchanged; the per-channel
+    scale (max |w| / (2^(b-1) - 1)) may move by an ulp. Returns {layer: weights changed}."""
+    changed: dict[str, int] = {}
+    with torch.no_grad():
+        for name, ql in qmodel.layers.items():
+            w = ql.compute.weight
+            codes = _codes(ql.compute.quant_weight(), f"{name} weight")
+            before = w.detach().clone()
+            for _ in range(max_iter):
+                qw = ql.compute.quant_weight()
+                value = qw.value.detach().to(w.dtype)
+                if torch.equal(value, w.detach()):
+                    break
+                w.copy_(value)
+            qw = ql.compute.quant_weight()
+            if not torch.equal(_codes(qw, f"{name} weight"), codes):
+                raise AssertionError(f"{name}: projecting the weights onto their grid changed a code")
+            q = w.detach().double() / qw.scale.detach().double()
+            if float((q - codes.double()).abs().max()) > 1e-4:
+                raise AssertionError(f"{name}: projected weights are not on their grid")
+            changed[name] = int((before != w.detach()).sum())
+    return changed
+
+
+def snap_thresholds(qmodel: QuantFairCNN, margin: float = SNAP_MARGIN, tie_tol: float = 0.05) -> dict:
+    """Post-QAT: remove the rounding ambiguity of every activation code.
+
+    1. `project_weights`: weights exactly on their quantization grid.
+    2. For each conv layer with an output activation and each output channel, nudge the
+       BatchNorm bias beta (stored in float32) so that every code boundary the integer
+       accumulator can reach lies as far from an integer as possible: the shift maximising
+       the minimum distance, the one nearest to zero among those within (1 - tie_tol) of
+       the best, then the float32 beta near it with the largest margin. With K reachable
+       boundaries the best shift achieves >= 1 / (2K) (1/510 at 8-bit activations).
+
+    Raises FqhwError if some layer ends below `margin`. Returns stats: per layer the margin
+    before and after ("min_margin_before", "min_margin"), the largest change of beta relative
+    to |beta| + 1e-12 ("max_rel_beta_change") and in activation steps
+    ("max_beta_change_steps"), channels changed; overall "min_margin",
+    "max_rel_beta_change"; "weights_projected" per layer.
+
+    The head has no activation: its accumulator is an integer in every backend (nothing to
+    snap). Run this after the last training step (training moves beta again) and before
+    export.
+    """
+    if margin <= 0 or margin >= 0.5:
+        raise ValueError(f"margin must be in (0, 0.5), got {margin}")
+    was_training = qmodel.training
+    qmodel.eval()
+    stats: dict = {"margin": float(margin), "tie_tol": float(tie_tol), "layers": OrderedDict()}
+    try:
+        stats["weights_projected"] = project_weights(qmodel)
+        before = threshold_margins(qmodel)
+        geometry = threshold_geometry(qmodel)
+        with torch.no_grad():
+            for name, g in geometry.items():
+                bn = qmodel.get_submodule(qmodel.layers[name].block).bn
+                if bn.bias is None:
+                    raise FqhwError(f"{name}: BatchNorm has no bias to nudge (affine=False)")
+                beta32 = bn.bias.detach().numpy().astype(np.float32).copy()
+                new_beta = beta32.copy()
+                margins = np.empty(len(g["A"]))
+                for c in range(len(g["A"])):
+                    A, B, beta = g["A"][c], g["B"][c], g["beta"][c]
+                    lo, hi = g["acc_lo"][c], g["acc_hi"][c]
+
+                    def margin_of(b32: np.float32) -> float:
+                        t = _boundaries(A, B + (float(b32) - beta), g["s_a"], g["levels"], lo, hi)
+                        return _min_margin(t)
+
+                    if A == 0.0:  # constant pre-activation: keep B / s_a off the half-integers
+                        v = B / g["s_a"]
+                        new_beta[c] = beta32[c] if abs(v - np.floor(v) - 0.5) >= margin else np.float32(beta + (np.round(v) - v) * g["s_a"])
+                        margins[c] = 0.5
+                        continue
+                    t = _boundaries(A, B, g["s_a"], g["levels"], lo, hi)
+                    u = _best_shift(t, tie_tol)
+                    target = np.float32(beta - A * u)
+                    cands = [target]
+                    up, down = target, target
+                    for _ in range(3):
+                        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+                        cands += [up, down]
+                    if u == 0.0:
+                        cands.append(beta32[c])
+                    scored = [(-margin_of(b), abs(float(b) - beta), b) for b in cands]
+                    scored.sort(key=lambda s: (round(s[0], 12), s[1]))
+                    new_beta[c] = scored[0][2]
+                    margins[c] = -scored[0][0]
+                bn.bias.copy_(torch.from_numpy(new_beta).to(bn.bias.dtype))
+                delta = np.abs(new_beta.astype(np.float64) - g["beta"])
+                stats["layers"][name] = {
+                    "channels": int(len(g["A"])),
+                    "channels_changed": int((delta > 0).sum()),
+                    "boundaries": int(before[name]["boundaries"]),
+                    "min_margin_before": float(before[name]["min_margin"]),
+                    "min_margin": float(margins.min()),
+                    "max_rel_beta_change": float((delta / (np.abs(g["beta"]) + 1e-12)).max()),
+                    "max_beta_change_steps": float((delta / g["s_a"]).max()),
+                }
+        after = threshold_margins(qmodel)  # recomputed from the model as it now is
+        for name, st in stats["layers"].items():
+            if after[name]["min_margin"] != st["min_margin"]:
+                raise AssertionError(f"{name}: margin recomputed from the model differs")
+        bad = {n: st["min_margin"] for n, st in stats["layers"].items() if st["min_margin"] < margin}
+        if bad:
+            raise FqhwError(f"threshold margin below {margin} after snapping: {bad}")
+    finally:
+        qmodel.train(was_training)
+    stats["min_margin"] = min((st["min_margin"] for st in stats["layers"].values()), default=0.5)
+    stats["max_rel_beta_change"] = max((st["max_rel_beta_change"] for st in stats["layers"].values()), default=0.0)
+    return stats
