@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(SyntheticDermConfig)
     for f in dataclasses.fields(SyntheticDermConfig):
         hint = hints[f.name]
+        args_ = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args_) == 1:
+            hint = args_[0]  # an optional knob: the flag sets it
         origin = typing.get_origin(hint)
         if origin is tuple:
             inner = typing.get_args(hint)[0]
@@ -60,14 +64,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
     p.add_argument("--channels", type=_parse_tuple(int), default=None, help="channels of the default CNN's blocks, e.g. 16,32,64")
     p.add_argument("--epochs", type=int, default=None, help="float training epochs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
+    p.add_argument("--verbose", action="store_true", help="print each step's result")
     _add_data_flags(p)
 
 
 def _compile_config(args):
     from fqhw.flow import CompileConfig
 
-    cfg = CompileConfig(data=_data_config(args), seed=args.seed, progress=not args.quiet)
+    cfg = CompileConfig(data=_data_config(args), seed=args.seed, progress=not args.quiet, verbose=args.verbose and not args.quiet)
     updates = {}
     if getattr(args, "target", None) is not None:
         updates["target"] = args.target
@@ -100,6 +105,9 @@ def cmd_compile(args) -> int:
 
     res = run_compile(_compile_config(args))
     r = res.report
+    if args.json:
+        print(json.dumps(r, indent=2, sort_keys=True))
+        return 0
     c = r["accuracy"]["compiled"]
     print(
         f"wrote {res.out_dir}: avg {r['allocation']['avg_weight_bits']:.2f} bits, "
@@ -148,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--edge-bits", default=None, help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
     pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
+    pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
     _add_common(pc)
     pc.set_defaults(func=cmd_compile)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -57,7 +58,8 @@ class CompileConfig:
     solver_time_limit_s: float = 30.0
     seed: int = 0
     cache_dir: Path = field(default_factory=default_cache_dir)
-    progress: bool = True
+    progress: bool = True  # progress bars and one line per step on stderr
+    verbose: bool = False  # also each step's details (solver, FINN sub-steps)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -281,6 +283,23 @@ def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, spli
 
 # ---------------------------------------------------------------- the runner
 
+STEPS = ["data", "float_model", "importance", "allocate", "baselines", "quantize", "export", "finn", "verify"]
+
+
+def _describe(result) -> str:
+    """A one-line summary of a step's result for --verbose."""
+    if isinstance(result, Allocation):
+        layers = ", ".join(f"{la.name} W{la.weight_bits}/A{la.act_bits or '-'} PE{la.pe} SIMD{la.simd}" for la in result.layers)
+        return f"{result.solver.get('status')} in {result.solver.get('wall_time_s', 0):.2f} s; {layers}"
+    if isinstance(result, FloatModel):
+        return f"{'cached' if result.cache_hit else 'trained'}; {len(result.net.layers)} compute layers, {result.net.total_params} weights"
+    if isinstance(result, DataSplits):
+        return f"{len(result.train)} train / {len(result.val)} val / {len(result.test)} test images"
+    if hasattr(result, "summary") and callable(result.summary):
+        out = result.summary()
+        return out if isinstance(out, str) else json.dumps(out, default=str)[:300]
+    return type(result).__name__
+
 
 @dataclass
 class CompileResult:
@@ -306,9 +325,13 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
     timings: dict[str, float] = {}
 
     def run(name: str, fn: Callable, *args):
+        if cfg.progress:
+            print(f"fqhw: [{len(timings) + 1}/{len(STEPS)}] {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result = fn(*args)
         timings[name] = round(time.perf_counter() - t0, 3)
+        if cfg.verbose:
+            print(f"fqhw:     {name} done in {timings[name]:.2f} s: {_describe(result)}", file=sys.stderr, flush=True)
         return result
 
     try:

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fqhw.network import NetworkSpec
 
 
@@ -38,13 +40,25 @@ class Allocation:
         raise KeyError(name)
 
     def input_bits_of(self, net: NetworkSpec, name: str) -> int:
-        """Width of the activation that feeds layer `name` (the previous layer's output)."""
+        """Width of the activation that feeds layer `name` (the previous layer's output;
+        for a channel group, the layer before its own groups)."""
         idx = [s.name for s in net.layers].index(name)
-        if idx == 0:
+        j = net.input_of(idx)
+        if j < 0:
             return self.input_bits
-        prev = self.layers[idx - 1].act_bits
+        prev = self.layers[j].act_bits
         assert prev is not None
         return prev
+
+    def predicted_loss(self, net: NetworkSpec, sens) -> np.ndarray:
+        """Per-group predicted loss increase of this allocation under Sensitivity `sens`:
+        weights per unit, each activation once (channel groups share their layer's, which
+        the sensitivity holds under the layer's name)."""
+        weights = {la.name: la.weight_bits for la in self.layers}
+        acts: dict[str, int | None] = {}
+        for spec, la in zip(net.layers, self.layers):
+            acts.setdefault(spec.act_group, la.act_bits)
+        return sens.predicted(weights, acts)
 
     def avg_weight_bits(self, net: NetworkSpec) -> float:
         """Parameter-weighted average weight width: the quantity --budget bounds."""
