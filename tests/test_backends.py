@@ -11,12 +11,12 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import FinnBuild, finn_build, finn_integer_trace
+from fqhw.backends.finn_build import FinnBuild, finn_build, finn_integer_trace, threshold_check
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.errors import BitExactError, FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds, threshold_margins
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)
 SHAPE = (CFG.in_channels, CFG.image_size, CFG.image_size)
@@ -230,3 +230,211 @@ def test_saved_build_can_move(flow, tmp_path):
     for key, ref in flow["traces"]["finn"].items():
         np.testing.assert_array_equal(again[key], ref[:1])
     assert build.summary()["fps"] == pytest.approx(flow["build"].fps)
+
+
+# --------------------------------------------------------------------------- threshold margins
+#
+# The default 32x32 FairCNN with per-channel float weight scales, learned float activation
+# scales and a randomised BatchNorm: without snapping, some pre-activations sit within
+# float32 error of a code boundary, and FINN (float32 thresholds) or a float32 execution
+# rounds them the other way. After `snap_thresholds` every reachable boundary is far from an
+# integer accumulator value, so all backends must agree exactly.
+
+BIG = (3, 32, 32)
+# (weight bits, activation bits) per layer and folding (PE, SIMD); the head has no activation.
+# "act8": 8-bit activations, weights narrow enough that every reachable accumulator stays
+# below ~1.2e6, where FINN's float32 threshold arithmetic (a few ulps) is below the margin.
+SNAP_CASES = {
+    "act8": [(8, 8, 4, 9), (6, 8, 4, 16), (5, 8, 4, 16), (6, None, 1, 16)],
+    "mixed": [(8, 5, 16, 27), (3, 4, 2, 48), (5, 6, 8, 32), (6, None, 2, 16)],
+}
+
+
+def _big_alloc(case: str) -> Allocation:
+    names = ["features.0.conv", "features.1.conv", "features.2.conv", "head"]
+    return Allocation("pynq-z2", [LayerAllocation(n, w, a, pe, simd) for n, (w, a, pe, simd) in zip(names, SNAP_CASES[case])])
+
+
+def _big_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *BIG), generator=g).float() / 256
+
+
+def _big_quant_model(case: str):
+    torch.manual_seed(3)
+    fm = FairCNN().eval()
+    with torch.no_grad():
+        for bn in (b.bn for b in fm.features):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    alloc = _big_alloc(case)
+    qm = build_quant_model(fm, alloc)
+    calib = _big_images(64, seed=4)
+    calibrate(qm, [(calib[i : i + 16],) for i in range(0, 64, 16)], batches=4)
+    return qm.eval(), alloc
+
+
+@pytest.fixture(scope="module")
+def snapped(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("snap")
+    x = _big_images(64, seed=5)
+    out = {}
+    for case in SNAP_CASES:
+        qm, alloc = _big_quant_model(case)
+        before = None
+        if case == "act8":  # FINN's thresholds before snapping, for the record
+            p0 = export_qonnx(qm, BIG, root / f"{case}_raw.onnx")
+            before = finn_build(p0, alloc, root / f"{case}_raw_finn").threshold_check
+        params = {k: v.detach().clone() for k, v in qm.state_dict().items()}
+        stats = snap_thresholds(qm)
+        path = export_qonnx(qm, BIG, root / f"{case}.onnx")
+        on_disk = path.read_bytes()
+        build = finn_build(path, alloc, root / f"{case}_finn")
+        traces = {
+            "brevitas": integer_trace(qm, x),
+            "brevitas_fp32": integer_trace(qm, x, precision="float32"),
+            "qonnx": qonnx_integer_trace(path, x),
+            "finn": finn_integer_trace(build, x),
+        }
+        assert path.read_bytes() == on_disk  # the float64 run works on a copy
+        out[case] = dict(qm=qm, alloc=alloc, params=params, stats=stats, path=path, build=build, traces=traces, before=before)
+    out["x"] = x
+    return out
+
+
+@pytest.mark.parametrize("case", list(SNAP_CASES))
+def test_snapping_achieves_the_margin(snapped, case):
+    r = snapped[case]
+    stats = r["stats"]
+    assert set(stats["layers"]) == {"features.0.conv", "features.1.conv", "features.2.conv"}
+    assert stats["min_margin"] >= stats["margin"]
+    recomputed = threshold_margins(r["qm"])
+    for name, st in stats["layers"].items():
+        assert st["min_margin"] > 10 * st["min_margin_before"] or st["min_margin"] > 0.25, name
+        assert recomputed[name]["min_margin"] == pytest.approx(st["min_margin"], abs=1e-9)
+        assert recomputed[name]["min_margin"] >= stats["margin"]
+        # a small change to the model: code boundaries move by a fraction of a step
+        assert st["max_boundary_shift_steps"] < 0.2, name
+        assert st["max_rel_gamma_change"] <= stats["max_scale_change"] * 1.0001, name
+    if case == "act8":  # 8-bit: margins far above 1/(2K) = 0.002, thanks to the scale grid
+        assert stats["min_margin"] > 0.1
+    # only the BN affine parameters (and weights, onto their grid) changed
+    state = r["qm"].state_dict()
+    for key, old in r["params"].items():
+        if not key.endswith((".bn.weight", ".bn.bias", ".weight")):
+            assert torch.equal(state[key], old), key
+
+
+def test_snapping_again_loses_no_margin(snapped):
+    """A second snap starts from the snapped model: it may find a coarser grid within its
+    scale limit (the limit is relative to the current scale), never a smaller margin."""
+    import copy
+
+    qm = copy.deepcopy(snapped["mixed"]["qm"])
+    first = snapped["mixed"]["stats"]
+    again = snap_thresholds(qm)
+    assert again["max_rel_gamma_change"] <= again["max_scale_change"] * 1.0001
+    for name, st in again["layers"].items():
+        assert st["min_margin"] >= 0.95 * first["layers"][name]["min_margin"] - 1e-12
+
+
+def test_snapping_keeps_the_weight_codes(snapped):
+    for case in SNAP_CASES:
+        qm = snapped[case]["qm"]
+        for name, ql in qm.layers.items():
+            qw = ql.compute.quant_weight()
+            q = ql.compute.weight.detach().double() / qw.scale.detach().double()
+            # on the grid: the code is unambiguous in any precision
+            assert float((q - torch.round(q)).abs().max()) < 1e-4, name
+
+
+@pytest.mark.parametrize("case", list(SNAP_CASES))
+def test_snapped_backends_bit_exact(snapped, case):
+    traces = snapped[case]["traces"]
+    result = check_bit_exact(traces)
+    assert result.ok, result.first_mismatch
+    assert result.n_images == 64
+    assert traces["brevitas"]["features.0.conv.act"].shape == (64, 16, 32, 32)
+    assert traces["brevitas"]["head.acc"].shape == (64, 4)
+
+
+def test_finn_threshold_check(snapped):
+    before = snapped["act8"]["before"]
+    assert before["differing"] > 0  # FINN's float32 thresholds were off before snapping
+    for case in SNAP_CASES:
+        build: FinnBuild = snapped[case]["build"]
+        check = build.threshold_check
+        assert check["ok"] and check["differing"] == 0, check
+        assert set(check["layers"]) == {"features.0.conv", "features.1.conv", "features.2.conv"}
+        for layer in check["layers"].values():
+            assert layer["thresholds"] > 0 and layer["weights_differing"] == 0
+        assert build.summary()["thresholds_differing"] == 0
+        saved = json.loads((Path(build.build_dir) / "report" / "threshold_check.json").read_text())
+        assert saved["differing"] == 0
+        assert FinnBuild.load(build.build_dir).threshold_check == json.loads(json.dumps(check))
+
+
+def test_threshold_check_reads_the_qonnx_file(snapped, tmp_path):
+    """A BN bias edited in the QONNX file after the FINN build moves the float64 thresholds:
+    the check must see it (it reads the file, not the Brevitas model)."""
+    r = snapped["mixed"]
+    model = onnx.load(r["path"])
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    inits = {i.name: i for i in model.graph.initializer}
+    beta = numpy_helper.to_array(inits[bn.input[2]]).copy()
+    beta += 0.25
+    inits[bn.input[2]].CopyFrom(numpy_helper.from_array(beta, bn.input[2]))
+    bad = tmp_path / "tampered.onnx"
+    onnx.save(model, bad)
+    build: FinnBuild = r["build"]
+    check = threshold_check(bad, build.dataflow_model, build.mvau_of_layer)
+    assert not check["ok"]
+    assert check["layers"]["features.0.conv"]["differing"] > 0
+    assert check["layers"]["features.1.conv"]["differing"] == 0
+
+
+def test_qonnx_float64_and_float32_runs(snapped):
+    r = snapped["mixed"]
+    x = snapped["x"][:4]
+    t32 = qonnx_integer_trace(r["path"], x, precision="float32")
+    assert all(a.dtype == np.int64 for a in t32.values())
+    assert set(t32) == set(r["traces"]["qonnx"])
+    with pytest.raises(ValueError):
+        qonnx_integer_trace(r["path"], x, precision="float16")
+
+
+def test_float64_copy_is_lowered_and_double(snapped):
+    from onnx import TensorProto
+
+    from fqhw.backends.qonnx_export import _float64_copy
+
+    m = _float64_copy(snapped["mixed"]["path"])
+    ops = [n.op_type for n in m.graph.node]
+    assert "Conv" not in ops and ops.count("Im2Col") == 3 and ops.count("MatMul") == 4
+    floats = [i.name for i in m.graph.initializer if i.data_type == TensorProto.FLOAT and i.name != "fqhw_f64_one"]
+    assert floats == []
+    for vi in list(m.graph.input) + list(m.graph.value_info):
+        assert vi.type.tensor_type.elem_type != TensorProto.FLOAT or vi.name.endswith("_codes"), vi.name
+
+
+def test_best_shift_is_the_widest_gap():
+    """_best_shift against a brute-force search: the max-min distance to the integers, at
+    least 1/(2K), and the shift nearest to zero among near-equal ones."""
+    from fqhw.quant.qmodel import _best_shift, _min_margin
+
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-0.5, 0.5, 20001)
+    for _ in range(30):
+        k = int(rng.integers(1, 60))
+        t = rng.uniform(-1e4, 1e4) + rng.uniform(0.3, 50.0) * np.arange(k)
+        u = _best_shift(t, tie_tol=0.0)
+        got = _min_margin(t + u)
+        brute = max(_min_margin(t + g) for g in grid[::20])
+        assert got >= brute - 1e-3 and got >= 1 / (2 * k) - 1e-9
+        assert abs(u) <= 0.5
+        # with a tolerance, never a worse margin than allowed and never a larger shift
+        u2 = _best_shift(t, tie_tol=0.2)
+        assert _min_margin(t + u2) >= 0.8 * got - 1e-9 and abs(u2) <= abs(u) + 1e-12

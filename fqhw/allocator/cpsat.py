@@ -30,6 +30,22 @@ Objectives, lexicographic:
        solve of the same model with every cyc_l <= C
     3. with z <= z* and cyc_l <= C*: minimise the total LUTs
 
+Other hardware objectives (allocate(objective=...); stage 1 is always the loss, and
+stages 2 and 3 may trade up to `loss_slack` of it: z <= z* + floor(loss_slack * |z*|)):
+    "throughput"   (dataflow targets, the default) stages 2 and 3 above
+    "resources"    the fewest resources that meet the throughput floor: minimise
+                   sum_r R_r * round(10^6 / cap_r) over the capped resources, then the
+                   bottleneck (or the latency) at that cost
+    "latency"      (sequential targets, which run one layer at a time: cost.schedule ==
+                   "sequential") minimise sum_l cyc_l, then the energy at that latency;
+                   a throughput floor caps sum_l cyc_l <= C_max
+    "energy"       minimise sum_l E_l (an uncapped priced metric, "energy_pJ", in integer
+                   units of (largest per-layer value) / 10^9), then the latency
+
+Channel groups (fqhw.network.split_channel_groups): a unit reads the activation of the
+layer before its own groups, and the groups of a layer share one activation variable
+(one "slot"), whose sensitivity is the layer's.
+
 Sensitivities are floats; the model uses integers round(S * scale) with
 scale = LOSS_RESOLUTION / M, where M bounds every group's total, so z has a resolution of
 M / LOSS_RESOLUTION. The largest possible rounding error of a group's total is reported in
@@ -53,8 +69,12 @@ from fqhw.hwmodels.base import CostModel, LayerCost
 from fqhw.network import LayerSpec, NetworkSpec
 
 LOSS_RESOLUTION = 10**7  # integer units for the largest possible group total
+METRIC_RESOLUTION = 10**9  # integer units for the largest per-layer value of an uncapped metric
+RESOURCE_WEIGHT = 10**6  # "resources" objective: R_r weighted by round(RESOURCE_WEIGHT / cap_r)
 RESOURCE_ORDER = ("LUT", "BRAM_18K", "URAM", "DSP")
 NO_ACT = -1  # a_out column of a layer without an output activation
+ENERGY = "energy_pJ"
+OBJECTIVES = ("throughput", "resources", "latency", "energy")
 
 
 # ------------------------------------------------------------------ the problem data
@@ -100,16 +120,84 @@ class _Layer:
     w_vals: list[int]
     a_vals: list[int] | None  # None: no output activation
     ai_vals: list[int]  # widths of the input activation
+    in_slot: int  # activation slot the unit reads (-1: the network input)
+    out_slot: int | None  # slot it writes (None: no output activation)
     folds: list[tuple[int, int]]
-    cand: np.ndarray  # (w, a_in, a_out | NO_ACT, fold, cycles, *resources), Pareto in all columns
+    cand: np.ndarray  # (w, a_in, a_out | NO_ACT, fold, cycles, *resources, *metrics), Pareto in all columns
     _rows: dict = field(default_factory=dict)
+    _death: np.ndarray | None = None
 
     def rows(self, cmax: int | None) -> list[tuple]:
-        """The table for cycle cap `cmax` (None: no cap)."""
+        """The table for cycle cap `cmax` (None: no cap): per (w, a_in, a_out), the rows
+        with cycles <= cmax that no other such row beats or matches in every resource (ties
+        go to the fastest, then the first folding), as `_prune_on_resources` would give."""
         if cmax not in self._rows:
-            sel = self.cand if cmax is None else self.cand[self.cand[:, 4] <= cmax]
-            self._rows[cmax] = _prune_on_resources(sel)
+            death = self.death()
+            cyc = self.cand[:, 4]
+            keep = death == _NEVER if cmax is None else (cyc <= cmax) & (death > cmax)
+            self._rows[cmax] = [tuple(r) for r in self.cand[keep].tolist()]
         return self._rows[cmax]
+
+    def death(self) -> np.ndarray:
+        """Per row, the least cycle cap at which another row of its choice dominates it in
+        resources (with the tie rule above): the row is in the table for cap C iff
+        cycles <= C < death."""
+        if self._death is None:
+            self._death = _death_caps(self.cand)
+        return self._death
+
+
+_NEVER = np.iinfo(np.int64).max
+
+
+def _death_caps(cand: np.ndarray) -> np.ndarray:
+    """See _Layer.death. Row q dominates row r when q's resources are <= r's everywhere and
+    either differ somewhere or (cycles, fold) of q < those of r; r dies at the least cycles
+    of a row that dominates it."""
+    n = len(cand)
+    death = np.full(n, _NEVER, dtype=np.int64)
+    if n == 0:
+        return death
+    _, first, inv = np.unique(cand[:, :3], axis=0, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    varying = [k for k in range(5, cand.shape[1]) if not np.array_equal(cand[:, k], cand[first[inv], k])]
+    if len(varying) <= 1:
+        # one resource varies within a choice: r's dominators are exactly the rows before it
+        # in (resource, cycles, fold) order, so death = the running minimum of the cycles
+        # before it (per choice: later choices are shifted below earlier ones)
+        res = cand[:, varying[0]] if varying else np.zeros(n, dtype=np.int64)
+        order = np.lexsort((cand[:, 3], cand[:, 4], res, inv))
+        g, cyc = inv[order], cand[order, 4].astype(np.int64)
+        span = int(cyc.max()) + 1
+        shifted = cyc + (int(g.max()) - g) * span
+        run = np.minimum.accumulate(shifted)
+        before = np.full(n, _NEVER, dtype=np.int64)
+        same = g[1:] == g[:-1]
+        before[1:] = np.where(same, run[:-1] - (int(g.max()) - g[1:]) * span, _NEVER)
+        death[order] = before
+        return death
+    order = np.argsort(inv, kind="stable")
+    bounds = np.flatnonzero(np.diff(inv[order])) + 1
+    for idx in np.split(order, bounds):
+        if len(idx) == 1:
+            continue
+        R = cand[idx, 5:]
+        cyc, fold = cand[idx, 4], cand[idx, 3]
+        le = np.all(R[:, None, :] <= R[None, :, :], axis=2)  # le[q, r]
+        eq = np.all(R[:, None, :] == R[None, :, :], axis=2)
+        faster = (cyc[:, None] < cyc[None, :]) | ((cyc[:, None] == cyc[None, :]) & (fold[:, None] < fold[None, :]))
+        dom = le & (~eq | faster)
+        killer = np.where(dom, cyc[:, None], _NEVER)
+        death[idx] = killer.min(axis=0)
+    return death
+
+
+@dataclass
+class _Slot:
+    """One output activation width: a layer's (shared by its channel groups)."""
+
+    name: str
+    a_vals: list[int]
 
 
 @dataclass
@@ -119,25 +207,40 @@ class _Problem:
     target: str
     input_bits: int
     layers: list[_Layer]
-    resources: list[str]
+    slots: list[_Slot]
+    resources: list[str]  # capped
+    metrics: list[str]  # priced, uncapped (energy), integer units of metric_scale
+    metric_scale: dict[str, float]
     caps: dict[str, int]
     extras: list[LayerCost]
     budget: Fraction
     max_cycles: int | None
     groups: list[str]
     scale: float
-    tw: list[dict[int, np.ndarray]]  # integer sensitivity terms per layer and width: (G,)
-    ta: list[dict[int, np.ndarray] | None]
+    tw: list[dict[int, np.ndarray]]  # integer sensitivity terms per unit and width: (G,)
+    ta: list[dict[int, np.ndarray]]  # per slot
+    schedule: str = "dataflow"
+    objective: str = "throughput"
     candidates: int = 0
     timings: dict = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.resources, *self.metrics]
 
 
 def _resource_value(c: LayerCost, r: str) -> int:
     return int(math.ceil(c.resources.get(r, 0)))
 
 
-def _layer_candidates(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, resources) -> tuple[list, np.ndarray, int]:
+def _layer_candidates(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, resources, metrics=()) -> tuple[list, np.ndarray, int]:
+    """Every buildable choice of the unit, priced; per (w, a_in, a_out) only the foldings no
+    other folding beats in every column. Float array: metrics are scaled later."""
     folds = list(cost.folding_options(spec))
+    table_fn = getattr(cost, "price_table", None)
+    if table_fn is not None:
+        rows, n = table_fn(spec, list(w_vals), list(ai_vals), list(ao_vals), folds, list(resources), list(metrics))
+        return folds, _pareto_by_choice(np.asarray(rows, dtype=np.float64), 5 + len(resources) + len(metrics)), int(n)
     buildable = getattr(cost, "buildable", None)
     rows = []
     n = 0
@@ -149,22 +252,81 @@ def _layer_candidates(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals
                     if buildable is not None and not buildable(spec, w, ai, ao, pe, simd):
                         continue
                     c = cost.layer_cost(spec, w, ai, ao, pe, simd)
-                    cands.append((w, ai, NO_ACT if ao is None else ao, f, int(c.cycles), *(_resource_value(c, r) for r in resources)))
+                    cands.append(
+                        (w, ai, NO_ACT if ao is None else ao, f, int(c.cycles), *(_resource_value(c, r) for r in resources),
+                         *(float(c.resources.get(m, 0.0)) for m in metrics))
+                    )
                 n += len(cands)
                 if cands:
-                    arr = np.asarray(cands, dtype=np.int64)
+                    arr = np.asarray(cands, dtype=np.float64)
                     rows.append(arr[_pareto(arr[:, 4:])])
-    width = 5 + len(resources)
-    return folds, (np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.int64)), n
+    width = 5 + len(resources) + len(metrics)
+    return folds, (np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.float64)), n
+
+
+def _pareto_by_choice(arr: np.ndarray, width: int) -> np.ndarray:
+    """The rows of `arr` that are Pareto-optimal (as `_pareto`) in the columns from 4 on,
+    within each choice (w, a_in, a_out). Where at most one column after the cycles varies
+    within a choice (e.g. only the LUTs), a sorted running minimum gives the same rows in
+    O(n log n); otherwise `_pareto` per choice."""
+    if len(arr) == 0:
+        return np.zeros((0, width), dtype=np.float64)
+    _, first, inv = np.unique(arr[:, :3], axis=0, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    cols = [k for k in range(5, arr.shape[1]) if not np.array_equal(arr[:, k], arr[first[inv], k])]
+    if len(cols) <= 1:
+        c1 = arr[:, cols[0]] if cols else np.zeros(len(arr))
+        order = np.lexsort((np.arange(len(arr)), c1, arr[:, 4], inv))
+        g, v = inv[order], c1[order]
+        span = float(v.max() - v.min()) + 1.0 if len(v) else 1.0
+        shifted = (v - v.min()) + (g.max() - g) * span  # earlier choices lie above later ones
+        run = np.minimum.accumulate(shifted)
+        keep = np.ones(len(order), dtype=bool)
+        keep[1:] = shifted[1:] < run[:-1]
+        return arr[np.sort(order[keep])]
+    out = []
+    for k in range(len(first)):
+        sub = arr[inv == k]
+        out.append(sub[_pareto(sub[:, 4:])])
+    return np.concatenate(out)
+
+
+def _sample_cost(cost: CostModel, net: NetworkSpec) -> LayerCost:
+    spec = net.layers[0]
+    pe, simd = cost.folding_options(spec)[0]
+    return cost.layer_cost(spec, 8, 8, 8 if spec.has_output_act else None, pe, simd)
 
 
 def _priced_resources(cost: CostModel, net: NetworkSpec) -> list[str]:
     """Resources the cost model prices and the target caps, in a fixed order."""
-    spec = net.layers[0]
-    pe, simd = cost.folding_options(spec)[0]
-    sample = cost.layer_cost(spec, 8, 8, 8 if spec.has_output_act else None, pe, simd)
+    sample = _sample_cost(cost, net)
     names = [r for r in sample.resources if r in cost.limits.totals]
     return sorted(names, key=lambda r: (RESOURCE_ORDER.index(r) if r in RESOURCE_ORDER else len(RESOURCE_ORDER), r))
+
+
+def _priced_metrics(cost: CostModel, net: NetworkSpec) -> list[str]:
+    """Uncapped quantities the allocator can minimise (energy), where the model prices them."""
+    sample = _sample_cost(cost, net)
+    return [m for m in (ENERGY,) if m in sample.resources and m not in cost.limits.totals]
+
+
+def _resolve_objective(cost: CostModel, objective: str | None, metrics: list[str], resources: list[str]) -> str:
+    schedule = getattr(cost, "schedule", "dataflow")
+    if objective is None:
+        objective = getattr(cost, "default_objective", None) or ("throughput" if schedule == "dataflow" else "latency")
+    objective = str(objective).lower()
+    name = cost.limits.name
+    if objective not in OBJECTIVES:
+        raise FqhwError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if schedule == "sequential" and objective == "throughput":
+        objective = "latency"  # one image at a time: throughput = 1 / latency
+    if schedule == "dataflow" and objective == "latency":
+        raise FqhwError(f"{name} is a dataflow pipeline: use --objective throughput (or resources with a throughput floor)")
+    if objective == "energy" and ENERGY not in metrics:
+        raise FqhwError(f"{name} has no energy model: use --objective {'throughput' if schedule == 'dataflow' else 'latency'}")
+    if objective == "resources" and not any(cost.limits.cap(r) > 0 for r in resources):
+        raise FqhwError(f"{name} caps no resources to minimise: use --objective {'throughput' if schedule == 'dataflow' else 'latency or energy'}")
+    return objective
 
 
 def _check_sensitivity(sens: Sensitivity, layer: str, table: str, widths) -> dict[int, np.ndarray]:
@@ -184,7 +346,15 @@ def _check_sensitivity(sens: Sensitivity, layer: str, table: str, widths) -> dic
     return out
 
 
-def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits) -> _Problem:
+def _check_pins(pins: dict, names: list[str], what: str) -> None:
+    for name, b in pins.items():
+        if name not in names:
+            raise FqhwError(f"pinned {what} {name!r} is not in the network ({what}s: {', '.join(names)})")
+        if isinstance(b, bool) or int(b) != b or b < 1:
+            raise FqhwError(f"pinned width {b!r} of {what} {name!r} is not a positive integer")
+
+
+def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act=None, objective=None) -> _Problem:
     t0 = time.perf_counter()
     if not net.layers:
         raise FqhwError("the network has no conv or linear layers to allocate")
@@ -193,59 +363,83 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
     if not bits or not act_bits:
         raise FqhwError("the candidate weight and activation widths must not be empty")
     pinned = dict(pinned or {})
+    pinned_act = dict(pinned_act or {})
     names = [s.name for s in net.layers]
-    for name, b in pinned.items():
-        if name not in names:
-            raise FqhwError(f"pinned layer {name!r} is not in the network (layers: {', '.join(names)})")
-        if int(b) != b or b < 1:
-            raise FqhwError(f"pinned width {b!r} of layer {name!r} is not a positive integer")
+    _check_pins(pinned, names, "layer")
+    _check_pins(pinned_act, list(dict.fromkeys(s.act_group for s in net.layers if s.has_output_act)), "activation")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) or budget <= 0:
         raise FqhwError(f"budget {budget!r} must be a positive number of bits per weight")
     if min_fps is not None and not (math.isfinite(min_fps) and min_fps > 0):
         raise FqhwError(f"min fps {min_fps!r} must be a positive number")
 
+    schedule = getattr(cost, "schedule", "dataflow")
+    if schedule not in ("dataflow", "sequential"):
+        raise FqhwError(f"cost model of {cost.limits.name} has an unknown schedule {schedule!r}")
     resources = _priced_resources(cost, net)
+    metrics = _priced_metrics(cost, net)
+    objective = _resolve_objective(cost, objective, metrics, resources)
     caps = {r: int(math.floor(cost.limits.cap(r) + 1e-9)) for r in resources}
     max_cycles = None if min_fps is None else int(math.floor(cost.limits.clock_hz / min_fps))
 
-    raw_w, raw_a, layers = [], [], []
+    raw_w, raw_a, layers, slots = [], [], [], []
+    slot_of: dict[str, int] = {}
     n_cand = 0
-    prev_a: list[int] | None = [input_bits]
-    for spec in net.layers:
-        if prev_a is None:
+    for i, spec in enumerate(net.layers):
+        j = net.input_of(i)
+        if j >= 0 and not net.layers[j].has_output_act:
             raise FqhwError(f"layer {spec.name!r} follows a layer without an output activation")
+        in_slot = -1 if j < 0 else slot_of[net.layers[j].act_group]
+        ai_vals = [input_bits] if in_slot < 0 else slots[in_slot].a_vals
+        out_slot = None
+        if spec.has_output_act:
+            g = spec.act_group
+            if g not in slot_of:
+                a_vals = [int(pinned_act[g])] if g in pinned_act else act_bits
+                slot_of[g] = len(slots)
+                slots.append(_Slot(g, a_vals))
+                raw_a.append(_check_sensitivity(sens, g, "act", a_vals))
+            out_slot = slot_of[g]
+        elif spec.act_group in slot_of:
+            raise FqhwError(f"the channel groups of layer {spec.act_group!r} disagree on having an output activation")
+        a_vals = slots[out_slot].a_vals if out_slot is not None else None
         w_vals = [int(pinned[spec.name])] if spec.name in pinned else bits
-        a_vals = act_bits if spec.has_output_act else None
         raw_w.append(_check_sensitivity(sens, spec.name, "weight", w_vals))
-        raw_a.append(_check_sensitivity(sens, spec.name, "act", a_vals) if a_vals else None)
-        folds, cand, n = _layer_candidates(cost, spec, w_vals, prev_a, a_vals or [None], resources)
+        folds, cand, n = _layer_candidates(cost, spec, w_vals, ai_vals, a_vals or [None], resources, metrics)
         n_cand += n
         if len(cand) == 0:
             raise InfeasibleError(f"layer {spec.name!r} cannot be built on {cost.limits.name} with any folding at the candidate widths")
-        layers.append(_Layer(spec, w_vals, a_vals, list(prev_a), folds, cand))
-        prev_a = a_vals
+        layers.append(_Layer(spec, w_vals, a_vals, list(ai_vals), in_slot, out_slot, folds, cand))
+
+    # uncapped metrics in integer units: the largest per-layer value is METRIC_RESOLUTION
+    metric_scale = {}
+    for k, mname in enumerate(metrics):
+        col = 5 + len(resources) + k
+        top = max(float(np.max(np.abs(L.cand[:, col]))) for L in layers)
+        metric_scale[mname] = METRIC_RESOLUTION / top if top > 0 else 1.0
+        for L in layers:
+            L.cand[:, col] = np.rint(L.cand[:, col] * metric_scale[mname])
+    for L in layers:
+        L.cand = L.cand.astype(np.int64)
 
     extras_fn = getattr(cost, "extras_options", None)
     extras = list(extras_fn(net, input_bits)) if extras_fn is not None else []
 
     # integer sensitivity terms: M bounds every group's total
     bound = np.zeros(len(sens.groups))
-    for tw, ta in zip(raw_w, raw_a):
-        bound += np.max(np.abs(np.stack(list(tw.values()))), axis=0)
-        if ta:
-            bound += np.max(np.abs(np.stack(list(ta.values()))), axis=0)
+    for t in [*raw_w, *raw_a]:
+        bound += np.max(np.abs(np.stack(list(t.values()))), axis=0)
     m = float(np.max(bound)) if len(bound) else 0.0
     scale = LOSS_RESOLUTION / m if m > 0 else 1.0
 
     def to_int(table):
-        return None if table is None else {b: np.rint(v * scale).astype(np.int64) for b, v in table.items()}
+        return {b: np.rint(v * scale).astype(np.int64) for b, v in table.items()}
 
     prob = _Problem(
-        net=net, cost=cost, target=cost.limits.name, input_bits=input_bits, layers=layers, resources=resources,
-        caps=caps, extras=extras,
+        net=net, cost=cost, target=cost.limits.name, input_bits=input_bits, layers=layers, slots=slots, resources=resources,
+        metrics=metrics, metric_scale=metric_scale, caps=caps, extras=extras,
         budget=Fraction(int(budget)) if isinstance(budget, numbers.Integral) else Fraction(repr(float(budget))),
         max_cycles=max_cycles, groups=list(sens.groups), scale=scale,
-        tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], candidates=n_cand,
+        tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], schedule=schedule, objective=objective, candidates=n_cand,
     )
     prob.timings["tables_s"] = round(time.perf_counter() - t0, 3)
     return prob
@@ -258,30 +452,41 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
 class _Model:
     m: cp_model.CpModel
     cmax: int | None
-    xw: list[dict]
-    xa: list[dict | None]
+    xw: list[dict]  # per unit
+    xa: list[dict]  # per activation slot
     w: list
-    a: list
+    a: list  # per activation slot
     fold: list
     cyc: list
-    res: list[dict]
+    res: list[dict]  # per unit: every column (capped resources and metrics)
     ext: list
     ext_cycles: list[int]
     ext_index: list[int]
     z: object
     bottleneck: object
+    latency: object  # sum of the units' cycles (+ the extras')
     lut_total: object | None
     avg_num: object  # sum_l params_l * w_l
-    res_total: dict
+    res_total: dict  # per column
+    weighted_resources: object | None  # sum_r R_r * round(RESOURCE_WEIGHT / cap_r)
     decision: list
     table_rows: dict
+    fold_dom: list = field(default_factory=list)  # per unit, the folding indices its table allows
+
+    def unit_act(self, L: _Layer):
+        return None if L.out_slot is None else self.a[L.out_slot]
 
 
 def _build(
-    p: _Problem, cmax: int | None, *, budget: bool = True, caps: bool = True, loss: bool = True, z_max: int | None = None
+    p: _Problem, cmax: int | None, *, budget: bool = True, caps: bool = True, loss: bool = True, z_max: int | None = None,
+    hardware: bool = True,
 ) -> _Model | None:
-    """The model with every layer's cycles capped at cmax; None when some layer (or the
-    extras) has no folding that fast."""
+    """The model with every image's cycles capped at cmax (dataflow: every unit's cycles;
+    sequential: their sum); None when some unit (or the extras) has no folding that fast.
+    hardware=False leaves out the foldings, cycles and resources (the tables): only the
+    widths, the budget and the loss, a relaxation of the problem."""
+    if not hardware:
+        return _build_widths_only(p, budget=budget, z_max=z_max)
     tables = [L.rows(cmax) for L in p.layers]
     if any(not t for t in tables):
         return None
@@ -289,8 +494,8 @@ def _build(
     if p.extras and not ext_index:
         return None
     m = cp_model.CpModel()
-    xw, xa, W, A, F, CYC, RES, decision = [], [], [], [], [], [], [], []
-    ncol = 5 + len(p.resources)
+    xw, xa, W, A, F, CYC, RES, decision = [], [None] * len(p.slots), [], [None] * len(p.slots), [], [], [], []
+    ncol = 5 + len(p.columns)
     for i, (L, rows) in enumerate(zip(p.layers, tables)):
         name = L.spec.name
         bw = {b: m.NewBoolVar(f"xw[{name},{b}]") for b in L.w_vals}
@@ -300,34 +505,32 @@ def _build(
         xw.append(bw)
         W.append(w)
         decision += list(bw.values())
-        if L.a_vals:
-            ba = {b: m.NewBoolVar(f"xa[{name},{b}]") for b in L.a_vals}
+        if L.out_slot is not None and A[L.out_slot] is None:
+            slot = p.slots[L.out_slot]
+            ba = {b: m.NewBoolVar(f"xa[{slot.name},{b}]") for b in slot.a_vals}
             m.AddExactlyOne(ba.values())
-            a = m.NewIntVarFromDomain(cp_model.Domain.FromValues(L.a_vals), f"a[{name}]")
+            a = m.NewIntVarFromDomain(cp_model.Domain.FromValues(slot.a_vals), f"a[{slot.name}]")
             m.Add(a == sum(b * x for b, x in ba.items()))
-            xa.append(ba)
-            A.append(a)
+            xa[L.out_slot] = ba
+            A[L.out_slot] = a
             decision += list(ba.values())
-        else:
-            xa.append(None)
-            A.append(None)
         f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[3] for r in rows})), f"fold[{name}]")
         cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[4] for r in rows})), f"cycles[{name}]")
         res = {
             r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({row[5 + k] for row in rows})), f"{r}[{name}]")
-            for k, r in enumerate(p.resources)
+            for k, r in enumerate(p.columns)
         }
         F.append(f)
         CYC.append(cyc)
         RES.append(res)
         decision.append(f)
-        # table columns: w_l, a_{l-1} (a variable unless l is the first layer), a_l (if any)
+        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
         cols, keep = [w], [0]
-        if i > 0:
-            cols.append(A[i - 1])
+        if L.in_slot >= 0:
+            cols.append(A[L.in_slot])
             keep.append(1)
-        if L.a_vals:
-            cols.append(A[i])
+        if L.out_slot is not None:
+            cols.append(A[L.out_slot])
             keep.append(2)
         cols += [f, cyc, *res.values()]
         keep += list(range(3, ncol))
@@ -339,51 +542,107 @@ def _build(
     if ext:
         m.AddExactlyOne(ext)
     ext_cycles = [p.extras[k].cycles for k in ext_index]
+    ext_cyc_expr = sum(c * x for c, x in zip(ext_cycles, ext)) if ext else 0
 
     top = max([max(r[4] for r in t) for t in tables] + ext_cycles)
     bottleneck = m.NewIntVar(0, top, "bottleneck_cycles")
     for cyc in CYC:
         m.Add(bottleneck >= cyc)
     if ext:
-        m.Add(bottleneck >= sum(c * x for c, x in zip(ext_cycles, ext)))
+        m.Add(bottleneck >= ext_cyc_expr)
+    latency = sum(CYC) + ext_cyc_expr
+    if p.schedule == "sequential" and cmax is not None:
+        m.Add(latency <= cmax)
 
     res_total = {}
-    for r in p.resources:
-        total = sum(res[r] for res in RES) + sum(_resource_value(p.extras[k], r) * x for k, x in zip(ext_index, ext))
+    for r in p.columns:
+        total = sum(res[r] for res in RES)
+        if r in p.resources:
+            total += sum(_resource_value(p.extras[k], r) * x for k, x in zip(ext_index, ext))
         res_total[r] = total
-        if caps:
+        if caps and r in p.resources:
             m.Add(total <= p.caps[r])
+    weights = {r: max(1, round(RESOURCE_WEIGHT / p.caps[r])) for r in p.resources if p.caps[r] > 0}
+    weighted = sum(k * res_total[r] for r, k in weights.items()) if weights else None
 
     avg_num = sum(L.spec.params * w for L, w in zip(p.layers, W))
     if budget:
         m.Add(avg_num * p.budget.denominator <= p.budget.numerator * p.net.total_params)
 
-    z = None
-    if loss:
-        lo = hi = 0
-        exprs = []
-        for g in range(len(p.groups)):
-            terms, glo, ghi = [], 0, 0
-            for i, L in enumerate(p.layers):
-                vals = [int(p.tw[i][b][g]) for b in L.w_vals]
-                terms += [v * xw[i][b] for v, b in zip(vals, L.w_vals)]
-                glo, ghi = glo + min(vals), ghi + max(vals)
-                if L.a_vals:
-                    vals = [int(p.ta[i][b][g]) for b in L.a_vals]
-                    terms += [v * xa[i][b] for v, b in zip(vals, L.a_vals)]
-                    glo, ghi = glo + min(vals), ghi + max(vals)
-            exprs.append(sum(terms))
-            lo, hi = min(lo, glo), max(hi, ghi)
-        z = m.NewIntVar(lo, hi, "z_worst_group_loss")
-        for e in exprs:
-            m.Add(z >= e)
-        if z_max is not None:
-            m.Add(z <= z_max)
+    z = _add_loss(p, m, xw, xa, z_max) if loss else None
 
     return _Model(
-        m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, res_total.get("LUT"), avg_num,
-        res_total, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
+        m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, latency, res_total.get("LUT"), avg_num,
+        res_total, weighted, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
+        [{r[3] for r in t} for t in tables],
     )
+
+
+def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], z_max: int | None):
+    """z >= every group's integer loss total (and z <= z_max when given)."""
+    lo = hi = 0
+    exprs = []
+    for g in range(len(p.groups)):
+        terms, glo, ghi = [], 0, 0
+        for i, L in enumerate(p.layers):
+            vals = [int(p.tw[i][b][g]) for b in L.w_vals]
+            terms += [v * xw[i][b] for v, b in zip(vals, L.w_vals)]
+            glo, ghi = glo + min(vals), ghi + max(vals)
+        for k, slot in enumerate(p.slots):
+            vals = [int(p.ta[k][b][g]) for b in slot.a_vals]
+            terms += [v * xa[k][b] for v, b in zip(vals, slot.a_vals)]
+            glo, ghi = glo + min(vals), ghi + max(vals)
+        exprs.append(sum(terms))
+        lo, hi = min(lo, glo), max(hi, ghi)
+    z = m.NewIntVar(lo, hi, "z_worst_group_loss")
+    for e in exprs:
+        m.Add(z >= e)
+    if z_max is not None:
+        m.Add(z <= z_max)
+    return z
+
+
+def _build_widths_only(p: _Problem, *, budget: bool = True, z_max: int | None = None) -> _Model:
+    m = cp_model.CpModel()
+    xw, W, decision = [], [], []
+    for L in p.layers:
+        bw = {b: m.NewBoolVar(f"xw[{L.spec.name},{b}]") for b in L.w_vals}
+        m.AddExactlyOne(bw.values())
+        w = m.NewIntVarFromDomain(cp_model.Domain.FromValues(L.w_vals), f"w[{L.spec.name}]")
+        m.Add(w == sum(b * x for b, x in bw.items()))
+        xw.append(bw)
+        W.append(w)
+        decision += list(bw.values())
+    xa, A = [], []
+    for slot in p.slots:
+        ba = {b: m.NewBoolVar(f"xa[{slot.name},{b}]") for b in slot.a_vals}
+        m.AddExactlyOne(ba.values())
+        a = m.NewIntVarFromDomain(cp_model.Domain.FromValues(slot.a_vals), f"a[{slot.name}]")
+        m.Add(a == sum(b * x for b, x in ba.items()))
+        xa.append(ba)
+        A.append(a)
+        decision += list(ba.values())
+    avg_num = sum(L.spec.params * w for L, w in zip(p.layers, W))
+    if budget:
+        m.Add(avg_num * p.budget.denominator <= p.budget.numerator * p.net.total_params)
+    z = _add_loss(p, m, xw, xa, z_max)
+    return _Model(m, None, xw, xa, W, A, [], [], [], [], [], [], z, None, 0, None, avg_num, {}, None, decision, {})
+
+
+@dataclass
+class _Choice:
+    """A solution as plain data: widths per unit and per activation slot, and (where the
+    model had the hardware) the folding index and cycles per unit."""
+
+    w: list[int]
+    a: list[int]
+    fold: list[int] | None = None
+    cycles: list[int] | None = None
+    ext: int | None = None  # index into p.extras
+
+    @property
+    def max_cycles(self) -> int:
+        return max(self.cycles or [0])
 
 
 @dataclass
@@ -396,9 +655,13 @@ class _Stage:
     values: dict | None = None  # variable index -> value (CP-SAT variables are not hashable)
     model: _Model | None = None
     steps: int = 1
+    choice: _Choice | None = None
+    solver_steps: int | None = None  # bisection: the steps that needed the solver
 
 
-def _solve(mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None) -> _Stage:
+def _solve(
+    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0
+) -> _Stage:
     if mod is None:
         return _Stage(name, "INFEASIBLE", None, None, 0.0)
     m = mod.m
@@ -413,6 +676,8 @@ def _solve(mod: _Model | None, objective, name: str, time_limit: float, workers:
     solver.parameters.max_time_in_seconds = max(0.05, float(time_limit))
     solver.parameters.num_workers = max(1, int(workers))
     solver.parameters.random_seed = int(seed)
+    if rel_gap > 0 and objective is not None:
+        solver.parameters.relative_gap_limit = float(rel_gap)
     t0 = time.perf_counter()
     status = solver.Solve(m)
     wall = time.perf_counter() - t0
@@ -422,36 +687,121 @@ def _solve(mod: _Model | None, objective, name: str, time_limit: float, workers:
             raise RuntimeError(f"CP-SAT model invalid: {m.Validate()}")
         return _Stage(name, sname, None, None, wall, model=mod)
     values = {v.Index(): solver.Value(v) for v in mod.decision}
-    for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values()), mod.bottleneck]:
+    for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values())]:
         values[v.Index()] = solver.Value(v)
+    if mod.bottleneck is not None:
+        values[mod.bottleneck.Index()] = solver.Value(mod.bottleneck)
     if mod.z is not None:
         values[mod.z.Index()] = solver.Value(mod.z)
     values["avg_num"] = solver.Value(mod.avg_num)
     for r, e in mod.res_total.items():
         values[f"total:{r}"] = solver.Value(e)
     # the slowest unit of the solution (the bottleneck variable is only bounded below)
-    values["max_cycles"] = max(
-        [solver.Value(c) for c in mod.cyc] + [c for c, x in zip(mod.ext_cycles, mod.ext) if solver.Value(x)]
-    )
+    unit_cycles = [solver.Value(c) for c in mod.cyc] + [c for c, x in zip(mod.ext_cycles, mod.ext) if solver.Value(x)]
+    values["max_cycles"] = max(unit_cycles, default=0)
+    values["latency"] = sum(unit_cycles)
     obj = solver.ObjectiveValue() if objective is not None else None
     bnd = solver.BestObjectiveBound() if objective is not None else None
-    return _Stage(name, sname, obj, bnd, wall, values, mod)
+    choice = _Choice(
+        w=[int(values[v.Index()]) for v in mod.w],
+        a=[int(values[v.Index()]) for v in mod.a],
+        fold=[int(values[v.Index()]) for v in mod.fold] if mod.fold else None,
+        cycles=[int(values[v.Index()]) for v in mod.cyc] if mod.cyc else None,
+        ext=next((mod.ext_index[k] for k, x in enumerate(mod.ext) if values[x.Index()]), None),
+    )
+    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice)
 
 
-def _val(st: _Stage, var) -> int:
-    return st.values[var.Index()]
-
-
-def _bits_hint(st: _Stage, mod: _Model) -> list:
-    """Hint the widths of a solution of another model of the same problem (layer by layer)."""
-    old = st.model
+def _bits_hint(st: _Stage, mod: _Model, folds: bool = False) -> list:
+    """Hint the widths (and with folds=True the foldings) of a solution to a model of the
+    same problem."""
+    c = st.choice
     hint = []
-    for xo, xn in zip(old.xw + old.xa, mod.xw + mod.xa):
-        if xo is None:
-            continue
-        for b, var in xn.items():
-            hint.append((var, st.values[xo[b].Index()]))
+    for i, xn in enumerate(mod.xw):
+        hint += [(var, int(b == c.w[i])) for b, var in xn.items()]
+    for k, xn in enumerate(mod.xa):
+        hint += [(var, int(b == c.a[k])) for b, var in xn.items()]
+    if folds and c.fold is not None and mod.fold:
+        hint += [(v, f) for f, v, dom in zip(c.fold, mod.fold, mod.fold_dom) if f in dom]
     return hint
+
+
+def _least_rows(p: _Problem, cmax: int | None, c: _Choice) -> list[tuple] | None:
+    """Per unit, the row of its table at cap cmax for the widths of `c` with the least
+    resources (lexicographically, then the fewest cycles); None when a unit has none."""
+    out = []
+    for L, w in zip(p.layers, c.w):
+        ai = p.input_bits if L.in_slot < 0 else c.a[L.in_slot]
+        ao = NO_ACT if L.out_slot is None else c.a[L.out_slot]
+        best = None
+        for r in L.rows(cmax):
+            if r[0] == w and r[1] == ai and r[2] == ao:
+                key = (*r[5:5 + len(p.resources)], r[4], r[3])
+                if best is None or key < best[0]:
+                    best = (key, r)
+        if best is None:
+            return None
+        out.append(best[1])
+    return out
+
+
+def _certificate(p: _Problem, cmax: int, c: _Choice, caps: bool = True) -> _Choice | None:
+    """The widths of `c` with each unit's least-resource folding at cap cmax, when that
+    fits every cap: a feasible solution found without the solver (None otherwise)."""
+    if p.extras:
+        return None
+    rows = _least_rows(p, cmax, c)
+    if rows is None:
+        return None
+    if p.schedule == "sequential" and cmax is not None and sum(row[4] for row in rows) > cmax:
+        return None
+    if caps:
+        for k, r in enumerate(p.resources):
+            if sum(row[5 + k] for row in rows) > p.caps[r]:
+                return None
+    return _Choice(list(c.w), list(c.a), [int(r[3]) for r in rows], [int(r[4]) for r in rows])
+
+
+def _caps_exceeded(p: _Problem, cmax: int, z_max: int | None = None) -> bool:
+    """True when even each unit's least use of some resource at cap cmax, over the widths
+    the loss limit z_max leaves it (see _loss_widths), adds up to more than the cap: no
+    solution at cmax (without the solver)."""
+    if p.extras:
+        return False
+    allowed_w, allowed_a = _loss_widths(p, z_max)
+    need = np.zeros(len(p.resources), dtype=np.int64)
+    for i, L in enumerate(p.layers):
+        rows = np.asarray(L.rows(cmax), dtype=np.int64)
+        if len(rows):
+            ok = np.isin(rows[:, 0], allowed_w[i])
+            if L.in_slot >= 0:
+                ok &= np.isin(rows[:, 1], allowed_a[L.in_slot])
+            if L.out_slot is not None:
+                ok &= np.isin(rows[:, 2], allowed_a[L.out_slot])
+            rows = rows[ok]
+        if not len(rows):
+            return True
+        need += rows[:, 5:5 + len(p.resources)].min(axis=0)
+    return any(need[k] > p.caps[r] for k, r in enumerate(p.resources))
+
+
+def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """Per unit and per activation slot, the widths that can be part of a solution with
+    loss <= z_max: b is left out when, with every other unit and slot at its own least
+    term, some group's total with b already exceeds z_max."""
+    key = ("loss_widths", z_max)
+    if key in p.timings:
+        return p.timings[key]
+    w_ok = [list(L.w_vals) for L in p.layers]
+    a_ok = [list(sl.a_vals) for sl in p.slots]
+    if z_max is not None:
+        tables = [(t, w_ok, i) for i, t in enumerate(p.tw)] + [(t, a_ok, k) for k, t in enumerate(p.ta)]
+        mins = [np.min(np.stack(list(t.values())), axis=0) for t, _, _ in tables]
+        base = np.sum(mins, axis=0)
+        for (t, out, j), mn in zip(tables, mins):
+            out[j] = [b for b in out[j] if np.all(base - mn + t[b] <= z_max)]
+    p.timings[key] = (w_ok, a_ok)
+    return w_ok, a_ok
 
 
 def _min_bottleneck(
@@ -463,7 +813,7 @@ def _min_bottleneck(
     and whether every step was decided (False: a step timed out and was taken as
     infeasible, so C may not be the least)."""
     t0 = time.perf_counter()
-    ub = int(start.values["max_cycles"])
+    ub = int(start.choice.max_cycles)
     cap = p.max_cycles
     lb = max(int(np.min(L.cand[:, 4] if cap is None else L.cand[L.cand[:, 4] <= cap, 4])) for L in p.layers)
     if p.extras:
@@ -475,9 +825,21 @@ def _min_bottleneck(
     best = start
     lo, hi = 0, len(cands) - 1
     exact, steps = True, 0
+    caps = build.get("caps", True)
+    solver_steps = 0
     while lo < hi:
         mid = (lo + hi) // 2
         steps += 1
+        # without the solver where possible: the current widths refolded fit (feasible), or
+        # the least resources at this cap exceed a cap whatever the widths (infeasible)
+        cert = _certificate(p, cands[mid], best.choice, caps)
+        if cert is not None:
+            hi, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
+            continue
+        if caps and _caps_exceeded(p, cands[mid], build.get("z_max") if build.get("loss", True) else None):
+            lo = mid + 1
+            continue
+        solver_steps += 1
         remaining = deadline - time.perf_counter()
         est_steps = max(1, math.ceil(math.log2(hi - lo + 1)))
         mod = _build(p, cands[mid], **build)
@@ -490,10 +852,11 @@ def _min_bottleneck(
                 exact = False
             lo = mid + 1
     c_star = cands[hi]
-    if best.values is None or best.values["max_cycles"] > c_star:  # pragma: no cover - defensive
+    if best.choice is None or best.choice.max_cycles > c_star:  # pragma: no cover - defensive
         raise AssertionError("bisection lost its feasible solution")
     out = _Stage(name, "OPTIMAL" if exact else "FEASIBLE", float(c_star), float(cands[lo]) if exact else float(lb),
-                 time.perf_counter() - t0, best.values, best.model, steps)
+                 time.perf_counter() - t0, best.values, best.model, steps, choice=best.choice)
+    out.solver_steps = solver_steps
     return out, exact
 
 
@@ -513,65 +876,132 @@ def allocate(
     workers: int = 2,
     seed: int = 0,
     input_bits: int = 8,
+    *,
+    objective: str | None = None,
+    loss_slack: float = 0.0,
+    pinned_act: dict[str, int] | None = None,
+    rel_gap: float = 0.0,
 ) -> Allocation:
-    """Weight and activation widths and folding per layer that minimise the worst group's
+    """Weight and activation widths and folding per unit that minimise the worst group's
     predicted loss increase under the budget (parameter-weighted average weight width),
-    the target's resource caps and an optional throughput floor; then the fastest such
-    design, then the one with the fewest LUTs. Raises InfeasibleError (one line, naming the
-    constraint and what would work) when no allocation exists."""
+    the target's resource caps and an optional throughput floor; then the best design for
+    the hardware objective among those within `loss_slack` (a fraction) of that loss:
+
+      objective None        the cost model's default_objective, else "throughput" for a
+                            dataflow target (the fastest, then the fewest LUTs) and
+                            "latency" for a sequential one (then the least energy)
+      "resources"           the fewest resources (sum of R_r / cap_r) that meet min_fps,
+                            then the fastest at that cost
+      "energy"              the least energy, then the lowest latency
+
+    pinned / pinned_act fix weight widths per unit / activation widths per layer;
+    rel_gap > 0 lets CP-SAT stop each stage within that relative gap of its bound.
+    Raises InfeasibleError (one line, naming the constraint and what would work) when no
+    allocation exists."""
     t_start = time.perf_counter()
-    p = _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits)
+    if not (isinstance(loss_slack, numbers.Real) and math.isfinite(loss_slack) and loss_slack >= 0):
+        raise FqhwError(f"loss slack {loss_slack!r} must be a non-negative fraction")
+    p = _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act, objective)
     _precheck_budget(p, budget)
     deadline = t_start + float(time_limit_s)
 
     def left(frac: float) -> float:
         return max(0.1, (deadline - time.perf_counter()) * frac)
 
-    # stage 1: the worst group's predicted loss
-    mod1 = _build(p, p.max_cycles)
-    if mod1 is None:
+    # stage 1: the worst group's predicted loss. First without the hardware (the widths,
+    # the budget and the loss only: a relaxation); when its solution, each unit at its
+    # least-resource folding, fits the target, it is optimal for the whole problem too.
+    # Otherwise the model with the tables, hinted with it.
+    mod_hw = _build(p, p.max_cycles)
+    if mod_hw is None:
         _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
-    proto = mod1.m.Proto()
+    proto = mod_hw.m.Proto()
     model_size = {
+        "units": len(p.layers),
+        "activation_slots": len(p.slots),
         "variables": len(proto.variables),
         "constraints": len(proto.constraints),
-        "table_rows": sum(mod1.table_rows.values()),
-        "table_rows_per_layer": dict(mod1.table_rows),
+        "table_rows": sum(mod_hw.table_rows.values()),
+        "table_rows_per_layer": dict(mod_hw.table_rows),
         "priced_choices": p.candidates,
         "pareto_choices": int(sum(len(L.cand) for L in p.layers)),
     }
-    s1 = _solve(mod1, mod1.z, "min_worst_group_loss", left(0.5), workers, seed)
-    if s1.values is None:
+    s1 = None
+    if not p.extras:
+        mod_w = _build(p, p.max_cycles, hardware=False)
+        s_w = _solve(mod_w, mod_w.z, "min_worst_group_loss", left(0.4), workers, seed, rel_gap=rel_gap)
+        cert = _certificate(p, p.max_cycles, s_w.choice) if s_w.choice is not None else None
+        if cert is not None:
+            s_w.choice = cert
+            s1 = s_w
+        elif s_w.status == "INFEASIBLE":
+            _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
+    model_size["stage1_without_tables"] = s1 is not None
+    if s1 is None:
+        hint = _bits_hint(s_w, mod_hw) if not p.extras and s_w.choice is not None else None
+        s1 = _solve(mod_hw, mod_hw.z, "min_worst_group_loss", left(0.5), workers, seed, hint, rel_gap=rel_gap)
+    if s1.choice is None:
         if s1.status == "INFEASIBLE":
             _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
         raise FqhwError(f"no allocation found on {p.target} within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time")
     z_star = int(round(s1.objective))
+    z_max = z_star + int(math.floor(loss_slack * abs(z_star)))
 
-    # stage 2: the bottleneck, with the loss held at z*
-    s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed, z_max=z_star)
-    c_star = int(s2.objective)
+    stages = [s1]
+    final = s1
 
-    # stage 3: the fewest LUTs at that throughput
-    stages = [s1, s2]
-    final = s2
-    mod3 = _build(p, c_star, z_max=z_star)
-    if mod3 is not None and mod3.lut_total is not None:
-        s3 = _solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(s2, mod3))
-        stages.append(s3)
-        if s3.values is not None:
-            final = s3
-    fm = final.model
+    def better(st: _Stage) -> None:
+        nonlocal final
+        stages.append(st)
+        if st.choice is not None:
+            final = st
 
+    if p.objective == "throughput":
+        # stage 2: the bottleneck, with the loss held at z_max
+        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed, z_max=z_max)
+        c_star = int(s2.objective)
+        better(s2)
+        # stage 3: the fewest LUTs at that throughput
+        mod3 = _build(p, c_star, z_max=z_max)
+        if mod3 is not None and mod3.lut_total is not None:
+            better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
+    else:
+        # stage 2: the objective; stage 3: the tie-break at (no worse than) its value
+        first, second = {
+            "resources": ("weighted_resources", "latency" if p.schedule == "sequential" else "bottleneck"),
+            "latency": ("latency", ENERGY if ENERGY in p.metrics else None),
+            "energy": (ENERGY, "latency"),
+        }[p.objective]
+        names = {"weighted_resources": "min_weighted_resources", "latency": "min_latency_cycles",
+                 "bottleneck": "min_bottleneck_cycles", ENERGY: "min_energy"}
+
+        def expr(mod: _Model, key: str):
+            if key == "weighted_resources":
+                return mod.weighted_resources
+            if key == "latency":
+                return mod.latency
+            if key == "bottleneck":
+                return mod.bottleneck
+            return mod.res_total[key]
+
+        mod2 = _build(p, p.max_cycles, z_max=z_max)
+        s2 = _solve(mod2, expr(mod2, first), names[first], left(0.6), workers, seed, _bits_hint(s1, mod2), rel_gap)
+        better(s2)
+        if s2.choice is not None and second is not None:
+            mod3 = _build(p, p.max_cycles, z_max=z_max)
+            mod3.m.Add(expr(mod3, first) <= int(round(s2.objective)))
+            better(_solve(mod3, expr(mod3, second), names[second], left(1.0), workers, seed, _bits_hint(s2, mod3), rel_gap))
     layers = []
+    fc = final.choice
     for i, L in enumerate(p.layers):
-        pe, simd = L.folds[_val(final, fm.fold[i])]
-        a = _val(final, fm.a[i]) if fm.a[i] is not None else None
-        layers.append(LayerAllocation(L.spec.name, int(_val(final, fm.w[i])), None if a is None else int(a), int(pe), int(simd)))
+        pe, simd = L.folds[fc.fold[i]]
+        a = None if L.out_slot is None else fc.a[L.out_slot]
+        layers.append(LayerAllocation(L.spec.name, int(fc.w[i]), None if a is None else int(a), int(pe), int(simd)))
     alloc = Allocation(target=p.target, layers=layers, input_bits=input_bits)
 
     # the exact (unscaled) objective of the chosen allocation, and its price
-    pred = sens.predicted({la.name: la.weight_bits for la in layers}, {la.name: la.act_bits for la in layers})
-    n_terms = sum(1 + (L.a_vals is not None) for L in p.layers)
+    pred = alloc.predicted_loss(net, sens)
+    n_terms = len(p.layers) + len(p.slots)
     priced = price(net, alloc, cost)
     for r in p.resources:
         if priced["total"][r] > p.caps[r]:
@@ -581,6 +1011,16 @@ def allocate(
     status = "OPTIMAL" if all(s.status == "OPTIMAL" for s in stages) else "FEASIBLE"
     z = s1.objective / p.scale
     zb = s1.bound / p.scale
+
+    def stage_value(st: _Stage, v):
+        if v is None:
+            return None
+        if st is s1:
+            return v / p.scale
+        if st.name == "min_energy":
+            return v / p.metric_scale[ENERGY]
+        return v
+
     alloc.solver = {
         "solver": "cp-sat",
         "ortools": _ortools_version(),
@@ -595,7 +1035,12 @@ def allocate(
         "loss_scale": float(p.scale),
         "loss_units": f"integer = round(loss * {p.scale:.6g}); {LOSS_RESOLUTION} units bound every group's total",
         "loss_rounding_error": float(0.5 * n_terms / p.scale),
+        "loss_slack": float(loss_slack),
+        "loss_limit": float(z_max / p.scale),
+        "hardware_objective": p.objective,
+        "schedule": p.schedule,
         "bottleneck_cycles": int(priced["total"]["cycles"]),
+        "latency_cycles": int(priced["total"]["latency_cycles"]),
         "fps": float(priced["total"]["fps"]),
         "resources": {r: priced["total"][r] for r in p.resources},
         "caps": dict(p.caps),
@@ -607,10 +1052,11 @@ def allocate(
             {
                 "name": s.name,
                 "status": s.status,
-                "objective": (s.objective / p.scale if s is s1 else s.objective) if s.objective is not None else None,
-                "bound": (s.bound / p.scale if s is s1 else s.bound) if s.bound is not None else None,
+                "objective": stage_value(s, s.objective),
+                "bound": stage_value(s, s.bound),
                 "wall_time_s": round(s.wall_time_s, 3),
                 "solves": s.steps,
+                **({"solver_steps": s.solver_steps} if s.solver_steps is not None else {}),
             }
             for s in stages
         ],
@@ -619,7 +1065,12 @@ def allocate(
         "workers": workers,
         "seed": seed,
         "time_limit_s": time_limit_s,
+        "rel_gap": rel_gap,
     }
+    if ENERGY in priced["total"]:
+        alloc.solver[ENERGY] = float(priced["total"][ENERGY])
+    if pinned_act:
+        alloc.solver["pinned_act"] = dict(pinned_act)
     return alloc
 
 
@@ -688,9 +1139,14 @@ def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, s
             if start.values is None:  # pragma: no cover - the caps-only model was feasible
                 start = st
                 with_budget = False
-            fast, _ = _min_bottleneck(replace(p, max_cycles=None), start, "diag_fastest", time.perf_counter() + 3 * tl,
-                                      workers, seed, budget=with_budget, loss=False)
-            cyc = int(fast.objective)
+            if p.schedule == "sequential":
+                mod = _build(p, None, budget=with_budget, caps=True, loss=False)
+                fast = _solve(mod, mod.latency, "diag_fastest", 3 * tl, workers, seed)
+                cyc = int(fast.values["latency"] if fast.status != "OPTIMAL" else round(fast.objective))
+            else:
+                fast, _ = _min_bottleneck(replace(p, max_cycles=None), start, "diag_fastest", time.perf_counter() + 3 * tl,
+                                          workers, seed, budget=with_budget, loss=False)
+                cyc = int(fast.objective)
             best = p.cost.limits.clock_hz / cyc
             within = f" within budget {budget}" if with_budget else ""
             raise InfeasibleError(
@@ -748,9 +1204,15 @@ def _choose_extras(opts: list[LayerCost], bottleneck: int) -> tuple[int, LayerCo
 
 def price(net: NetworkSpec, alloc: Allocation, cost: CostModel) -> dict:
     """Per-layer and total cycles, resources, fps and latency of any allocation on `cost`'s
-    target (e.g. a uniform baseline), with the target's caps and whether it fits."""
+    target (e.g. a uniform baseline), with the target's caps and whether it fits.
+
+    total["cycles"] is the cycles per image: the slowest unit's for a dataflow pipeline,
+    the sum of the layers' for a sequential target (which runs one layer at a time).
+    Priced quantities the target does not cap (energy_pJ) are summed into total too."""
     lim = cost.limits
+    sequential = getattr(cost, "schedule", "dataflow") == "sequential"
     layers: dict[str, dict] = {}
+    priced_keys: set[str] = set()
     for spec in net.layers:
         la = alloc.layer(spec.name)
         a_in = alloc.input_bits_of(net, spec.name)
@@ -758,6 +1220,7 @@ def price(net: NetworkSpec, alloc: Allocation, cost: CostModel) -> dict:
         if spec.has_output_act and a_out is None:
             raise FqhwError(f"allocation gives layer {spec.name!r} no activation width")
         c = cost.layer_cost(spec, la.weight_bits, a_in, a_out, la.pe, la.simd)
+        priced_keys |= set(c.resources)
         entry = {
             "weight_bits": la.weight_bits,
             "in_bits": a_in,
@@ -782,6 +1245,7 @@ def price(net: NetworkSpec, alloc: Allocation, cost: CostModel) -> dict:
     chosen = _choose_extras(list(extras_fn(net, alloc.input_bits)) if extras_fn else [], layer_cycles)
     if chosen is not None:
         k, e = chosen
+        priced_keys |= set(e.resources)
         extras = {
             "option": k,
             "cycles": int(e.cycles),
@@ -790,21 +1254,27 @@ def price(net: NetworkSpec, alloc: Allocation, cost: CostModel) -> dict:
             "units": [{kk: u[kk] for kk in ("op_type", "role", "attrs", "cycles", *RESOURCE_ORDER) if kk in u} for u in e.units],
         }
 
-    names = sorted({r for v in layers.values() for r in v if r in lim.totals} | ({r for r in extras if r in lim.totals} if extras else set()))
+    names = sorted(r for r in priced_keys if r in lim.totals)
     names.sort(key=lambda r: (RESOURCE_ORDER.index(r) if r in RESOURCE_ORDER else 9, r))
+    uncapped = sorted(r for r in priced_keys if r not in lim.totals)
     total: dict = {}
-    for r in names:
+    for r in [*names, *uncapped]:
         total[r] = sum(v.get(r, 0) for v in layers.values()) + (extras.get(r, 0) if extras else 0)
-    cycles = layer_cycles
-    bottleneck = bottleneck_layer
-    if extras and extras["cycles"] > cycles:
-        cycles, bottleneck = extras["cycles"], "extras"
     latency = sum(v["latency_cycles"] for v in layers.values()) + (extras["latency_cycles"] if extras else 0)
+    if sequential:
+        cycles = sum(v["cycles"] for v in layers.values()) + (extras["cycles"] if extras else 0)
+        bottleneck = bottleneck_layer
+    else:
+        cycles = layer_cycles
+        bottleneck = bottleneck_layer
+        if extras and extras["cycles"] > cycles:
+            cycles, bottleneck = extras["cycles"], "extras"
     caps = {r: int(math.floor(lim.cap(r) + 1e-9)) for r in names}
     total.update(
         {
             "cycles": int(cycles),
             "bottleneck": bottleneck,
+            "schedule": "sequential" if sequential else "dataflow",
             "fps": lim.clock_hz / cycles,
             "latency_cycles": int(latency),
             "latency_ms": latency / lim.clock_hz * 1e3,

@@ -12,9 +12,11 @@ calling them directly:
     minimize_bit_width_initial
     create_dataflow_partition the HW layers become one StreamingDataflowPartition
     specialize_layers         HLS / RTL variants for the part
-    apply_folding             PE / SIMD from the Allocation; sliding windows etc. to match
+    apply_folding             PE / SIMD from the Allocation; sliding windows etc. folded as
+                              the FINN cost model's layer_units() says
     minimize_bit_width
     estimates                 res_estimation, exp_cycles_per_layer, dataflow_performance
+    threshold_check           fqhw: FINN's integer thresholds vs float64 ones from the QONNX file
 
 Every sub-step saves its model as build_dir/<nn>_<name>.onnx; the estimate reports (in the
 file names and layout FINN's builder uses, plus fqhw's per-layer view) go to build_dir/report/.
@@ -88,6 +90,8 @@ class FinnBuild:
     latency_ns: float
     outside_nodes: list[str]  # "name (op_type)" of the nodes left outside the partition
     folding: dict[str, dict] = field(default_factory=dict)  # node -> applied PE/SIMD/...
+    # FINN's integer thresholds against float64 ones from the QONNX file (threshold_check)
+    threshold_check: dict = field(default_factory=dict)
 
     @property
     def latency_cycles(self) -> int:
@@ -107,6 +111,7 @@ class FinnBuild:
             "latency_ms": self.latency_ns / 1e6,
             "outside_nodes": list(self.outside_nodes),
             "steps_s": {st.name: st.seconds for st in self.steps},
+            "thresholds_differing": self.threshold_check.get("differing"),
         }
 
     def to_dict(self) -> dict:
@@ -471,29 +476,96 @@ def _attr(node, name):
     return None
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _finn_cost_model(part: str):
+    """The FINN cost model of a board with this FPGA part (the folding rule it holds does
+    not depend on the board; pynq-z2 stands in for a part no known board has)."""
+    from fqhw.hwmodels.finn import BOARDS, FinnCostModel
+
+    board = next((b.name for b in BOARDS.values() if b.part == part), "pynq-z2")
+    return FinnCostModel(board)
 
 
-def _step_apply_folding(model, alloc: Allocation, layer_names: list[str]):
-    """PE / SIMD of each MVAU from the allocation; the nodes around it folded to keep up.
+def _dt_bits(inst, attr: str) -> int:
+    from qonnx.core.datatype import DataType
 
-    The allocation folds the MVAUs; the other nodes of a layer are folded, like FINN's
-    SetFolding does, just enough that none is slower than the layer's MVAU, preferring
-    widths that match the MVAU's streams:
-    - sliding window (ConvolutionInputGenerator) in front of an MVAU and the padding in
-      front of it: SIMD = the smallest divisor of the channels C that is a multiple of the
-      MVAU's SIMD and keeps up (else C); an RTL window with SIMD = C that is still slower
-      switches to parallel_window mode (a whole K x K window per cycle);
-    - pooling after an MVAU (a depthwise sliding window + Pool): PE = the smallest multiple
-      of the MVAU's PE dividing the channels that keeps up (the window's SIMD the same);
-    - every other HW node keeps FINN's default folding.
-    Data width converters, which FINN inserts only when it generates hardware, are not in
-    the estimates (as in FINN's own estimate reports).
+    return int(DataType[inst.get_nodeattr(attr)].bitwidth())
+
+
+def _layer_spec_from_graph(model, node, name: str):
+    """The fqhw LayerSpec of the layer around MVAU `node`, read from the HW graph: the
+    padding / sliding window in front of it (kernel, stride, padding, input size) and the
+    pooling window + Pool behind it. Returns (spec, {role: node}) with roles "padding",
+    "window", "pool_window", "pool" for the nodes found."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    from fqhw.network import LayerSpec
+
+    inst = getCustomOp(node)
+    mw, mh = int(inst.get_nodeattr("MW")), int(inst.get_nodeattr("MH"))
+    vecs = [int(v) for v in inst.get_nodeattr("numInputVectors")]
+    out_pixels = int(np.prod(vecs[1:])) if len(vecs) > 1 else 1
+    roles: dict = {}
+    kw: dict = {"kind": "linear", "in_channels": mw}
+    swg_node = model.find_producer(node.input[0])
+    if swg_node is not None and swg_node.op_type.startswith("ConvolutionInputGenerator"):
+        swg = getCustomOp(swg_node)
+        roles["window"] = swg_node
+        k, st = list(swg.get_nodeattr("ConvKernelDim")), list(swg.get_nodeattr("Stride"))
+        if k[0] != k[1] or st[0] != st[1]:
+            raise FqhwError(f"{name}: non-square kernel {k} or stride {st} is not supported")
+        in_hw = tuple(int(v) for v in swg.get_nodeattr("IFMDim"))
+        pad = 0
+        pad_node = model.find_producer(swg_node.input[0])
+        if pad_node is not None and pad_node.op_type.startswith("FMPadding"):
+            roles["padding"] = pad_node
+            pads = list(getCustomOp(pad_node).get_nodeattr("Padding"))
+            if len(set(pads)) != 1:
+                raise FqhwError(f"{name}: asymmetric padding {pads} is not supported")
+            pad = int(pads[0])
+            in_hw = tuple(int(v) for v in getCustomOp(pad_node).get_nodeattr("ImgDim"))
+        kw.update(
+            kind="conv", kernel=int(k[0]), stride=int(st[0]), padding=pad,
+            in_channels=int(swg.get_nodeattr("IFMChannels")), in_hw=in_hw,
+            out_hw=tuple(int(v) for v in swg.get_nodeattr("OFMDim")),
+        )
+    elif len(vecs) == 3:
+        kw.update(kind="conv", in_channels=mw, in_hw=(vecs[1], vecs[2]), out_hw=(vecs[1], vecs[2]))
+    for cons in model.find_consumers(node.output[0]) or []:
+        if cons.op_type.startswith("ConvolutionInputGenerator") and _attr(cons, "depthwise") == 1:
+            nxt = model.find_consumers(cons.output[0]) or []
+            pools = [n for n in nxt if n.op_type in POOL_TYPES]
+            if len(pools) != 1:
+                continue
+            pw, pool = getCustomOp(cons), getCustomOp(pools[0])
+            roles["pool_window"], roles["pool"] = cons, pools[0]
+            kw.update(
+                pool_kernel=int(list(pool.get_nodeattr("KernelSize"))[0]),
+                pool_stride=int(list(pw.get_nodeattr("Stride"))[0]),
+                pool_out_hw=tuple(int(v) for v in pool.get_nodeattr("OutImgDims")),
+                out_hw=tuple(int(v) for v in pw.get_nodeattr("IFMDim")),
+            )
+        elif cons.op_type in POOL_TYPES:
+            raise FqhwError(f"{name}: a Pool without its sliding window ({cons.name}) is not supported")
+    spec = LayerSpec(name, mw=mw, mh=mh, out_pixels=out_pixels, has_output_act=int(inst.get_nodeattr("noActivation")) == 0, **kw)
+    return spec, roles
+
+
+def _step_apply_folding(model, alloc: Allocation, layer_names: list[str], cost=None, part: str = DEFAULT_PART):
+    """PE / SIMD of each MVAU from the allocation; the nodes around it folded as the FINN
+    cost model prices them.
+
+    The allocation folds the MVAUs. The padding, sliding window and pooling units of each
+    layer take the folding `FinnCostModel.layer_units` gives them (fqhw.hwmodels.finn
+    holds the one copy of that rule: just enough parallelism that none is slower than the
+    layer's MVAU, with widths that are multiples of the MVAU's); the layer is read from the
+    HW graph as a LayerSpec. Every other HW node keeps FINN's default folding. Data width
+    converters, which FINN inserts only when it generates hardware, are not in the estimates
+    (as in FINN's own estimate reports).
     """
     from finn.util.basic import MAX_ALLOWED_AP_INT_W
     from qonnx.custom_op.registry import getCustomOp
 
+    cost = cost if cost is not None else _finn_cost_model(part)
     mvaus = _mvau_nodes(model)
     if len(mvaus) != len(layer_names):
         raise FqhwError(
@@ -504,13 +576,12 @@ def _step_apply_folding(model, alloc: Allocation, layer_names: list[str]):
 
     def set_attrs(node, **attrs):
         inst = getCustomOp(node)
+        types = inst.get_nodeattr_types()
+        attrs = {k: int(v) for k, v in attrs.items() if k in types}
         for k, v in attrs.items():
-            inst.set_nodeattr(k, int(v))
-        folding.setdefault(node.name, {}).update({k: int(v) for k, v in attrs.items()})
+            inst.set_nodeattr(k, v)
+        folding.setdefault(node.name, {}).update(attrs)
         return inst
-
-    def slowest(nodes):
-        return max(getCustomOp(n).get_exp_cycles() for n in nodes)
 
     for ln, node in zip(layer_names, mvaus):
         la = alloc.layer(ln)
@@ -527,48 +598,31 @@ def _step_apply_folding(model, alloc: Allocation, layer_names: list[str]):
                 f"{ln}: the weight stream of FINN node {node.name} is {inst.get_instream_width(1)} bits "
                 f"wide at PE={la.pe}, SIMD={la.simd}, more than HLS allows ({MAX_ALLOWED_AP_INT_W})"
             )
-        target = inst.get_exp_cycles()
-        # input side: sliding window and the padding in front of it
-        swg_node = model.find_producer(node.input[0])
-        if swg_node is not None and swg_node.op_type.startswith("ConvolutionInputGenerator"):
-            swg = getCustomOp(swg_node)
-            c = int(swg.get_nodeattr("IFMChannels"))
-            k = int(np.prod(swg.get_nodeattr("ConvKernelDim")))
-            pad = model.find_producer(swg_node.input[0])
-            chain = [swg_node] + ([pad] if pad is not None and pad.op_type.startswith("FMPadding") else [])
-            rtl = swg_node.op_type == "ConvolutionInputGenerator_rtl"
-            candidates = [d for d in _divisors(c) if d % la.simd == 0] or [c]
-            if c not in candidates:
-                candidates.append(c)
-            for simd in candidates:
-                for n in chain:
-                    set_attrs(n, SIMD=simd)
-                if rtl:
-                    set_attrs(swg_node, parallel_window=0)
-                if slowest(chain) <= target:
-                    break
-            if rtl and int(swg.get_nodeattr("SIMD")) == c and k > 1 and swg.get_exp_cycles() > target:
-                set_attrs(swg_node, parallel_window=1)
-        # output side: pooling (a depthwise sliding window feeding a Pool)
-        for cons in model.find_consumers(node.output[0]) or []:
-            chain = [cons]
-            if cons.op_type.startswith("ConvolutionInputGenerator") and _attr(cons, "depthwise") == 1:
-                chain += model.find_consumers(cons.output[0]) or []
-            pools = [n for n in chain if n.op_type in POOL_TYPES]
-            if not pools:
-                continue
-            chain = chain[: chain.index(pools[0]) + 1]
-            channels = int(getCustomOp(pools[0]).get_nodeattr("Channels"))
-            for pe in [d for d in _divisors(channels) if d % la.pe == 0]:
-                for n in chain:
-                    if n.op_type.startswith("ConvolutionInputGenerator"):
-                        set_attrs(n, SIMD=pe)
-                        if n.op_type == "ConvolutionInputGenerator_rtl":
-                            set_attrs(n, parallel_window=0)
-                    else:
-                        set_attrs(n, PE=pe)
-                if slowest(chain) <= target:
-                    break
+        spec, roles = _layer_spec_from_graph(model, node, ln)
+        out_bits = _dt_bits(inst, "outputDataType") if spec.has_output_act else None
+        units = cost.layer_units(
+            spec, _dt_bits(inst, "weightDataType"), _dt_bits(inst, "inputDataType"), out_bits, la.pe, la.simd
+        )
+        by_role = {u["role"]: u for u in units}
+        if by_role["mvau"]["cycles"] != inst.get_exp_cycles():
+            raise FqhwError(
+                f"{ln}: the cost model's MVAU cycles ({by_role['mvau']['cycles']}) are not FINN's "
+                f"({inst.get_exp_cycles()}) for node {node.name}"
+            )
+        expected = {r for r in by_role if r != "mvau"}
+        if expected != set(roles):
+            raise FqhwError(
+                f"{ln}: the cost model prices units {sorted(expected)} around the MVAU, the FINN graph "
+                f"has {sorted(roles)}"
+            )
+        for role, n in roles.items():
+            a = by_role[role]["attrs"]
+            if role == "pool":
+                set_attrs(n, PE=a["PE"])
+            elif role == "padding":
+                set_attrs(n, SIMD=a["SIMD"])
+            else:  # sliding windows
+                set_attrs(n, SIMD=a["SIMD"], parallel_window=a["parallel_window"])
     for node in model.graph.node:
         if node.name not in folding and _is_hw(node):
             inst = getCustomOp(node)
@@ -616,8 +670,16 @@ def _json_default(o):
     return str(o)
 
 
-def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PART, clock_ns: float = 10.0) -> FinnBuild:
-    """Estimate-only FINN dataflow build of the QONNX file at `qonnx_path` folded as `alloc` says."""
+def finn_build(
+    qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PART, clock_ns: float = 10.0, cost_model=None
+) -> FinnBuild:
+    """Estimate-only FINN dataflow build of the QONNX file at `qonnx_path` folded as `alloc` says.
+
+    cost_model: the FinnCostModel whose `layer_units` folds the units around each MVAU
+    (default: the one of a board with this part). After the estimates, `threshold_check`
+    compares FINN's integer thresholds with float64 ones from the QONNX file; its result is
+    in `FinnBuild.threshold_check` and build_dir/report/threshold_check.json (a record: the
+    build does not fail on it)."""
     from qonnx.core.modelwrapper import ModelWrapper
 
     build_dir = Path(build_dir).resolve()
@@ -664,7 +726,7 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
         model = _step_specialize_layers(model, part)
         record("specialize_layers", model, t0)
         t0 = time.perf_counter()
-        model, folding = _step_apply_folding(model, alloc, layer_names)
+        model, folding = _step_apply_folding(model, alloc, layer_names, cost=cost_model, part=part)
         record("apply_folding", model, t0)
         t0 = time.perf_counter()
         model = _minimize_bit_width(model)
@@ -679,6 +741,9 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
         record("estimates", model, t0)
         dataflow_path = build_dir / "dataflow_model.onnx"
         model.save(str(dataflow_path))
+        t0 = time.perf_counter()
+        thr_check = threshold_check(qonnx_path, model, _layer_of_nodes(model, layer_names)[1])
+        steps.append(FinnStep("threshold_check", round(time.perf_counter() - t0, 4), str(dataflow_path)))
         # the parent graph, pointing at the final dataflow graph
         from qonnx.custom_op.registry import getCustomOp
 
@@ -734,8 +799,10 @@ def finn_build(qonnx_path, alloc: Allocation, build_dir, part: str = DEFAULT_PAR
         latency_ns=float(perf["estimated_latency_ns"]),
         outside_nodes=outside,
         folding=folding,
+        threshold_check=thr_check,
     )
     report = build_dir / "report"
+    (report / "threshold_check.json").write_text(json.dumps(thr_check, indent=2, sort_keys=True) + "\n")
     (report / "estimate_fqhw_layers.json").write_text(json.dumps(layer_est, indent=2, sort_keys=True) + "\n")
     (report / "finn_steps.json").write_text(
         json.dumps([asdict(s) for s in steps], indent=2) + "\n"
@@ -884,7 +951,8 @@ def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -
 
     Returns {"ok", "differing" (total), "layers": {layer: {"node", "thresholds" (count),
     "differing", "channels_differing", "weights_differing" (codes that are neither the
-    QONNX codes nor their negation), "sign_flipped_channels", "max_abs_diff"}}}.
+    QONNX codes nor their negation), "sign_flipped_channels", "max_abs_diff",
+    "min_abs_acc_differing" (the smallest |accumulator| that gets a different code)}}}.
     """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
@@ -921,6 +989,11 @@ def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -
         t = r["thresholds"]
         with np.errstate(invalid="ignore"):
             expect = np.where((sign * r["A"])[:, None] > 0, np.ceil(sign[:, None] * t), np.nan)
+        # A == 0: a constant pre-activation B, code k + 1 reached for every acc or none
+        const = r["A"] == 0
+        if const.any():
+            k = np.arange(r["levels"]) + 0.5
+            expect[const] = np.where(k[None, :] * r["s_a"] < r["B"][const][:, None], -np.inf, np.inf)
         wf = expect_w * sign[None, :]
         lo = r["in_max"] * np.minimum(wf, 0).sum(axis=0)
         hi = r["in_max"] * np.maximum(wf, 0).sum(axis=0)
@@ -929,6 +1002,9 @@ def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -
         differ = ~(a == b)  # NaN (a channel whose sign FINN did not follow) counts as differing
         differ |= bad_w[:, None]
         diff = np.abs(np.nan_to_num(a - b, nan=np.inf))
+        # the accumulator values that get different codes lie in [min(a, b), max(a, b) - 1]
+        lo_d, hi_d = np.fmin(a, b)[differ], np.fmax(a, b)[differ] - 1
+        near0 = np.where((lo_d <= 0) & (hi_d >= 0), 0.0, np.fmin(np.abs(lo_d), np.abs(hi_d)))
         layers[ln] = {
             "node": node_name,
             "thresholds": int(differ.size),
@@ -937,6 +1013,8 @@ def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -
             "weights_differing": w_codes_bad,
             "sign_flipped_channels": int((sign < 0).sum()),
             "max_abs_diff": float(diff[differ].max()) if differ.any() else 0.0,
+            # the smallest |accumulator| at which FINN's code differs (None: nowhere)
+            "min_abs_acc_differing": float(np.nan_to_num(near0, nan=0.0).min()) if differ.any() else None,
         }
     total = int(sum(l["differing"] for l in layers.values()))
     return {"ok": total == 0, "differing": total, "layers": layers}

@@ -1,9 +1,12 @@
 """QONNX export of the Brevitas model, and the integers its execution produces.
 
 `export_qonnx` writes a cleaned QONNX file whose bytes depend only on the model;
-`qonnx_integer_trace` runs it with qonnx's node-by-node executor and recovers the same
-integer codes `fqhw.quant.qmodel.integer_trace` reports, from the Quant nodes' outputs and
-scales and from the head's MatMul/Gemm.
+`qonnx_integer_trace` runs it with qonnx's node-by-node executor (in float64, on a lowered
+copy of the graph) and recovers the same integer codes `fqhw.quant.qmodel.integer_trace`
+reports, from the Quant nodes' outputs and scales and from the head's MatMul/Gemm.
+`qonnx_threshold_reference` computes, in float64 from the file's parameters, the integer
+accumulator thresholds at which each activation code changes (what FINN's thresholds must
+equal).
 """
 from __future__ import annotations
 
@@ -191,38 +194,123 @@ def _quant_params(ctx, model, node):
     return np.asarray(scale), np.asarray(zp)
 
 
-def qonnx_integer_trace(path, x) -> dict[str, np.ndarray]:
+CODES_SUFFIX = "_codes"  # float64 copy: the integer-code output of a split Quant
+
+
+def _float64_copy(path):
+    """A copy of the QONNX model at `path` that qonnx's `execute_onnx` runs in float64.
+
+    Rewrites (the file on disk is not touched), each leaving the arithmetic the graph
+    defines unchanged, only carried out in float64:
+    - batch size 1 (qonnx ChangeBatchSize), as before;
+    - Conv -> Transpose, Im2Col, MatMul, Transpose (qonnx LowerConvsToMatMul: the weights
+      are only reordered), because onnxruntime has no float64 Conv;
+    - Quant(x, s, 0, b) -> Mul(Cast(Quant(Div(x, s), 1, 0, b)), s): qonnx's Quant computes
+      clip(round(x / s)) * s (int_quant) but returns float32; split like this the division
+      and the product run in float64 (onnxruntime Div / Mul, IEEE float64 like numpy) and
+      the middle Quant returns the integer codes, exact in float32 (Cast to float64). Its
+      output is named <Quant output> + CODES_SUFFIX;
+    - every float32 initializer becomes float64, every float tensor type DOUBLE.
+    """
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.change_batchsize import ChangeBatchSize
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
+
+    wrapper = ModelWrapper(str(path))
+    iname = wrapper.graph.input[0].name
+    if wrapper.get_tensor_shape(iname)[0] != 1:
+        wrapper = wrapper.transform(ChangeBatchSize(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapper = wrapper.transform(LowerConvsToMatMul())
+    if wrapper.get_nodes_by_op_type("Conv"):
+        raise FqhwError("qonnx could not lower every Conv to Im2Col + MatMul")
+    graph = wrapper.graph
+    one = "fqhw_f64_one"
+    float32_codes: set[str] = set()  # qonnx's Quant returns float32: its codes, cast to float64
+    graph.initializer.append(numpy_helper.from_array(np.asarray(1.0, dtype=np.float32), one))
+    graph.value_info.append(helper.make_tensor_value_info(one, TensorProto.FLOAT, []))
+    for q in [n for n in graph.node if n.op_type == "Quant"]:
+        x, s, z, b = q.input
+        out = q.output[0]
+        if np.any(wrapper.get_initializer(z) != 0):
+            raise FqhwError(f"Quant node {q.name}: non-zero zero point")
+        div = helper.make_node("Div", [x, s], [out + "_div"], name=q.name + "_div")
+        cast = helper.make_node("Cast", [out + CODES_SUFFIX], [out + "_f64"], to=TensorProto.DOUBLE, name=q.name + "_cast")
+        mul = helper.make_node("Mul", [out + "_f64", s], [out], name=q.name + "_mul")
+        q.input[:] = [out + "_div", one, z, b]
+        q.output[:] = [out + CODES_SUFFIX]
+        idx = list(graph.node).index(q)
+        graph.node.insert(idx, div)
+        graph.node.insert(idx + 2, cast)
+        graph.node.insert(idx + 3, mul)
+        float32_codes.add(out + CODES_SUFFIX)
+    wrapper = wrapper.transform(InferShapes())  # shapes of the new tensors, still float32
+    graph = wrapper.graph
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in float32_codes:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    names = {vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    for n in graph.node:  # every tensor a one-node onnxruntime model reads needs a type
+        for t in list(n.input) + list(n.output):
+            if t and t not in names:
+                raise FqhwError(f"float64 copy: tensor {t} has no type information")
+    return wrapper
+
+
+def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.ndarray]:
     """Run the QONNX file at `path` on `x` (N, C, H, W floats = pixel/256), one image at a time,
     with qonnx's executor; return int64 codes: "input", "<layer>.act" (each ReLU's Quant
-    output / scale), "head.acc" (integer head weights x integer head input, exact).
+    codes), "head.acc" (integer head weights x integer head input, exact).
 
-    The graph runs in float32 (onnxruntime has no float64 Conv): a pre-activation within
-    float32 rounding of a code boundary can round differently from exact arithmetic."""
+    precision="float64" (the default) runs `_float64_copy` of the graph: every tensor in
+    float64, so a code can only flip for a pre-activation within ~1e-15 (relative) of a
+    rounding boundary. precision="float32" runs the file as it is (onnxruntime and qonnx's
+    custom ops in float32): a pre-activation within float32 rounding of a boundary can round
+    differently from exact arithmetic."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.change_batchsize import ChangeBatchSize
 
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    x = x.astype(np.float32)
-    wrapper = ModelWrapper(str(path))
-    model = wrapper.model
+    model = onnx.load(str(path))
     lay = _QonnxLayout(model)
+    if precision == "float64":
+        wrapper, dtype, split = _float64_copy(path), np.float64, True
+    elif precision == "float32":
+        wrapper, dtype, split = ModelWrapper(str(path)), np.float32, False
+        if wrapper.get_tensor_shape(wrapper.graph.input[0].name)[0] != 1:
+            wrapper = wrapper.transform(ChangeBatchSize(1))
+    else:
+        raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
+    x = x.astype(dtype)
     iname = model.graph.input[0].name
-    if wrapper.get_tensor_shape(iname)[0] != 1:
-        wrapper = wrapper.transform(ChangeBatchSize(1))
+
+    def codes(ctx, q, what):
+        s, z = _quant_params(ctx, model, q)
+        value = _to_int(ctx[q.output[0]], s, z, what)
+        if split:  # the middle Quant's output is the codes themselves
+            direct = _to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, what)
+            if not np.array_equal(direct, value):
+                raise AssertionError(f"{what}: codes x scale / scale is not the codes")
+        return value, s
+
     per_key: dict[str, list[np.ndarray]] = {}
     for i in range(x.shape[0]):
         ctx = execute_onnx(wrapper, {iname: x[i : i + 1]}, return_full_exec_context=True)
-        s, z = _quant_params(ctx, model, lay.input_quant)
-        per_key.setdefault("input", []).append(_to_int(ctx[lay.input_quant.output[0]], s, z, "input"))
+        per_key.setdefault("input", []).append(codes(ctx, lay.input_quant, "input")[0])
         for name, q in zip(lay.layer_names, lay.act_quants):
-            s, z = _quant_params(ctx, model, q)
+            c, s = codes(ctx, q, f"{name}.act")
             if s.size != 1:
                 raise FqhwError(f"{name}: activation scale is not per-tensor")
-            per_key.setdefault(f"{name}.act", []).append(_to_int(ctx[q.output[0]], s, z, f"{name}.act"))
+            per_key.setdefault(f"{name}.act", []).append(c)
         # head accumulator: integer weights x integer input codes
-        ws, wz = _quant_params(ctx, model, lay.head_weight_quant)
-        w_int = _to_int(ctx[lay.head_weight_quant.output[0]], ws, wz, "head weight")
+        w_int, ws = codes(ctx, lay.head_weight_quant, "head weight")
         a_s, a_z = _quant_params(ctx, model, lay.head_input_quant)
         a_int = _to_int(ctx[lay.head.input[0]], a_s, a_z, "head input").reshape(1, -1)
         acc = a_int @ (w_int.T if lay.head_transB else w_int)

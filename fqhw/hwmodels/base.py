@@ -46,7 +46,17 @@ class CostModel(Protocol):
           False for a choice the target's tools refuse (e.g. an HLS stream too wide);
       extras_options(net, input_bits) -> list[LayerCost]
           units built outside the compute layers (e.g. FINN's input thresholding), one
-          LayerCost per folding option; the allocator picks one.
+          LayerCost per folding option; the allocator picks one;
+      schedule: "dataflow" (default: every layer is its own hardware, throughput is set by
+          the slowest) or "sequential" (one array runs the layers one after another:
+          cycles per image are the sum of the layers');
+      default_objective: what the allocator optimises after the loss unless told
+          ("throughput", "resources", "latency" or "energy");
+      price_table(layer, w_vals, ai_vals, ao_vals, folds, resources, metrics)
+          -> (rows, n_priced): every buildable choice at once, rows of (w, a_in, a_out or -1,
+          fold index, cycles, *ceil(resources), *metrics), the same numbers as layer_cost.
+    Priced quantities the target does not cap (in resources but not limits.totals, e.g.
+    "energy_pJ") are reported and may be minimised, never capped.
     """
 
     limits: TargetLimits

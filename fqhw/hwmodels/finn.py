@@ -94,7 +94,12 @@ BOARDS: dict[str, Board] = {
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    return list(_divisors(n))
+
+
+@lru_cache(maxsize=None)
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
 def dsp_block(part: str) -> str:
@@ -587,13 +592,22 @@ class FinnCostModel:
             def slowest(s: int) -> int:
                 return max(swg(s).cycles(), fmpadding_cycles((h, w), pads, c, s) if p > 0 else 0)
 
-            cands = [d for d in divisors(c) if d % mvau_simd == 0] or [c]
-            if c not in cands:
-                cands.append(c)
-            s_win = cands[-1]
-            for s_win in cands:
-                if slowest(s_win) <= target:
-                    break
+            skey = ("window_simd", self._layer_key(layer), target, mvau_simd)  # the search does not depend on the bits
+            s_win = self._cache.get(skey)
+            if s_win is None:
+                cands = [d for d in divisors(c) if d % mvau_simd == 0] or [c]
+                if c not in cands:
+                    cands.append(c)
+                s_win = cands[-1]
+                for s_win in cands:
+                    if slowest(s_win) <= target:
+                        break
+                self._cache[skey] = s_win
+            pw = s_win == c and layer.kernel > 1 and swg(s_win).cycles() > target
+            ukey = ("window_units", self._layer_key(layer), in_bits, s_win, pw)  # what the units depend on
+            if ukey in self._cache:
+                self._cache[key] = self._cache[ukey]
+                return self._cache[key]
             if p > 0:
                 units.append(
                     {
@@ -605,10 +619,8 @@ class FinnCostModel:
                         "ap_int_max_w": 0,
                     }
                 )
-            unit = swg(s_win)
-            if s_win == c and layer.kernel > 1 and unit.cycles() > target:
-                unit = swg(c, pw=True)
-            units.append(self._swg_unit(unit, "window"))
+            units.append(self._swg_unit(swg(s_win, pw=pw), "window"))
+            self._cache[ukey] = tuple(units)
         self._cache[key] = tuple(units)
         return self._cache[key]
 
@@ -632,11 +644,15 @@ class FinnCostModel:
                     ram_style=self.swg_ram_style,
                 )
 
-            cands = [d for d in divisors(cp) if d % mvau_pe == 0] or [cp]
-            pe_pool = cands[-1]
-            for pe_pool in cands:
-                if max(dw(pe_pool).cycles(), pool_cycles(cp, pe_pool, k, odim)) <= target:
-                    break
+            skey = ("pool_pe", self._layer_key(layer), target, mvau_pe)  # the search does not depend on the bits
+            pe_pool = self._cache.get(skey)
+            if pe_pool is None:
+                cands = [d for d in divisors(cp) if d % mvau_pe == 0] or [cp]
+                pe_pool = cands[-1]
+                for pe_pool in cands:
+                    if max(dw(pe_pool).cycles(), pool_cycles(cp, pe_pool, k, odim)) <= target:
+                        break
+                self._cache[skey] = pe_pool
             units.append(self._swg_unit(dw(pe_pool), "pool_window"))
             units.append(
                 {
@@ -673,6 +689,140 @@ class FinnCostModel:
     ) -> LayerCost:
         units = self.layer_units(layer, weight_bits, in_bits, out_bits, pe, simd, in_signed)
         return _sum_units(units)
+
+    # ---------------------------------------------------------------- every choice at once
+
+    def price_table(self, layer: LayerSpec, w_vals, ai_vals, ao_vals, folds, resources, metrics=()):
+        """Every buildable (weight bits, input bits, output bits, folding) of the layer,
+        priced as layer_cost prices it (the same numbers, exactly: tests check every row),
+        for the allocator: (rows, n) with rows float64 (w, a_in, a_out or -1, fold index,
+        cycles, *resources) and n the number of rows. The MVAU's estimates are evaluated
+        for all foldings at once with numpy, in the same floating-point order as the
+        scalar functions; the padding, sliding window and pool units come from the same
+        (cached) methods as layer_cost's."""
+        if metrics:
+            raise ValueError(f"FINN prices no {', '.join(metrics)}")
+        folds = list(folds)
+        P = np.array([f[0] for f in folds], dtype=np.int64)
+        Q = np.array([f[1] for f in folds], dtype=np.int64)
+        if np.any(layer.mh % P) or np.any(layer.mw % Q):
+            raise FqhwError(f"{layer.name}: PE must divide MH {layer.mh} and SIMD must divide MW {layer.mw}")
+        mw, mh, n_vec = layer.mw, layer.mh, layer.out_pixels
+        idx = np.arange(len(folds))
+        mv_cycles = ((mh / P) * (mw / Q) * n_vec).astype(np.int64)
+        omega = (mw * mh) / (Q * P)
+        wmem = (mw * mh) // (P * Q)
+        cols = {r: k for k, r in enumerate(resources)}
+
+        def units_arrays(unit_lists):
+            cyc = np.array([max([u["cycles"] for u in us], default=0) for us in unit_lists], dtype=np.int64)
+            res = {r: np.array([sum(u[r] for u in us) for us in unit_lists], dtype=np.int64) for r in PRICED}
+            ap = np.array([max([u["ap_int_max_w"] for u in us if u["op_type"].endswith("_hls")], default=0) for us in unit_lists],
+                          dtype=np.int64)
+            return cyc, res, ap
+
+        window = {ai: units_arrays([self._window_units(layer, ai, int(c), int(q)) for c, q in zip(mv_cycles, Q)]) for ai in ai_vals}
+        pool = {
+            ao: units_arrays([self._pool_units(layer, ao, int(c), int(pe)) for c, pe in zip(mv_cycles, P)])
+            for ao in ao_vals if ao is not None
+        }
+        rows = []
+        for w in w_vals:
+            width = Q * w * P
+            bram = self._bram_vec(omega, width, wmem)
+            uram = self._uram_vec(omega, width, wmem)
+            wstream = P * Q * w if self.mem_mode in ("internal_decoupled", "external", "external_mem") else np.zeros_like(P)
+            for ai in ai_vals:
+                wcyc, wres, _ = window[ai]
+                for ao in ao_vals:
+                    has_act = ao is not None
+                    acc_dt = acc_bits_worst_case(mw, w, ai, False, last_node=(not has_act) and self.head_is_last_node)
+                    rtl = mvau_rtl_possible(has_act, w, ai, False, acc_dt, self.narrow_weights, self.dsp_block)
+                    out_bits = ao if has_act else acc_dt
+                    if rtl:
+                        lut = np.zeros_like(P)
+                        dsp = P * np.ceil(Q / 3).astype(np.int64) if self.dsp_block == "DSP58" else np.ceil(P / 4).astype(np.int64) * Q
+                        ok = np.ones(len(folds), dtype=bool)
+                    else:
+                        lut = self._hls_lut_vec(layer, P, Q, w, ai, acc_dt, ao, wmem)
+                        dsp = np.zeros_like(P)
+                        ap = np.maximum(np.maximum(Q * ai, P * out_bits), np.maximum(wstream, Q * w))
+                        ok = ap <= MAX_ALLOWED_AP_INT_W
+                    cyc = np.maximum(mv_cycles, wcyc)
+                    total = {"LUT": lut + wres["LUT"], "BRAM_18K": bram + wres["BRAM_18K"], "URAM": uram + wres["URAM"], "DSP": dsp + wres["DSP"]}
+                    if has_act:
+                        pcyc, pres, pap = pool[ao]
+                        cyc = np.maximum(cyc, pcyc)
+                        ok &= pap <= MAX_ALLOWED_AP_INT_W
+                        total = {r: total[r] + pres[r] for r in PRICED}
+                    k = int(np.count_nonzero(ok))
+                    if not k:
+                        continue
+                    block = np.empty((k, 5 + len(resources)), dtype=np.float64)
+                    block[:, 0] = w
+                    block[:, 1] = ai
+                    block[:, 2] = ao if has_act else -1
+                    block[:, 3] = idx[ok]
+                    block[:, 4] = cyc[ok]
+                    for r, c in cols.items():
+                        block[:, 5 + c] = total[r][ok]
+                    rows.append(block)
+        if not rows:
+            return np.zeros((0, 5 + len(resources))), 0
+        out = np.concatenate(rows)
+        return out, len(out)
+
+    def _bram_vec(self, omega: np.ndarray, width: np.ndarray, wmem: np.ndarray) -> np.ndarray:
+        """mvau_bram for every folding."""
+        out = np.select(
+            [width == 1, width == 2, width <= 4, width <= 9, (width <= 18) | (omega > 512)],
+            [
+                np.ceil(omega / 16384),
+                np.ceil(omega / 8192),
+                np.ceil(omega / 4096) * np.ceil(width / 4),
+                np.ceil(omega / 2048) * np.ceil(width / 9),
+                np.ceil(omega / 1024) * np.ceil(width / 18),
+            ],
+            np.ceil(omega / 512) * np.ceil(width / 36),
+        ).astype(np.int64)
+        mm, rs = self.mem_mode, self.ram_style
+        if (mm == "internal_decoupled" and rs in ("distributed", "ultra")) or mm in ("external", "external_mem"):
+            return np.zeros_like(out)
+        if mm == "internal_embedded":
+            out = np.where(wmem <= 128, 0, out)
+        return out
+
+    def _uram_vec(self, omega: np.ndarray, width: np.ndarray, wmem: np.ndarray) -> np.ndarray:
+        """mvau_uram for every folding."""
+        out = (np.ceil(width / 72) * np.ceil(omega / 4096)).astype(np.int64)
+        mm, rs = self.mem_mode, self.ram_style
+        if (mm == "internal_decoupled" and rs != "ultra") or mm in ("external", "external_mem"):
+            return np.zeros_like(out)
+        if mm == "internal_embedded":
+            out = np.where(wmem <= 128, 0, out)
+        return out
+
+    def _hls_lut_vec(self, layer: LayerSpec, P, Q, W: int, A: int, acc_dt_bits: int, out_bits: int | None, wmem) -> np.ndarray:
+        """mvau_hls_lut for every folding (res_type lut, in_signed False), term by term in
+        the scalar function's order."""
+        c0, c1 = 300, 1.1
+        mm = self.mem_mode
+        if mm == "internal_decoupled" and self.ram_style == "distributed":
+            c2 = (P * Q * W) * np.ceil(wmem / 64).astype(np.int64)
+        elif mm == "internal_embedded":
+            c2 = np.where(wmem <= 128, (P * Q * W) * np.ceil(wmem / 64).astype(np.int64), 0)
+        else:
+            c2 = 0
+        mult_luts = Q * (2 * math.ceil((W + A) / 6) - 1) * (W + A)
+        addertree_luts = (W + A) * (2 * Q - 1)
+        alpha = math.log(layer.mw, 2) + W + A - 1 - 0
+        acc_bits = min(acc_dt_bits, np.ceil(alpha + math.log(1 + pow(2, -alpha), 2) + 1))
+        thr_luts = comp_luts = 0
+        if out_bits is not None and self.ram_style_thresholds == "distributed":
+            tmem = layer.mh // P
+            thr_luts = (2**out_bits - 1) * acc_bits * np.ceil(tmem / 64)
+            comp_luts = (2**out_bits - 1) * acc_bits
+        return (c0 + c1 * (P * (mult_luts + addertree_luts + acc_bits + thr_luts + comp_luts)) + c2).astype(np.int64)
 
     # ---------------------------------------------------------------- network extras
 

@@ -22,6 +22,11 @@ evaluates this in float32 (Brevitas itself, onnxruntime for QONNX, and FINN, whi
 its integer thresholds in float32) lands on the wrong side of a boundary for a handful of
 pre-activations per million that sit within ~1e-7 (relative) of it; the reference trace is
 therefore computed in float64 on the same quantized parameters (`float64_twin`).
+
+`snap_thresholds` (after the last training step, before export) removes that ambiguity
+itself: it puts every code boundary the integer accumulator can reach far from an integer
+(nudging the BatchNorm bias, and within 0.1% the BN scale), so that float32 and float64
+evaluations round every activation the same way.
 """
 from __future__ import annotations
 
@@ -323,20 +328,18 @@ def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor, precision: str = "float
 SNAP_MARGIN = 1e-3  # default required margin, in accumulator units
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gamma / sqrt(var + eps), mean, beta) of an eval-mode BatchNorm, in float64."""
-    var = bn.running_var.detach().double().numpy()
-    mean = bn.running_mean.detach().double().numpy()
-    gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(var)
-    beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(var)
-    return gamma / np.sqrt(var + float(bn.eps)), mean, beta
+def _affine(s_in, s_w, gamma, beta, mean, sd):
+    """(A, B) of the pre-activation y = A * acc + B, in float64 (scalars or arrays alike)."""
+    inv = gamma / sd
+    return s_in * s_w * inv, beta - mean * inv
 
 
 def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
     """Per conv layer with an output activation, in float64 from the model's quantized
-    parameters (the float32 values it holds, exactly): {"A", "B" (per channel), "s_a",
-    "levels" (2^a - 1), "acc_lo", "acc_hi" (per channel: the reachable accumulator range for
-    any input codes), "beta"}. Pre-activation y = A * acc + B."""
+    parameters (the float32 values it holds, exactly): {"A", "B" (per channel; the
+    pre-activation is y = A * acc + B), "s_a", "levels" (2^a - 1), "acc_lo", "acc_hi" (per
+    channel: the accumulator range reachable with any input codes), and the pieces of A
+    and B: "s_in", "s_w", "gamma", "beta", "mean", "sd" (sqrt(var + eps))}."""
     out: OrderedDict[str, dict] = OrderedDict()
     with torch.no_grad():
         s_in = float(qmodel.input_quant.act_quant.scale())
@@ -350,29 +353,41 @@ def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
             w_int = _codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
             s_w = qw.scale.detach().double().numpy().reshape(-1)
             bn = qmodel.get_submodule(ql.block).bn
-            inv, mean, beta = _bn_affine(bn)
+            var = bn.running_var.detach().double().numpy()
+            mean = bn.running_mean.detach().double().numpy()
+            gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(var)
+            beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(var)
+            sd = np.sqrt(var + float(bn.eps))
+            A, B = _affine(s_in, s_w, gamma, beta, mean, sd)
             s_a = float(ql.act.act_quant.scale())
             levels = 2 ** int(ql.act.act_quant.bit_width()) - 1
             out[name] = {
-                "A": s_in * s_w * inv,
-                "B": beta - mean * inv,
-                "beta": beta,
+                "A": A,
+                "B": B,
                 "s_a": s_a,
                 "levels": levels,
                 "acc_lo": q_in_max * np.minimum(w_int, 0).sum(axis=1).astype(np.float64),
                 "acc_hi": q_in_max * np.maximum(w_int, 0).sum(axis=1).astype(np.float64),
+                "s_in": s_in,
+                "s_w": s_w,
+                "gamma": gamma,
+                "beta": beta,
+                "mean": mean,
+                "sd": sd,
             }
             s_in, q_in_max = s_a, levels
     return out
 
 
-def _boundaries(A: float, B: float, s_a: float, levels: int, lo: float, hi: float) -> np.ndarray:
+def _boundaries(A: float, B: float, s_a: float, levels: int, lo: float, hi: float, with_k: bool = False):
     """The code boundaries t_k in accumulator units that an accumulator in [lo, hi] can reach
-    (with one unit of slack on each side)."""
+    (with one unit of slack on each side); with_k: also their indices k."""
+    k = np.arange(levels, dtype=np.float64)
     if A == 0.0:
-        return np.empty(0)
-    t = ((np.arange(levels, dtype=np.float64) + 0.5) * s_a - B) / A
-    return t[(t >= lo - 1.0) & (t <= hi + 1.0)]
+        return (np.empty(0), k[:0]) if with_k else np.empty(0)
+    t = ((k + 0.5) * s_a - B) / A
+    keep = (t >= lo - 1.0) & (t <= hi + 1.0)
+    return (t[keep], k[keep]) if with_k else t[keep]
 
 
 def _dist_to_int(t: np.ndarray) -> np.ndarray:
@@ -451,91 +466,162 @@ def project_weights(qmodel: QuantFairCNN, max_iter: int = 4) -> dict[str, int]:
     return changed
 
 
-def snap_thresholds(qmodel: QuantFairCNN, margin: float = SNAP_MARGIN, tie_tol: float = 0.05) -> dict:
+def _f32_near(x: float, n: int = 3) -> list[np.float32]:
+    """The float32 nearest to x and its n neighbours on each side."""
+    c = np.float32(x)
+    out, up, down = [c], c, c
+    for _ in range(n):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        out += [up, down]
+    return out
+
+
+def _snap_channel(g: dict, c: int, tie_tol: float, max_scale_change: float) -> tuple[np.float32, np.float32, float]:
+    """(gamma, beta) float32 for channel c of a layer's geometry `g` maximising the threshold
+    margin: beta shifted, and, where it buys a larger margin, gamma scaled by at most
+    `max_scale_change` (relative) so that the boundary spacing in accumulator units is a
+    multiple of 1/m for a small m. Returns (gamma, beta, margin)."""
+    s_a, levels, lo, hi = g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c]
+    gamma0, beta0 = np.float32(g["gamma"][c]), np.float32(g["beta"][c])
+
+    def geom(gm, bt):
+        return _affine(g["s_in"], g["s_w"][c], float(gm), float(bt), g["mean"][c], g["sd"][c])
+
+    def margin(gm, bt) -> float:
+        A, B = geom(gm, bt)
+        return _min_margin(_boundaries(A, B, s_a, levels, lo, hi))
+
+    def betas(gm, bt) -> list[tuple[float, np.float32]]:
+        """Best float32 betas for gamma gm, starting from beta bt."""
+        A, B = geom(gm, bt)
+        u = _best_shift(_boundaries(A, B, s_a, levels, lo, hi), tie_tol)
+        cands = _f32_near(float(bt) - A * u) + ([bt] if u == 0.0 else [])
+        return [(margin(gm, b), b) for b in cands]
+
+    A0, B0 = geom(gamma0, beta0)
+    if A0 == 0.0:  # y = B constant: keep B / s_a off the half-integers
+        v = B0 / s_a
+        if abs(v - np.floor(v) - 0.5) < 0.25:
+            return gamma0, np.float32(float(beta0) + (np.round(v) - v) * s_a), 0.5
+        return gamma0, beta0, 0.5
+    # options: (margin, relative gamma change, |beta change|, gamma, beta)
+    opts = [(m, 0.0, abs(float(b) - float(beta0)), gamma0, b) for m, b in betas(gamma0, beta0)]
+    t0, k0 = _boundaries(A0, B0, s_a, levels, lo, hi, with_k=True)
+    if max_scale_change > 0 and t0.size > 1:
+        d = s_a / abs(A0)  # accumulator units per activation step
+        best_beta_only = max(o[0] for o in opts)
+        for m in range(1, t0.size + 1):
+            if 1.0 / (2 * m) <= best_beta_only:
+                break  # no grid this fine beats the beta shift alone
+            d_new = np.round(d * m) / m
+            if d_new > 0 and abs(d_new - d) <= d * max_scale_change:
+                # keep the middle reachable boundary in place, scale the rest about it
+                mid = len(t0) // 2
+                for gm in _f32_near(float(gamma0) * d / d_new):
+                    A1, _ = geom(gm, beta0)
+                    bt = np.float32((k0[mid] + 0.5) * s_a - A1 * t0[mid] + g["mean"][c] * (float(gm) / g["sd"][c]))
+                    rel = abs(float(gm) / float(gamma0) - 1.0)
+                    opts += [(mm, rel, abs(float(b) - float(beta0)), gm, b) for mm, b in betas(gm, bt)]
+                break
+    best = max(o[0] for o in opts)
+    near = [o for o in opts if o[0] >= best * (1.0 - tie_tol)]
+    m, _, _, gm, bt = min(near, key=lambda o: (o[1], o[2], -o[0]))
+    return gm, bt, m
+
+
+def snap_thresholds(
+    qmodel: QuantFairCNN, margin: float = SNAP_MARGIN, tie_tol: float = 0.05, max_scale_change: float = 1e-3
+) -> dict:
     """Post-QAT: remove the rounding ambiguity of every activation code.
 
-    1. `project_weights`: weights exactly on their quantization grid.
-    2. For each conv layer with an output activation and each output channel, nudge the
-       BatchNorm bias beta (stored in float32) so that every code boundary the integer
-       accumulator can reach lies as far from an integer as possible: the shift maximising
-       the minimum distance, the one nearest to zero among those within (1 - tie_tol) of
-       the best, then the float32 beta near it with the largest margin. With K reachable
-       boundaries the best shift achieves >= 1 / (2K) (1/510 at 8-bit activations).
+    1. `project_weights`: weights exactly on their quantization grid (codes unchanged).
+    2. For each conv layer with an output activation and each output channel, place the
+       code boundaries t_k (accumulator units, see `threshold_geometry`) away from the
+       integers the accumulator takes: the BatchNorm bias beta is shifted by the amount that
+       maximises the smallest distance of a reachable boundary to an integer (with K
+       reachable boundaries at least 1/(2K)), the one nearest to zero among those within
+       (1 - tie_tol) of the best, then the float32 beta near it with the largest margin.
+       With max_scale_change > 0, a channel may also have its BN scale gamma changed by at
+       most that relative amount, so that the boundary spacing becomes a multiple of 1/m
+       accumulator units (m as small as the limit allows) and every boundary sits near
+       the middle between two integers (margins near 1/(2m), not 1/(2K)); it is used where
+       it gives a larger margin, keeping the middle reachable boundary in place.
+
+    Why the scale: acc is an integer, so an evaluation whose error (in accumulator units)
+    is below the margin gives exactly the float64 codes. Float64 evaluations (the Brevitas
+    twin, the QONNX graph run in float64) err by ~1e-10 and need any margin > 0; FINN
+    derives its integer thresholds in float32, with errors of a few float32 ulps of the
+    threshold (up to ~0.1-0.5 at the 1e6-sized accumulators of 8-bit layers), far above
+    1/(2K) = 0.002 at 8-bit activations.
 
     Raises FqhwError if some layer ends below `margin`. Returns stats: per layer the margin
     before and after ("min_margin_before", "min_margin"), the largest change of beta relative
-    to |beta| + 1e-12 ("max_rel_beta_change") and in activation steps
-    ("max_beta_change_steps"), channels changed; overall "min_margin",
-    "max_rel_beta_change"; "weights_projected" per layer.
+    to |beta| + 1e-12 ("max_rel_beta_change"), of gamma ("max_rel_gamma_change"), the largest
+    move of a reachable code boundary in activation steps ("max_boundary_shift_steps"),
+    channels changed; overall "min_margin", "max_rel_beta_change", "max_rel_gamma_change";
+    "weights_projected" per layer.
 
-    The head has no activation: its accumulator is an integer in every backend (nothing to
-    snap). Run this after the last training step (training moves beta again) and before
-    export.
+    The head has no activation: its accumulator is an integer in every backend, nothing to
+    snap. Run this after the last training step (training moves beta again) and before export.
     """
-    if margin <= 0 or margin >= 0.5:
+    if not 0 < margin < 0.5:
         raise ValueError(f"margin must be in (0, 0.5), got {margin}")
     was_training = qmodel.training
     qmodel.eval()
-    stats: dict = {"margin": float(margin), "tie_tol": float(tie_tol), "layers": OrderedDict()}
+    stats: dict = {"margin": float(margin), "tie_tol": float(tie_tol), "max_scale_change": float(max_scale_change), "layers": OrderedDict()}
     try:
         stats["weights_projected"] = project_weights(qmodel)
         before = threshold_margins(qmodel)
-        geometry = threshold_geometry(qmodel)
-        with torch.no_grad():
-            for name, g in geometry.items():
-                bn = qmodel.get_submodule(qmodel.layers[name].block).bn
-                if bn.bias is None:
-                    raise FqhwError(f"{name}: BatchNorm has no bias to nudge (affine=False)")
-                beta32 = bn.bias.detach().numpy().astype(np.float32).copy()
-                new_beta = beta32.copy()
-                margins = np.empty(len(g["A"]))
-                for c in range(len(g["A"])):
-                    A, B, beta = g["A"][c], g["B"][c], g["beta"][c]
-                    lo, hi = g["acc_lo"][c], g["acc_hi"][c]
-
-                    def margin_of(b32: np.float32) -> float:
-                        t = _boundaries(A, B + (float(b32) - beta), g["s_a"], g["levels"], lo, hi)
-                        return _min_margin(t)
-
-                    if A == 0.0:  # constant pre-activation: keep B / s_a off the half-integers
-                        v = B / g["s_a"]
-                        new_beta[c] = beta32[c] if abs(v - np.floor(v) - 0.5) >= margin else np.float32(beta + (np.round(v) - v) * g["s_a"])
-                        margins[c] = 0.5
-                        continue
-                    t = _boundaries(A, B, g["s_a"], g["levels"], lo, hi)
-                    u = _best_shift(t, tie_tol)
-                    target = np.float32(beta - A * u)
-                    cands = [target]
-                    up, down = target, target
-                    for _ in range(3):
-                        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
-                        cands += [up, down]
-                    if u == 0.0:
-                        cands.append(beta32[c])
-                    scored = [(-margin_of(b), abs(float(b) - beta), b) for b in cands]
-                    scored.sort(key=lambda s: (round(s[0], 12), s[1]))
-                    new_beta[c] = scored[0][2]
-                    margins[c] = -scored[0][0]
+        for name, g in threshold_geometry(qmodel).items():
+            bn = qmodel.get_submodule(qmodel.layers[name].block).bn
+            if bn.bias is None or bn.weight is None:
+                raise FqhwError(f"{name}: BatchNorm without affine parameters cannot be snapped")
+            n = len(g["A"])
+            new_gamma = np.empty(n, np.float32)
+            new_beta = np.empty(n, np.float32)
+            margins = np.empty(n)
+            shift = 0.0
+            for c in range(n):
+                new_gamma[c], new_beta[c], margins[c] = _snap_channel(g, c, tie_tol, max_scale_change)
+                A0, B0 = g["A"][c], g["B"][c]
+                A1, B1 = _affine(g["s_in"], g["s_w"][c], float(new_gamma[c]), float(new_beta[c]), g["mean"][c], g["sd"][c])
+                t0, k = _boundaries(A0, B0, g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c], with_k=True)
+                if t0.size and A0 != 0.0 and A1 != 0.0:
+                    t1 = ((k + 0.5) * g["s_a"] - B1) / A1
+                    shift = max(shift, float(np.abs(t1 - t0).max() * abs(A0) / g["s_a"]))
+            with torch.no_grad():
+                bn.weight.copy_(torch.from_numpy(new_gamma).to(bn.weight.dtype))
                 bn.bias.copy_(torch.from_numpy(new_beta).to(bn.bias.dtype))
-                delta = np.abs(new_beta.astype(np.float64) - g["beta"])
-                stats["layers"][name] = {
-                    "channels": int(len(g["A"])),
-                    "channels_changed": int((delta > 0).sum()),
-                    "boundaries": int(before[name]["boundaries"]),
-                    "min_margin_before": float(before[name]["min_margin"]),
-                    "min_margin": float(margins.min()),
-                    "max_rel_beta_change": float((delta / (np.abs(g["beta"]) + 1e-12)).max()),
-                    "max_beta_change_steps": float((delta / g["s_a"]).max()),
-                }
+            d_beta = np.abs(new_beta.astype(np.float64) - g["beta"])
+            d_gamma = np.abs(new_gamma.astype(np.float64) / g["gamma"] - 1.0)
+            stats["layers"][name] = {
+                "channels": n,
+                "channels_changed": int(((d_beta > 0) | (d_gamma > 0)).sum()),
+                "channels_scaled": int((d_gamma > 0).sum()),
+                "boundaries": int(before[name]["boundaries"]),
+                "min_margin_before": float(before[name]["min_margin"]),
+                "min_margin": float(margins.min()),
+                "median_channel_margin": float(np.median(margins)),
+                "max_rel_beta_change": float((d_beta / (np.abs(g["beta"]) + 1e-12)).max()),
+                "max_rel_gamma_change": float(d_gamma.max()),
+                "max_boundary_shift_steps": shift,
+                # float32 resolution of beta in accumulator units: how finely a boundary
+                # can be placed by beta alone (the 1/(2K) bound holds up to half of this)
+                "max_beta_ulp_acc": float(
+                    max((float(np.spacing(np.abs(b))) / abs(a) for a, b in zip(g["A"], new_beta) if a != 0.0), default=0.0)
+                ),
+            }
         after = threshold_margins(qmodel)  # recomputed from the model as it now is
         for name, st in stats["layers"].items():
-            if after[name]["min_margin"] != st["min_margin"]:
-                raise AssertionError(f"{name}: margin recomputed from the model differs")
+            if abs(after[name]["min_margin"] - st["min_margin"]) > 1e-9:
+                raise AssertionError(f"{name}: the margin recomputed from the model differs")
         bad = {n: st["min_margin"] for n, st in stats["layers"].items() if st["min_margin"] < margin}
         if bad:
             raise FqhwError(f"threshold margin below {margin} after snapping: {bad}")
     finally:
         qmodel.train(was_training)
-    stats["min_margin"] = min((st["min_margin"] for st in stats["layers"].values()), default=0.5)
-    stats["max_rel_beta_change"] = max((st["max_rel_beta_change"] for st in stats["layers"].values()), default=0.0)
+    vals = list(stats["layers"].values())
+    stats["min_margin"] = min((st["min_margin"] for st in vals), default=0.5)
+    stats["max_rel_beta_change"] = max((st["max_rel_beta_change"] for st in vals), default=0.0)
+    stats["max_rel_gamma_change"] = max((st["max_rel_gamma_change"] for st in vals), default=0.0)
     return stats
