@@ -241,14 +241,23 @@ def _resolve_targets(targets) -> list:
 
     if isinstance(targets, str):
         targets = targets.split(",")
-    names = []
+    out: list = []
     for t in targets:
-        t = str(t).strip().lower()
-        if t and t not in names:
-            names.append(t)
-    if not names:
+        if hasattr(t, "limits") and hasattr(t, "layer_cost"):  # a CostModel object
+            name, cost = t.limits.name, t
+        else:
+            name = str(t).strip().lower()
+            if not name:
+                continue
+            cost = None
+        if name in [n for n, _ in out]:
+            if cost is not None:
+                raise FqhwError(f"two targets are named {name!r}: give each cost model its own name")
+            continue
+        out.append((name, cost if cost is not None else get_cost_model(name)))
+    if not out:
         raise FqhwError("no targets given: pass --targets, e.g. --targets pynq-z2,zcu104,bitfusion,bitserial")
-    return [(t, get_cost_model(t)) for t in names]
+    return out
 
 
 def compare(
@@ -269,7 +278,8 @@ def compare(
     out_dir: Path | None = None,
     source: dict | None = None,
 ) -> CompareResult:
-    """Allocate for each target and price every allocation on every target (budgets None),
+    """Allocate for each target (names, or CostModel objects) and price every allocation
+    on every target (budgets None),
     or allocate for one target at each of `budgets` and mark the Pareto front of worst-group
     loss against throughput. `pinned` (default: the first and last layers at edge_bits, as
     compile does) fixes weight widths. With out_dir, writes the result there atomically."""
@@ -545,7 +555,7 @@ def widths_png(res: CompareResult) -> bytes:
     w = np.array([[la["weight_bits"] for la in res.allocations[t]["layers"]] for t in T], dtype=float)
     a = np.array([[la["act_bits"] if la["act_bits"] is not None else np.nan for la in res.allocations[t]["layers"]] for t in T], dtype=float)
     width = max(6.0, 0.45 * len(L) + 2.5)
-    fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.9 * len(T) * 2), squeeze=False)
+    fig, axes = plt.subplots(2, 1, figsize=(width, 1.6 + 0.5 * len(T) * 2), squeeze=False)
     vmin = np.nanmin([np.nanmin(w), np.nanmin(a)])
     vmax = np.nanmax([np.nanmax(w), np.nanmax(a)])
     for ax, data, title in ((axes[0][0], w, "weight bits"), (axes[1][0], a, "output activation bits")):

@@ -40,6 +40,7 @@ class LayerSpec:
     # whole layer). The groups of a layer read the same input and share one output
     # activation width (see split_channel_groups).
     group: str = ""
+    group_index: int = 0  # which of its layer's channel groups (0 for a whole layer)
 
     @property
     def act_group(self) -> str:
@@ -142,7 +143,7 @@ def split_channel_groups(net: NetworkSpec, groups: int | dict[str, int], name: s
             continue
         names = []
         for k in range(g):
-            unit = replace(spec, name=f"{spec.name}:g{k}", mh=spec.mh // g, group=spec.name)
+            unit = replace(spec, name=f"{spec.name}:g{k}", mh=spec.mh // g, group=spec.name, group_index=k)
             new_layers.append(unit)
             names.append(unit.name)
         units_of[spec.name] = names

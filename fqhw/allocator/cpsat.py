@@ -223,6 +223,7 @@ class _Problem:
     objective: str = "throughput"
     candidates: int = 0
     timings: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -790,8 +791,8 @@ def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[
     loss <= z_max: b is left out when, with every other unit and slot at its own least
     term, some group's total with b already exceeds z_max."""
     key = ("loss_widths", z_max)
-    if key in p.timings:
-        return p.timings[key]
+    if key in p.cache:
+        return p.cache[key]
     w_ok = [list(L.w_vals) for L in p.layers]
     a_ok = [list(sl.a_vals) for sl in p.slots]
     if z_max is not None:
@@ -800,7 +801,7 @@ def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[
         base = np.sum(mins, axis=0)
         for (t, out, j), mn in zip(tables, mins):
             out[j] = [b for b in out[j] if np.all(base - mn + t[b] <= z_max)]
-    p.timings[key] = (w_ok, a_ok)
+    p.cache[key] = (w_ok, a_ok)
     return w_ok, a_ok
 
 

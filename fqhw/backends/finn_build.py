@@ -1012,7 +1012,8 @@ def threshold_check(qonnx_path, dataflow_model, mvau_of_layer: dict[str, str]) -
             "channels_differing": int(differ.any(axis=1).sum()),
             "weights_differing": w_codes_bad,
             "sign_flipped_channels": int((sign < 0).sum()),
-            "max_abs_diff": float(diff[differ].max()) if differ.any() else 0.0,
+            # None: some channel's FINN thresholds do not follow its sign at all
+            "max_abs_diff": (float(diff[differ].max()) if np.isfinite(diff[differ].max()) else None) if differ.any() else 0.0,
             # the smallest |accumulator| at which FINN's code differs (None: nowhere)
             "min_abs_acc_differing": float(np.nan_to_num(near0, nan=0.0).min()) if differ.any() else None,
         }

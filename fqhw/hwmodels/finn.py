@@ -33,6 +33,10 @@ and its window share a PE | C_out that is a multiple of the MVAU's PE). `layer_u
 returns every unit with those attributes. Width converters and FIFOs, which FINN inserts
 only when it generates hardware, are in neither FINN's estimate reports nor this model.
 
+Channel groups (fqhw.network.split_channel_groups): each group is its own MVAU (and pool);
+the groups read one input stream, so the padding and sliding window are priced once, with
+group 0 (folded to keep up with group 0's MVAU; a stream duplicator is not priced).
+
 Widths FINN derives from the trained weights: its flow minimises each MVAU's weight and
 accumulator types from the actual values. Before training we only have the data types, so
 this model uses the worst case of the types (MinimizeAccumulatorWidth(datatype_only=True));
@@ -561,7 +565,7 @@ class FinnCostModel:
         attributes, cycles and resources (FINN's estimate functions)."""
         mv = self._mvau_unit(layer, weight_bits, in_bits, out_bits, pe, simd, in_signed)
         target = mv["cycles"]
-        before = self._window_units(layer, in_bits, target, simd)
+        before = self._window_units(layer, in_bits, target, simd) if not layer.group_index else ()
         after = self._pool_units(layer, out_bits, target, pe) if out_bits is not None else ()
         return [*before, mv, *after]
 
@@ -721,7 +725,10 @@ class FinnCostModel:
                           dtype=np.int64)
             return cyc, res, ap
 
-        window = {ai: units_arrays([self._window_units(layer, ai, int(c), int(q)) for c, q in zip(mv_cycles, Q)]) for ai in ai_vals}
+        window = {
+            ai: units_arrays([self._window_units(layer, ai, int(c), int(q)) if not layer.group_index else () for c, q in zip(mv_cycles, Q)])
+            for ai in ai_vals
+        }
         pool = {
             ao: units_arrays([self._pool_units(layer, ao, int(c), int(pe)) for c, pe in zip(mv_cycles, P)])
             for ao in ao_vals if ao is not None

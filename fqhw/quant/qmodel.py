@@ -398,9 +398,12 @@ def _min_margin(t: np.ndarray) -> float:
     return float(_dist_to_int(t).min()) if t.size else 0.5
 
 
-def _best_shift(t: np.ndarray, tie_tol: float) -> float:
-    """The shift u (accumulator units, |u| <= 0.5) that maximises min_k dist(t_k + u, Z),
-    the one nearest to zero among those within a factor (1 - tie_tol) of the best.
+def _best_shift(t: np.ndarray, tie_tol: float, need: float | None = None) -> float:
+    """A shift u (accumulator units, |u| <= 0.5) of the boundaries t away from the integers.
+
+    need None: the u that maximises min_k dist(t_k + u, Z), the one nearest to zero among
+    those within a factor (1 - tie_tol) of the best. need given (and achievable): the u
+    nearest to zero with min_k dist(t_k + u, Z) >= need.
 
     With z = -u mod 1 the point of the unit circle that the integers move to, dist(t_k + u, Z)
     is the circular distance of z from frac(t_k): the best z is the middle of the widest gap
@@ -411,9 +414,10 @@ def _best_shift(t: np.ndarray, tie_tol: float) -> float:
     lo = f
     hi = np.append(f[1:], f[0] + 1.0)  # the last gap wraps around
     half = (hi - lo) / 2.0
-    need = float(half.max()) * (1.0 - tie_tol)
+    best = float(half.max())
+    target = need if need is not None and need <= best else best * (1.0 - tie_tol)
     best_u = None
-    for a, b in zip(lo[half >= need] + need, hi[half >= need] - need):
+    for a, b in zip(lo[half >= target] + target, hi[half >= target] - target):
         for n in (np.floor(a), np.floor(a) + 1.0, np.floor(a) + 2.0):
             z = min(max(n, a), b)
             u = float(n - z)
@@ -476,11 +480,34 @@ def _f32_near(x: float, n: int = 3) -> list[np.float32]:
     return out
 
 
-def _snap_channel(g: dict, c: int, tie_tol: float, max_scale_change: float) -> tuple[np.float32, np.float32, float]:
-    """(gamma, beta) float32 for channel c of a layer's geometry `g` maximising the threshold
-    margin: beta shifted, and, where it buys a larger margin, gamma scaled by at most
+FLOAT32_ULPS = 8.0  # default margin to keep, in float32 ulps of a channel's largest magnitude
+
+
+def _float32_magnitude(g: dict, c: int, A: float, t: np.ndarray, k: np.ndarray) -> float:
+    """The largest magnitude, in accumulator units, that a float32 evaluation of channel c
+    handles on the way to a code: the reachable accumulators and boundaries, the boundary
+    levels (k + 0.5) * s_a, beta and the BN mean (each divided by the channel's scale A).
+    FINN's float32 threshold derivation was seen to err by up to 2.9 float32 ulps of it (8-bit
+    FairCNN layers, random weights and BN)."""
+    mags = [abs(g["acc_lo"][c]), abs(g["acc_hi"][c]), abs(g["beta"][c] / A), abs(g["mean"][c] / (g["s_in"] * g["s_w"][c]))]
+    if t.size:
+        mags += [float(np.abs(t).max()), float(((k + 0.5) * g["s_a"]).max() / abs(A))]
+    return max(mags)
+
+
+def _snap_channel(
+    g: dict, c: int, tie_tol: float, max_scale_change: float, floor: float, float32_ulps: float | None
+) -> tuple[np.float32, np.float32, float, float]:
+    """(gamma, beta) float32 for channel c of a layer's geometry `g`, and the margin they give
+    and the margin needed: max(floor, float32_ulps float32 ulps of the channel's largest
+    magnitude), or the largest possible for float32_ulps None.
+
+    A channel that has the needed margin is left alone. Otherwise beta is shifted by the
+    smallest amount that gives it; where beta alone cannot, gamma too is scaled by at most
     `max_scale_change` (relative) so that the boundary spacing in accumulator units is a
-    multiple of 1/m for a small m. Returns (gamma, beta, margin)."""
+    multiple of 1/m (every boundary then sits near one of m evenly spaced points between
+    two integers), about the middle reachable boundary, and beta is shifted for that gamma.
+    Where even that falls short, the largest margin found is taken."""
     s_a, levels, lo, hi = g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c]
     gamma0, beta0 = np.float32(g["gamma"][c]), np.float32(g["beta"][c])
 
@@ -491,84 +518,134 @@ def _snap_channel(g: dict, c: int, tie_tol: float, max_scale_change: float) -> t
         A, B = geom(gm, bt)
         return _min_margin(_boundaries(A, B, s_a, levels, lo, hi))
 
-    def betas(gm, bt) -> list[tuple[float, np.float32]]:
-        """Best float32 betas for gamma gm, starting from beta bt."""
-        A, B = geom(gm, bt)
-        u = _best_shift(_boundaries(A, B, s_a, levels, lo, hi), tie_tol)
-        cands = _f32_near(float(bt) - A * u) + ([bt] if u == 0.0 else [])
-        return [(margin(gm, b), b) for b in cands]
-
     A0, B0 = geom(gamma0, beta0)
     if A0 == 0.0:  # y = B constant: keep B / s_a off the half-integers
         v = B0 / s_a
         if abs(v - np.floor(v) - 0.5) < 0.25:
-            return gamma0, np.float32(float(beta0) + (np.round(v) - v) * s_a), 0.5
-        return gamma0, beta0, 0.5
-    # options: (margin, relative gamma change, |beta change|, gamma, beta)
-    opts = [(m, 0.0, abs(float(b) - float(beta0)), gamma0, b) for m, b in betas(gamma0, beta0)]
+            return gamma0, np.float32(float(beta0) + (np.round(v) - v) * s_a), 0.5, floor
+        return gamma0, beta0, 0.5, floor
     t0, k0 = _boundaries(A0, B0, s_a, levels, lo, hi, with_k=True)
-    if max_scale_change > 0 and t0.size > 1:
-        d = s_a / abs(A0)  # accumulator units per activation step
-        best_beta_only = max(o[0] for o in opts)
+    if t0.size == 0:  # no boundary within reach: one code for every input
+        return gamma0, beta0, 0.5, floor
+    need = None if float32_ulps is None else max(floor, float32_ulps * 2.0**-24 * _float32_magnitude(g, c, A0, t0, k0))
+    current = _min_margin(t0)
+    if need is not None and current >= need:
+        return gamma0, beta0, current, need
+    # a need above 1/3 is more than even a grid of m = 1 promises (about 0.45): go for the
+    # largest margin instead
+    search = need if need is not None and need <= 1.0 / 3.0 else None
+
+    def beta_opts(gm, bt, rel, aim):
+        """(margin, relative gamma change, |beta change|, gamma, beta) for gamma gm near
+        the shift from beta bt that `_best_shift` picks for `aim`."""
+        A, B = geom(gm, bt)
+        u = _best_shift(_boundaries(A, B, s_a, levels, lo, hi), tie_tol, aim)
+        cands = _f32_near(float(bt) - A * u) + ([bt] if u == 0.0 else [])
+        return [(margin(gm, b), rel, abs(float(b) - float(beta0)), gm, b) for b in cands]
+
+    def grid_opts(want, beat):
+        """Options with gamma scaled so that the boundary spacing d (accumulator units per
+        activation step) becomes a multiple of 1/m: for want None the coarsest grid within
+        the limit, else the smallest change of scale giving a grid coarse enough for a
+        margin `want`; only grids whose ideal margin 1/(2m) beats `beat`."""
+        if max_scale_change <= 0 or t0.size < 2:
+            return []
+        d = s_a / abs(A0)
+        grids = []  # (relative change, m, new spacing)
         for m in range(1, t0.size + 1):
-            if 1.0 / (2 * m) <= best_beta_only:
-                break  # no grid this fine beats the beta shift alone
+            if 1.0 / (2 * m) <= beat or (want is not None and 1.0 / (2 * m) < 1.5 * want):
+                break
             d_new = np.round(d * m) / m
             if d_new > 0 and abs(d_new - d) <= d * max_scale_change:
-                # keep the middle reachable boundary in place, scale the rest about it
-                mid = len(t0) // 2
-                for gm in _f32_near(float(gamma0) * d / d_new):
-                    A1, _ = geom(gm, beta0)
-                    bt = np.float32((k0[mid] + 0.5) * s_a - A1 * t0[mid] + g["mean"][c] * (float(gm) / g["sd"][c]))
-                    rel = abs(float(gm) / float(gamma0) - 1.0)
-                    opts += [(mm, rel, abs(float(b) - float(beta0)), gm, b) for mm, b in betas(gm, bt)]
-                break
+                grids.append((abs(d_new - d) / d, m, d_new))
+                if want is None:
+                    break
+        if not grids:
+            return []
+        _, m, d_new = min(grids)
+        mid = len(t0) // 2  # keep the middle reachable boundary in place
+        out = []
+        for gm in _f32_near(float(gamma0) * d / d_new):
+            A1, _ = geom(gm, beta0)
+            bt = np.float32((k0[mid] + 0.5) * s_a - A1 * t0[mid] + g["mean"][c] * (float(gm) / g["sd"][c]))
+            out += beta_opts(gm, bt, abs(float(gm) / float(gamma0) - 1.0), None if want is None else want * 1.1)
+        return out
+
+    opts = []
+    if search is not None:  # the smallest change that gives the needed margin
+        opts = beta_opts(gamma0, beta0, 0.0, search * 1.1)  # aim a little inside: beta is float32
+        if max(o[0] for o in opts) < search:
+            opts += grid_opts(search, max(o[0] for o in opts))
+        enough = [o for o in opts if o[0] >= search]
+        if enough:
+            m, _, _, gm, bt = min(enough, key=lambda o: (o[1], o[2], -o[0]))
+            return gm, bt, m, need
+    # the largest margin, the smallest change among near-equal ones
+    opts += beta_opts(gamma0, beta0, 0.0, None)
+    opts += grid_opts(None, max(o[0] for o in opts))
     best = max(o[0] for o in opts)
-    near = [o for o in opts if o[0] >= best * (1.0 - tie_tol)]
-    m, _, _, gm, bt = min(near, key=lambda o: (o[1], o[2], -o[0]))
-    return gm, bt, m
+    m, _, _, gm, bt = min((o for o in opts if o[0] >= best * (1.0 - tie_tol)), key=lambda o: (o[1], o[2], -o[0]))
+    return gm, bt, m, (need if need is not None else m)
 
 
 def snap_thresholds(
-    qmodel: QuantFairCNN, margin: float = SNAP_MARGIN, tie_tol: float = 0.05, max_scale_change: float = 1e-3
+    qmodel: QuantFairCNN,
+    margin: float = SNAP_MARGIN,
+    float32_ulps: float | None = FLOAT32_ULPS,
+    max_scale_change: float = 1e-3,
+    tie_tol: float = 0.05,
 ) -> dict:
     """Post-QAT: remove the rounding ambiguity of every activation code.
 
     1. `project_weights`: weights exactly on their quantization grid (codes unchanged).
-    2. For each conv layer with an output activation and each output channel, place the
+    2. For each conv layer with an output activation and each output channel, move the
        code boundaries t_k (accumulator units, see `threshold_geometry`) away from the
-       integers the accumulator takes: the BatchNorm bias beta is shifted by the amount that
-       maximises the smallest distance of a reachable boundary to an integer (with K
-       reachable boundaries at least 1/(2K)), the one nearest to zero among those within
-       (1 - tie_tol) of the best, then the float32 beta near it with the largest margin.
-       With max_scale_change > 0, a channel may also have its BN scale gamma changed by at
-       most that relative amount, so that the boundary spacing becomes a multiple of 1/m
-       accumulator units (m as small as the limit allows) and every boundary sits near
-       the middle between two integers (margins near 1/(2m), not 1/(2K)); it is used where
-       it gives a larger margin, keeping the middle reachable boundary in place.
+       integers the accumulator takes, by nudging the BatchNorm bias beta (float32):
+       the shift nearest to zero that gives every reachable boundary the needed margin.
+       With K reachable boundaries a shift always reaches >= 1/(2K) (up to the float32
+       resolution of beta, reported as "max_beta_ulp_acc").
+       Needed margin: max(`margin`, `float32_ulps` float32 ulps of the largest magnitude a
+       float32 evaluation of the channel handles, see `_float32_magnitude`). A channel that
+       has it is left alone; `float32_ulps=None` instead maximises every channel's margin
+       (the shift nearest to zero among those within (1 - tie_tol) of the best).
+    3. Where beta alone cannot give the needed margin (8-bit activations: 1/(2K) = 0.002,
+       while float32 errs by up to ~0.1-0.5 at the 1e6-sized accumulators of 8-bit layers),
+       the channel's BN scale gamma changes too, by at most `max_scale_change` (relative),
+       so that the boundary spacing becomes a multiple of 1/m accumulator units: every
+       boundary then sits near one of m points evenly spaced between two integers, margins
+       near 1/(2m) instead of 1/(2K). The middle reachable boundary stays in place.
 
-    Why the scale: acc is an integer, so an evaluation whose error (in accumulator units)
-    is below the margin gives exactly the float64 codes. Float64 evaluations (the Brevitas
-    twin, the QONNX graph run in float64) err by ~1e-10 and need any margin > 0; FINN
-    derives its integer thresholds in float32, with errors of a few float32 ulps of the
-    threshold (up to ~0.1-0.5 at the 1e6-sized accumulators of 8-bit layers), far above
-    1/(2K) = 0.002 at 8-bit activations.
+    Why the margin: acc is an integer, so any evaluation whose error (in accumulator units)
+    is below the margin gives exactly the codes of exact arithmetic. Float64 evaluations (the
+    Brevitas twin, the QONNX graph run in float64) err by ~1e-10; FINN derives its integer
+    thresholds in float32 and was seen to err by up to 3 float32 ulps of the magnitude above,
+    the float32 Brevitas model likewise; `float32_ulps`=8 leaves a factor of ~2.7.
 
     Raises FqhwError if some layer ends below `margin`. Returns stats: per layer the margin
-    before and after ("min_margin_before", "min_margin"), the largest change of beta relative
-    to |beta| + 1e-12 ("max_rel_beta_change"), of gamma ("max_rel_gamma_change"), the largest
-    move of a reachable code boundary in activation steps ("max_boundary_shift_steps"),
-    channels changed; overall "min_margin", "max_rel_beta_change", "max_rel_gamma_change";
+    before and after ("min_margin_before", "min_margin"), the largest needed margin
+    ("max_needed_margin") and the channels that fell short of theirs
+    ("channels_short_of_need", "min_margin_short_of_need": their largest margin was taken;
+    typically channels with a tiny BN scale, whose |beta / A| is huge), the largest change of beta
+    relative to |beta| + 1e-12 ("max_rel_beta_change"), of gamma ("max_rel_gamma_change"),
+    the largest move of a reachable code boundary in activation steps
+    ("max_boundary_shift_steps"), channels changed; overall "min_margin",
+    "max_rel_beta_change", "max_rel_gamma_change", "channels_short_of_need";
     "weights_projected" per layer.
 
     The head has no activation: its accumulator is an integer in every backend, nothing to
-    snap. Run this after the last training step (training moves beta again) and before export.
+    snap. Run this after the last training step (training moves beta again), before export.
     """
     if not 0 < margin < 0.5:
         raise ValueError(f"margin must be in (0, 0.5), got {margin}")
     was_training = qmodel.training
     qmodel.eval()
-    stats: dict = {"margin": float(margin), "tie_tol": float(tie_tol), "max_scale_change": float(max_scale_change), "layers": OrderedDict()}
+    stats: dict = {
+        "margin": float(margin),
+        "float32_ulps": float32_ulps,
+        "max_scale_change": float(max_scale_change),
+        "tie_tol": float(tie_tol),
+        "layers": OrderedDict(),
+    }
     try:
         stats["weights_projected"] = project_weights(qmodel)
         before = threshold_margins(qmodel)
@@ -579,10 +656,12 @@ def snap_thresholds(
             n = len(g["A"])
             new_gamma = np.empty(n, np.float32)
             new_beta = np.empty(n, np.float32)
-            margins = np.empty(n)
+            margins, needs = np.empty(n), np.empty(n)
             shift = 0.0
             for c in range(n):
-                new_gamma[c], new_beta[c], margins[c] = _snap_channel(g, c, tie_tol, max_scale_change)
+                new_gamma[c], new_beta[c], margins[c], needs[c] = _snap_channel(
+                    g, c, tie_tol, max_scale_change, margin, float32_ulps
+                )
                 A0, B0 = g["A"][c], g["B"][c]
                 A1, B1 = _affine(g["s_in"], g["s_w"][c], float(new_gamma[c]), float(new_beta[c]), g["mean"][c], g["sd"][c])
                 t0, k = _boundaries(A0, B0, g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c], with_k=True)
@@ -598,10 +677,13 @@ def snap_thresholds(
                 "channels": n,
                 "channels_changed": int(((d_beta > 0) | (d_gamma > 0)).sum()),
                 "channels_scaled": int((d_gamma > 0).sum()),
+                "channels_short_of_need": int((margins < needs).sum()),
+                "min_margin_short_of_need": float(margins[margins < needs].min()) if (margins < needs).any() else None,
                 "boundaries": int(before[name]["boundaries"]),
                 "min_margin_before": float(before[name]["min_margin"]),
                 "min_margin": float(margins.min()),
                 "median_channel_margin": float(np.median(margins)),
+                "max_needed_margin": float(needs.max()),
                 "max_rel_beta_change": float((d_beta / (np.abs(g["beta"]) + 1e-12)).max()),
                 "max_rel_gamma_change": float(d_gamma.max()),
                 "max_boundary_shift_steps": shift,
@@ -624,4 +706,5 @@ def snap_thresholds(
     stats["min_margin"] = min((st["min_margin"] for st in vals), default=0.5)
     stats["max_rel_beta_change"] = max((st["max_rel_beta_change"] for st in vals), default=0.0)
     stats["max_rel_gamma_change"] = max((st["max_rel_gamma_change"] for st in vals), default=0.0)
+    stats["channels_short_of_need"] = sum(st["channels_short_of_need"] for st in vals)
     return stats
