@@ -10,11 +10,7 @@ import pytest
 
 from fqhw.cli import main
 
-TINY = [
-    "--data-n-train", "240", "--data-n-val", "120", "--data-n-test", "120", "--data-image-size", "16",
-    "--channels", "4,8", "--epochs", "1", "--qat-epochs", "1", "--quiet",
-]
-
+from conftest import TINY
 
 def run_cli(args, cwd=None):
     """Run the real console entry point in a subprocess: exit code, stdout, stderr."""
@@ -24,14 +20,6 @@ def run_cli(args, cwd=None):
 
 def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.strip()]
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compile")
-    out, cache = root / "out", root / "cache"
-    assert main(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
-    return out, cache
 
 
 def test_compile_writes_every_step(compiled):

@@ -384,6 +384,7 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
 
     raw_w, raw_a, layers, slots = [], [], [], []
     slot_of: dict[str, int] = {}
+    priced: dict = {}
     n_cand = 0
     for i, spec in enumerate(net.layers):
         j = net.input_of(i)
@@ -405,7 +406,13 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
         a_vals = slots[out_slot].a_vals if out_slot is not None else None
         w_vals = [int(pinned[spec.name])] if spec.name in pinned else bits
         raw_w.append(_check_sensitivity(sens, spec.name, "weight", w_vals))
-        folds, cand, n = _layer_candidates(cost, spec, w_vals, ai_vals, a_vals or [None], resources, metrics)
+        # units of the same shape and widths (repeated blocks, channel groups) share one table
+        shape_key = (replace(spec, name="", group="", group_index=min(spec.group_index, 1)), tuple(w_vals), tuple(ai_vals),
+                     tuple(a_vals or [None]))
+        if shape_key not in priced:
+            priced[shape_key] = _layer_candidates(cost, spec, w_vals, ai_vals, a_vals or [None], resources, metrics)
+        folds, cand, n = priced[shape_key]
+        cand = cand.copy()
         n_cand += n
         if len(cand) == 0:
             raise InfeasibleError(f"layer {spec.name!r} cannot be built on {cost.limits.name} with any folding at the candidate widths")
@@ -419,8 +426,16 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
         metric_scale[mname] = METRIC_RESOLUTION / top if top > 0 else 1.0
         for L in layers:
             L.cand[:, col] = np.rint(L.cand[:, col] * metric_scale[mname])
+    shared: dict = {}
     for L in layers:
         L.cand = L.cand.astype(np.int64)
+        # identical tables share their pruning (death caps and the rows per cycle cap)
+        key = (L.cand.shape, L.cand.tobytes())
+        if key in shared:
+            L._death, L._rows = shared[key]
+        else:
+            L._death = _death_caps(L.cand)
+            shared[key] = (L._death, L._rows)
 
     extras_fn = getattr(cost, "extras_options", None)
     extras = list(extras_fn(net, input_bits)) if extras_fn is not None else []

@@ -55,6 +55,8 @@ def render(report: dict) -> str:
         "<h2>Accuracy and fairness on the test split (%)</h2>",
         _table(["model", "overall", "mean group", "worst group", "gap", "balanced", "EOpp0", "EOpp1", "EOdd", "DP gap"], fair_rows),
         _img(plots.group_accuracy(report), "accuracy per group"),
+        _table(["model"] + [f"{g} (n={acc['float']['group_n'].get(g, 0)})" for g in report["data"]["groups"]],
+               [[label] + [_pct(acc[key]["group_acc"].get(g)) for g in report["data"]["groups"]] for key, label in MODEL_ROWS if key in acc]),
         "<h2>Allocation</h2>",
         f"<p>Average weight width {alloc['avg_weight_bits']:.3f} bits (budget {report['budget']:g}); solver {html.escape(str(solver.get('status')))} "
         f"in {solver.get('wall_time_s', 0):.2f} s.</p>",

@@ -156,5 +156,8 @@ def write_report(report: dict, out_dir: Path) -> None:
     Path(out_dir, "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Path(out_dir, "report.md").write_text(markdown(report))
     from fqhw.report.html import write_html
+    from fqhw.report.screenshot import find_chromium, screenshot
 
-    write_html(report, out_dir)
+    html_path = write_html(report, out_dir)
+    if find_chromium() is not None:  # a picture of the page, for people and for CI
+        screenshot(html_path, Path(out_dir, "report.png"))
