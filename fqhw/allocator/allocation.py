@@ -78,7 +78,12 @@ class Allocation:
         )
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the allocation without the solver's wall times, so that the file depends only
+        on the inputs (the same seed and inputs give a byte-identical file); the times are in
+        report.json."""
+        d = self.to_dict()
+        d["solver"] = _without_times(d["solver"])
+        Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Allocation":
@@ -92,3 +97,14 @@ class Allocation:
                 LayerAllocation(s.name, bits, bits if s.has_output_act else None) for s in net.layers
             ],
         )
+
+
+TIME_KEYS = ("wall_time_s", "tables_s")
+
+
+def _without_times(obj):
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if k not in TIME_KEYS}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
