@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("data", help="generate the built-in data set and print its group and class counts")
     _add_data_flags(pd)
     pd.set_defaults(func=cmd_data)
+
+    from fqhw.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

@@ -198,6 +198,8 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Al
         budget=cfg.budget,
         pinned=_pinned(cfg, net),
         min_fps=cfg.min_fps,
+        # with a rate to meet, the cheapest design that meets it; else the fastest that fits
+        objective="resources" if cfg.min_fps else None,
         time_limit_s=cfg.solver_time_limit_s,
         seed=cfg.seed,
     )

@@ -3,7 +3,6 @@ target, outputs are written whole or not at all, and bad requests fail in one li
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -42,6 +42,16 @@ stages 2 and 3 may trade up to `loss_slack` of it: z <= z* + floor(loss_slack * 
     "energy"       minimise sum_l E_l (an uncapped priced metric, "energy_pJ", in integer
                    units of (largest per-layer value) / 10^9), then the latency
 
+How it is solved quickly: stage 1 is first solved without the tables (widths, budget and
+loss only, a relaxation); if its widths, each unit at its least-resource folding, fit the
+target, they are optimal for the whole problem and the tables are not needed. Each table
+is pruned for a cycle cap C by a vectorised rule (a row is kept while cycles <= C < its
+"death cap", the least cycles of a row that dominates it in resources). Bisection steps are
+decided without the solver where possible: the current widths refolded fit (feasible), or
+the least resources the loss limit allows exceed a cap (infeasible). Cost models may
+price a whole table at once (price_table) and declare that repeated shapes price alike
+(prices_by_shape).
+
 Channel groups (fqhw.network.split_channel_groups): a unit reads the activation of the
 layer before its own groups, and the groups of a layer share one activation variable
 (one "slot"), whose sensitivity is the layer's.
@@ -409,6 +419,8 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
         # units of the same shape and widths (repeated blocks, channel groups) share one table
         shape_key = (replace(spec, name="", group="", group_index=min(spec.group_index, 1)), tuple(w_vals), tuple(ai_vals),
                      tuple(a_vals or [None]))
+        if not getattr(cost, "prices_by_shape", False):
+            shape_key = (len(layers), spec.name)
         if shape_key not in priced:
             priced[shape_key] = _layer_candidates(cost, spec, w_vals, ai_vals, a_vals or [None], resources, metrics)
         folds, cand, n = priced[shape_key]

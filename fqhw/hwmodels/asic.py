@@ -143,6 +143,7 @@ class AsicCostModel:
     (weights kept on chip: only with weights_on_chip, where it is the target's one cap)."""
 
     schedule = "sequential"  # layers run one after another on the array
+    prices_by_shape = True  # a layer's price depends on its shape, not its name
     objectives = ("latency", "energy")
 
     def __init__(self, params: AsicParams | str = "bitfusion", objective: str = "latency", **overrides):

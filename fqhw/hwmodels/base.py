@@ -55,6 +55,9 @@ class CostModel(Protocol):
       price_table(layer, w_vals, ai_vals, ao_vals, folds, resources, metrics)
           -> (rows, n_priced): every buildable choice at once, rows of (w, a_in, a_out or -1,
           fold index, cycles, *ceil(resources), *metrics), the same numbers as layer_cost.
+      prices_by_shape: True when a layer's price depends only on its shape (every field
+          but the name and channel-group labels): the allocator then prices repeated shapes
+          once;
     Priced quantities the target does not cap (in resources but not limits.totals, e.g.
     "energy_pJ") are reported and may be minimised, never capped.
     """

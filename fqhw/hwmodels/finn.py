@@ -443,6 +443,8 @@ def thresholding_cycles(channels: int, pe: int, n_vectors: int) -> int:
 class FinnCostModel:
     """FINN dataflow on one board; implements fqhw.hwmodels.base.CostModel."""
 
+    prices_by_shape = True  # a layer's price depends on its shape, not its name
+
     def __init__(
         self,
         board: str = "pynq-z2",
