@@ -215,7 +215,7 @@ class QuantModel:
 
 def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
     from fqhw.quant.qat import evaluate_groups, finetune
-    from fqhw.quant.qmodel import build_quant_model, calibrate
+    from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
 
     torch.manual_seed(cfg.seed)
     qmodel = build_quant_model(fm.model, alloc)
@@ -223,7 +223,10 @@ def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Dat
     res = finetune(
         qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
     )
-    return QuantModel(qmodel, alloc, asdict(res), evaluate_groups(qmodel, splits.test))
+    # Move every activation code boundary away from float rounding error, so that every
+    # backend's evaluation gives the same integers (see snap_thresholds).
+    snap = snap_thresholds(qmodel)
+    return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
 
 def step_quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> QuantModel:
@@ -239,7 +242,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> di
 
     out = {"float": evaluate_groups(fm.model, splits.test)}
     for bits in (8, 4):
-        key = _key({"float": _float_key(cfg, fm.config), "bits": bits, "qat": [cfg.qat_epochs, cfg.qat_lr, cfg.fairness_lambda], "v": 1})
+        key = _key({"float": _float_key(cfg, fm.config), "bits": bits, "qat": [cfg.qat_epochs, cfg.qat_lr, cfg.fairness_lambda], "v": 2})
         path = Path(cfg.cache_dir) / f"uniform{bits}-{key}.json"
         if path.exists():
             out[f"uniform{bits}"] = json.loads(path.read_text())
@@ -263,8 +266,8 @@ def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Pat
     from fqhw.backends.finn_build import finn_build
     from fqhw.hwmodels import get_cost_model
 
-    part = get_cost_model(cfg.target).limits.part
-    return finn_build(qonnx_path, alloc, work / "finn", part=part)
+    cost = get_cost_model(cfg.target)
+    return finn_build(qonnx_path, alloc, work / "finn", part=cost.limits.part, cost_model=cost)
 
 
 def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
@@ -281,6 +284,16 @@ def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, spli
         "finn": finn_integer_trace(finn, x),
     }
     return check_bit_exact(traces)
+
+
+def check_fits(cfg: CompileConfig, finn) -> None:
+    """FINN's own estimates, not only the cost model's, must fit the board."""
+    from fqhw.hwmodels import get_cost_model
+
+    lim = get_cost_model(cfg.target).limits
+    over = [f"{r} {used:g} > {lim.cap(r):g}" for r, used in finn.totals.items() if r in lim.totals and used > lim.cap(r)]
+    if over:
+        raise FqhwError(f"FINN's estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
 
 
 # ---------------------------------------------------------------- the runner
@@ -351,6 +364,7 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         torch.save(qm.model.state_dict(), work / "quant_model.pt")
         qonnx_path = run("export", step_export, cfg, qm, splits, work)
         finn = run("finn", step_finn, cfg, qonnx_path, alloc, work)
+        check_fits(cfg, finn)
         bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
         _dump(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)

@@ -25,7 +25,7 @@ distributed), after SpecializeLayers:
     a float input would instead get a standalone Thresholding_rtl (input_mode="thresholding")
 
 Folding: the allocator picks each MVAU's (PE, SIMD); the other units of the layer are
-folded as fqhw's FINN backend folds them (fqhw.backends.finn_build._step_apply_folding):
+folded here, and fqhw's FINN backend applies exactly this folding (it reads `layer_units`):
 just enough that none is slower than the layer's MVAU, with widths that are multiples of
 the MVAU's (window and padding share a SIMD | C_in that is a multiple of the MVAU's SIMD,
 else C_in, switching the window to parallel_window mode if it is still too slow; the pool

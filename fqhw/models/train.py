@@ -141,7 +141,7 @@ def train_float(
         history: list[dict] = []
         best_acc, best_epoch, best_state = -1.0, 0, None
         t0 = time.perf_counter()
-        bar = tqdm(total=total, disable=not progress, desc="train", unit="batch", leave=False)
+        bar = tqdm(total=total, disable=None if progress else True, desc="train", unit="batch", leave=False)
         for epoch in range(1, epochs + 1):
             model.train()
             perm = torch.randperm(n, generator=gen)

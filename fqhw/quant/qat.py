@@ -68,7 +68,7 @@ def finetune(
         model.train()
         loader = splits.train.loader(batch_size, shuffle=True, seed=seed + epoch)
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)  # None: off when not a terminal
         for x, y, g in bar:
             loss = fairness_loss(model(x), y, g, fairness_lambda)
             opt.zero_grad(set_to_none=True)

@@ -143,10 +143,16 @@ def markdown(report: dict) -> str:
     ]
     be = report["bit_exact"]
     verdict = "PASS" if be["ok"] else "FAIL"
+    thr = report["hardware"]["finn"].get("thresholds_differing")
     lines.append(
         f"{verdict}: integer values of {', '.join(be['backends'])} compared on {be['n_images']} test images, "
         f"{len(be['keys'])} tensors ({', '.join(be['keys'])})."
     )
+    if thr is not None:
+        lines.append(
+            f"\nFINN's integer thresholds against float64 thresholds from the QONNX file: {thr} differ "
+            "(0 means the dataflow graph gives the same codes as the QONNX model for every accumulator value, not only on the images tried)."
+        )
     lines += ["", "## Step times (s)", "", "| step | s |", "| --- | --- |"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
     return "\n".join(lines) + "\n"
