@@ -48,10 +48,14 @@ def test_compile_writes_every_step(compiled):
 def test_second_compile_reuses_the_float_model(compiled, tmp_path):
     out, cache = compiled
     before = sorted(p.name for p in cache.iterdir())
+    first = {name: (out / name).read_bytes() for name in ("allocation.json", "model.qonnx.onnx", "sensitivity.json")}
     assert main(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["float_model"]["cache_hit"] is True
     assert sorted(p.name for p in cache.iterdir()) == before
+    # the same seed and inputs: the same allocation and a byte-identical QONNX file
+    for name, data in first.items():
+        assert (out / name).read_bytes() == data, name
 
 
 @pytest.mark.parametrize(
