@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fqhw.errors import FqhwError, InfeasibleError
+from fqhw.outputs import plain, swap_in
 
 DEFAULT_LOSS_SLACK = 0.1
 
@@ -69,25 +70,7 @@ class CompareResult:
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return _plain(asdict(self))
-
-
-def _plain(o):
-    import numpy as np
-
-    if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    return o
+        return plain(asdict(self))
 
 
 # ------------------------------------------------------------------ inputs
@@ -394,14 +377,8 @@ def write_outputs(res: CompareResult, out_dir: Path) -> Path:
             (work / "compare.md").write_text(markdown(res))
             (work / "widths.png").write_bytes(widths_png(res))
             for t, a in res.allocations.items():
-                (work / f"allocation-{t}.json").write_text(json.dumps(_plain(a), indent=2, sort_keys=True) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(work, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                (work / f"allocation-{t}.json").write_text(json.dumps(plain(a), indent=2, sort_keys=True) + "\n")
+        swap_in(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         res.out_dir = None

@@ -31,6 +31,7 @@ from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
+from fqhw.outputs import swap_in, write_json
 
 BIT_RANGE = (2, 8)
 
@@ -72,20 +73,6 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _dump(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
 
 
 # ---------------------------------------------------------------- validation
@@ -250,7 +237,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> di
         qm = _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(qm.test_metrics, default=_json_default))
+        write_json(tmp, qm.test_metrics)
         os.replace(tmp, path)
         out[f"uniform{bits}"] = qm.test_metrics
     return out
@@ -350,11 +337,11 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         return result
 
     try:
-        _dump(work / "config.json", cfg.to_dict())
+        write_json(work / "config.json", cfg.to_dict())
         splits = run("data", step_data, cfg)
-        _dump(work / "data.json", describe(splits))
+        write_json(work / "data.json", describe(splits))
         fm = run("float_model", step_float_model, cfg, splits)
-        _dump(work / "network.json", fm.net.to_dict())
+        write_json(work / "network.json", fm.net.to_dict())
         sens = run("importance", step_importance, cfg, fm, splits)
         sens.save(work / "sensitivity.json")
         alloc = run("allocate", step_allocate, cfg, fm.net, sens)
@@ -366,7 +353,7 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         finn = run("finn", step_finn, cfg, qonnx_path, alloc, work)
         check_fits(cfg, finn)
         bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
-        _dump(work / "bitexact.json", bitexact.to_dict())
+        write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(
@@ -374,18 +361,8 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
             finn=finn, predicted=predicted, bitexact=bitexact, timings=timings,
         )
         write_report(report, work)
-        _swap_in(work, out_dir)
+        swap_in(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return CompileResult(out_dir, report, timings)
-
-
-def _swap_in(work: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,7 @@ from onnx import helper
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
+from fqhw.outputs import json_default
 
 DEFAULT_PART = "xc7z020clg400-1"
 INT_TOL = 1e-3
@@ -641,7 +642,7 @@ def _estimates(model, part: str, clock_ns: float, report_dir: Path):
     report_dir.mkdir(parents=True, exist_ok=True)
 
     def dump(name, obj):
-        (report_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        (report_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
     dump("op_and_param_counts.json", model.analysis(op_and_param_counts))
     cycles = {k: int(v) for k, v in model.analysis(exp_cycles_per_layer).items()}
@@ -660,14 +661,6 @@ def _estimates(model, part: str, clock_ns: float, report_dir: Path):
     return model, cycles, res, res_total["total"], perf
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def finn_build(

@@ -2,30 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import numpy as np
+from fqhw.outputs import plain
 
 MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "Uniform 4-bit"), ("compiled", "fqhw (compiled)")]
-
-
-def _plain(o):
-    if is_dataclass(o):
-        return _plain(asdict(o))
-    if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return o
 
 
 def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings) -> dict:
@@ -52,7 +33,7 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "finn": finn.layer_estimates.get(la.name),
             }
         )
-    return _plain(
+    return plain(
         {
             "target": cfg.target,
             "budget": cfg.budget,
