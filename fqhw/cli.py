@@ -60,6 +60,9 @@ def _data_config(args):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", dest="data_spec", default="builtin", metavar="SPEC",
+                   help="builtin | fitzpatrick17k:PATH | isic2019:PATH | csv:CSV[,IMAGE_DIR]; loader options as ;key=value "
+                        "(e.g. fitzpatrick17k:/data/f17k;groups=light-dark)")
     p.add_argument("--seed", type=int, default=0, help="seed for training, QAT and the solver")
     p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
     p.add_argument("--channels", type=_parse_tuple(int), default=None, help="channels of the default CNN's blocks, e.g. 16,32,64")
@@ -72,7 +75,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _compile_config(args):
     from fqhw.flow import CompileConfig
 
-    cfg = CompileConfig(data=_data_config(args), seed=args.seed, progress=not args.quiet, verbose=args.verbose and not args.quiet)
+    cfg = CompileConfig(data=_data_config(args), data_spec=args.data_spec, seed=args.seed, progress=not args.quiet, verbose=args.verbose and not args.quiet)
     updates = {}
     if getattr(args, "target", None) is not None:
         updates["target"] = args.target

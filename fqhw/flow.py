@@ -25,7 +25,8 @@ import torch
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import DataSplits
-from fqhw.data.synthetic import SyntheticDermConfig, describe, generate
+from fqhw.data.registry import describe, load_data
+from fqhw.data.synthetic import SyntheticDermConfig
 from fqhw.errors import FqhwError
 from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
@@ -46,6 +47,9 @@ class CompileConfig:
     budget: float = 4.0
     out_dir: Path = Path("fqhw-out")
     data: SyntheticDermConfig = field(default_factory=SyntheticDermConfig)
+    # "builtin" (the synthetic set configured by `data`), "fitzpatrick17k:PATH",
+    # "isic2019:PATH" or "csv:CSV[,IMAGE_DIR]" (fqhw.data.registry)
+    data_spec: str = "builtin"
     channels: tuple[int, ...] = (16, 32, 64)
     float_epochs: int = 12
     float_lr: float = 3e-3
@@ -95,12 +99,14 @@ def validate(cfg: CompileConfig) -> None:
     # any training, on the untrained model.
     from fqhw.allocator.cpsat import check_budget
 
-    net = network_spec(FairCNN(_model_config(cfg)), (3, cfg.data.image_size, cfg.data.image_size))
-    check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
+    # (For a real data set the class count is known only after loading; allocate() checks again.)
+    if cfg.data_spec == "builtin":
+        net = network_spec(FairCNN(_model_config(cfg, cfg.data.num_classes)), (3, cfg.data.image_size, cfg.data.image_size))
+        check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
 
 
-def _model_config(cfg: CompileConfig) -> CNNConfig:
-    return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=cfg.data.num_classes, channels=tuple(cfg.channels))
+def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig:
+    return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes, channels=tuple(cfg.channels))
 
 
 def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
@@ -137,12 +143,13 @@ class FloatModel:
 
 
 def step_data(cfg: CompileConfig) -> DataSplits:
-    return generate(cfg.data)
+    return load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
 
 
 def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
+    data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size}
     return {
-        "data": asdict(cfg.data),
+        "data": data,
         "model": mcfg.to_dict(),
         "epochs": cfg.float_epochs,
         "lr": cfg.float_lr,
@@ -154,7 +161,7 @@ def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float
 
-    mcfg = _model_config(cfg)
+    mcfg = _model_config(cfg, splits.train.num_classes)
 
     def build():
         torch.manual_seed(cfg.seed)

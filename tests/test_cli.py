@@ -103,3 +103,27 @@ def test_data_command_prints_counts():
     counts = json.loads(out)
     assert counts["train"]["n"] == 60 and sum(counts["train"]["per_group"].values()) == 60
     assert len(counts["test"]["per_group"]) == 6
+
+
+def test_compile_on_a_csv_image_folder(tmp_path):
+    """--data csv:...: the same flow on a CSV + image folder with its own groups and classes."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label,group"]
+    for i in range(90):
+        label, group = ["benign", "malignant", "other"][i % 3], ["female", "male"][(i // 3) % 2]
+        pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png,{label},{group}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = main(["compile", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY,
+               "--data", f"csv:{tmp_path / 'labels.csv'}", "--verify-images", "8"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["groups"] == ["female", "male"]
+    assert report["data"]["classes"] == ["benign", "malignant", "other"]
+    assert report["bit_exact"]["ok"] and report["bit_exact"]["n_images"] == 8
+    assert json.loads((out / "network.json").read_text())["num_classes"] == 3
