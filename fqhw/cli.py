@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fqhw.compare import add_compare_parser
 
     add_compare_parser(sub)
+
+    from fqhw.simulate import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 
