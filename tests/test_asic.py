@@ -17,6 +17,8 @@ from fqhw.hwmodels.asic import PRESETS, AsicCostModel, EnergyModel, bitfusion_br
 from fqhw.models.cnn import FairCNN
 from fqhw.network import LayerSpec, network_spec
 
+from conftest import sensitivity
+
 # a conv with many MACs and few weights and activations (compute-bound at 8 bits), and a
 # fully connected layer with many weights and no reuse (memory-bound)
 CONV = LayerSpec("conv", "conv", mw=3 * 3 * 64, mh=64, out_pixels=32 * 32, kernel=3, padding=1, in_channels=64,
@@ -128,15 +130,6 @@ def faircnn():
     return network_spec(FairCNN(), (3, 32, 32), name="fqcnn")
 
 
-def sensitivity(net, seed=0, decay=2.0):
-    rng = np.random.default_rng(seed)
-    w, a = {}, {}
-    for s in net.layers:
-        f = rng.uniform(0.5, 2.0, 2) * s.params / net.total_params
-        w[s.name] = {b: f * decay ** (-(b - 2)) for b in range(2, 9)}
-        if s.has_output_act:
-            a[s.name] = {b: rng.uniform(0.2, 1.0, 2) * 0.3 * decay ** (-(b - 2)) for b in range(2, 9)}
-    return Sensitivity(["light", "dark"], w, a)
 
 
 def test_allocator_on_asic_targets(faircnn):

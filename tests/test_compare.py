@@ -14,18 +14,9 @@ from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import FairCNN
 from fqhw.network import network_spec
 
+from conftest import sensitivity
 
-def sensitivity(net, seed=0, decay=2.0):
-    """Loss increase halving per extra bit (gentle enough that targets trade widths
-    differently), proportional to each layer's share of the parameters."""
-    rng = np.random.default_rng(seed)
-    w, a = {}, {}
-    for s in net.layers:
-        f = rng.uniform(0.5, 2.0, 2) * s.params / net.total_params
-        w[s.name] = {b: f * decay ** (-(b - 2)) for b in range(2, 9)}
-        if s.has_output_act:
-            a[s.name] = {b: rng.uniform(0.2, 1.0, 2) * 0.3 * decay ** (-(b - 2)) for b in range(2, 9)}
-    return Sensitivity(["light", "dark"], w, a)
+
 
 
 @pytest.fixture(scope="module")

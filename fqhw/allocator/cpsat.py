@@ -505,6 +505,16 @@ class _Model:
         return None if L.out_slot is None else self.a[L.out_slot]
 
 
+def _width_choice(m: cp_model.CpModel, values, name: str):
+    """A width as one-hot booleans x[b] (what the sensitivity terms and tables index) and
+    the integer w = sum_b b * x[b] (what the budget sums)."""
+    x = {b: m.NewBoolVar(f"{name}=={b}") for b in values}
+    m.AddExactlyOne(x.values())
+    w = m.NewIntVarFromDomain(cp_model.Domain.FromValues(values), name)
+    m.Add(w == sum(b * v for b, v in x.items()))
+    return x, w
+
+
 def _build(
     p: _Problem, cmax: int | None, *, budget: bool = True, caps: bool = True, loss: bool = True, z_max: int | None = None,
     hardware: bool = True,
@@ -526,19 +536,13 @@ def _build(
     ncol = 5 + len(p.columns)
     for i, (L, rows) in enumerate(zip(p.layers, tables)):
         name = L.spec.name
-        bw = {b: m.NewBoolVar(f"xw[{name},{b}]") for b in L.w_vals}
-        m.AddExactlyOne(bw.values())
-        w = m.NewIntVarFromDomain(cp_model.Domain.FromValues(L.w_vals), f"w[{name}]")
-        m.Add(w == sum(b * x for b, x in bw.items()))
+        bw, w = _width_choice(m, L.w_vals, f"w[{name}]")
         xw.append(bw)
         W.append(w)
         decision += list(bw.values())
         if L.out_slot is not None and A[L.out_slot] is None:
             slot = p.slots[L.out_slot]
-            ba = {b: m.NewBoolVar(f"xa[{slot.name},{b}]") for b in slot.a_vals}
-            m.AddExactlyOne(ba.values())
-            a = m.NewIntVarFromDomain(cp_model.Domain.FromValues(slot.a_vals), f"a[{slot.name}]")
-            m.Add(a == sum(b * x for b, x in ba.items()))
+            ba, a = _width_choice(m, slot.a_vals, f"a[{slot.name}]")
             xa[L.out_slot] = ba
             A[L.out_slot] = a
             decision += list(ba.values())
@@ -634,19 +638,13 @@ def _build_widths_only(p: _Problem, *, budget: bool = True, z_max: int | None = 
     m = cp_model.CpModel()
     xw, W, decision = [], [], []
     for L in p.layers:
-        bw = {b: m.NewBoolVar(f"xw[{L.spec.name},{b}]") for b in L.w_vals}
-        m.AddExactlyOne(bw.values())
-        w = m.NewIntVarFromDomain(cp_model.Domain.FromValues(L.w_vals), f"w[{L.spec.name}]")
-        m.Add(w == sum(b * x for b, x in bw.items()))
+        bw, w = _width_choice(m, L.w_vals, f"w[{L.spec.name}]")
         xw.append(bw)
         W.append(w)
         decision += list(bw.values())
     xa, A = [], []
     for slot in p.slots:
-        ba = {b: m.NewBoolVar(f"xa[{slot.name},{b}]") for b in slot.a_vals}
-        m.AddExactlyOne(ba.values())
-        a = m.NewIntVarFromDomain(cp_model.Domain.FromValues(slot.a_vals), f"a[{slot.name}]")
-        m.Add(a == sum(b * x for b, x in ba.items()))
+        ba, a = _width_choice(m, slot.a_vals, f"a[{slot.name}]")
         xa.append(ba)
         A.append(a)
         decision += list(ba.values())
