@@ -6,9 +6,10 @@ turns every HW node into a numpy operation on int64 arrays that runs a whole bat
 
     FMPadding                  zero padding of the NHWC feature map
     ConvolutionInputGenerator  im2col as a strided view: (N, OH, OW, KH*KW*C), channels fastest
-    MVAU                       int64 matmul with the integer weights, then (unless
+    MVAU                       integer matmul with the integer weights (on BLAS in float64
+                               while |acc| < 2^53, where it is exact), then (unless
                                noActivation) the integer thresholds: code = ActVal + the number
-                               of thresholds t with acc >= t (np.searchsorted per channel)
+                               of thresholds t with acc >= t (a binary search per channel)
     Thresholding               the same thresholds on a stream
     Pool (MaxPool / AccPool)   max / sum over the KH*KW window axis of the generator's output
     StreamingMaxPool           max pooling by reshape (NHWC, kernel = stride)
@@ -16,7 +17,7 @@ turns every HW node into a numpy operation on int64 arrays that runs a whole bat
 
 Weights, thresholds and attributes come from the ONNX nodes (qonnx ModelWrapper,
 getCustomOp), never from the Brevitas model, so the simulator checks the build on its own.
-Everything is int64 until the parent graph's output Mul: "logits" = head accumulator times
+Every value is an integer until the parent graph's output Mul: "logits" = head accumulator times
 that scale, in float64.
 
 `run` returns the integer tensors `finn_integer_trace` returns ("input", "<layer>.act",
@@ -75,25 +76,16 @@ def _int_thresholds(thr, channels: int, what: str) -> np.ndarray:
 
 
 def _threshold(acc: np.ndarray, thr: np.ndarray, act_val: int) -> np.ndarray:
-    """act_val + #{t in thr[c] : acc[..., c] >= t}, channels on the last axis (all int64).
-
-    One np.searchsorted for all channels: with B = max |acc|, every threshold is clipped to
-    [-B - 1, B + 1] (which changes no comparison with an accumulator in [-B, B]) and channel
-    c's accumulators and thresholds are shifted by c * (2B + 3), so the channels' ranges do
-    not overlap and one sorted array holds them all."""
-    ch, t = thr.shape
-    b = int(max(-int(acc.min(initial=0)), int(acc.max(initial=0))))
-    span = 2 * b + 3
-    if span * ch >= 2**62:
-        raise FqhwError("accumulators too large for the threshold search")
-    off = np.arange(ch, dtype=np.int64) * span
-    flat = (np.clip(thr, -b - 1, b + 1) + (b + 1) + off[:, None]).ravel()
-    key = acc + (b + 1) + off
-    out = np.searchsorted(flat, key.ravel(), side="right").reshape(acc.shape)
-    out -= np.arange(ch, dtype=np.int64) * t
+    """act_val + #{t in thr[c] : acc[..., c] >= t}, channels on the last axis (all int64):
+    one binary search per channel over that channel's contiguous accumulators."""
+    ch = thr.shape[0]
+    by_channel = np.ascontiguousarray(np.moveaxis(acc, -1, 0)).reshape(ch, -1)
+    out = np.empty_like(by_channel)
+    for c in range(ch):
+        out[c] = np.searchsorted(thr[c], by_channel[c], side="right")
     if act_val:
         out += act_val
-    return out
+    return np.moveaxis(out.reshape((ch, *acc.shape[:-1])), 0, -1)
 
 
 def _im2col(x: np.ndarray, k, stride, dilation) -> np.ndarray:
@@ -334,7 +326,7 @@ def _node_fn(df, node, layer_of_mvau: dict[str, str]):
             thr = _int_thresholds(df.get_initializer(thr_name), mh, f"{what} thresholds")
         act_val = int(g("ActVal"))
         wmax = None if w is None else int(np.abs(w).sum(axis=0).max(initial=0))
-        w32 = None if w is None or wmax >= 2**31 else w.astype(np.int32)
+        w64 = None if w is None or wmax >= 2**53 else w.astype(np.float64)
 
         def mvau(x):
             if w is not None:
@@ -346,9 +338,11 @@ def _node_fn(df, node, layer_of_mvau: dict[str, str]):
                     raise FqhwError(f"{what}: accumulator may exceed int64")
                 lead = x.shape[:-1]
                 x2 = x.reshape(-1, x.shape[-1])
-                if bound < 2**31 and w32 is not None:
-                    # exact in int32 (no partial sum can pass the bound), 2-3x faster
-                    acc = np.einsum("nk,km->nm", x2.astype(np.int32), w32).astype(np.int64)
+                if bound < 2**53 and w64 is not None:
+                    # Exact in float64: every product and every partial sum, in any order, is
+                    # an integer of magnitude <= bound < 2^53, which float64 holds exactly; this
+                    # runs on BLAS, which numpy's integer matmul does not have.
+                    acc = (x2.astype(np.float64) @ w64).astype(np.int64)
                 else:
                     acc = np.einsum("nk,km->nm", x2, w)
                 acc = acc.reshape((*lead, w.shape[1]))
