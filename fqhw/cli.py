@@ -67,6 +67,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
     p.add_argument("--channels", type=_parse_tuple(int), default=None, help="channels of the default CNN's blocks, e.g. 16,32,64")
     p.add_argument("--epochs", type=int, default=None, help="float training epochs")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
+                   help="load the float model's weights from this file (torch.save(model.state_dict(), PATH)) instead of training")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
     p.add_argument("--verbose", action="store_true", help="print each step's result")
     _add_data_flags(p)
@@ -89,6 +91,8 @@ def _compile_config(args):
         updates["channels"] = args.channels
     if args.epochs is not None:
         updates["float_epochs"] = args.epochs
+    if args.checkpoint is not None:
+        updates["checkpoint"] = args.checkpoint
     for flag, field_name in (
         ("qat_epochs", "qat_epochs"),
         ("fairness_lambda", "fairness_lambda"),
@@ -130,7 +134,7 @@ def cmd_train(args) -> int:
     fm = step_float_model(cfg, splits)
     m = evaluate_groups(fm.model, splits.test)
     print(
-        f"float model {'loaded from cache' if fm.cache_hit else 'trained'}: test acc {100 * m['overall_acc']:.1f} %, "
+        f"float model {f'loaded from {cfg.checkpoint}' if cfg.checkpoint else 'loaded from cache' if fm.cache_hit else 'trained'}: test acc {100 * m['overall_acc']:.1f} %, "
         f"mean-group {100 * m['mean_group_acc']:.1f} %, worst-group {100 * m['worst_group_acc']:.1f} % ({m['worst_group']})"
     )
     return 0

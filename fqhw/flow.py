@@ -10,6 +10,7 @@ the previous one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ class CompileConfig:
     solver_time_limit_s: float = 30.0
     seed: int = 0
     cache_dir: Path = field(default_factory=default_cache_dir)
+    checkpoint: Path | None = None  # float weights from this file (a state_dict) instead of training
     progress: bool = True  # progress bars and one line per step on stderr
     verbose: bool = False  # also each step's details (solver, FINN sub-steps)
 
@@ -70,6 +72,7 @@ class CompileConfig:
         d = asdict(self)
         d["out_dir"] = str(self.out_dir)
         d["cache_dir"] = str(self.cache_dir)
+        d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         return d
 
 
@@ -95,6 +98,10 @@ def validate(cfg: CompileConfig) -> None:
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir)
+    if cfg.checkpoint is not None:
+        from fqhw.models.checkpoint import check_checkpoint_path
+
+        check_checkpoint_path(cfg.checkpoint)
     # The budget against the pinned layers needs only the network's shape: check it before
     # any training, on the untrained model.
     from fqhw.allocator.cpsat import check_budget
@@ -155,7 +162,15 @@ def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
         "lr": cfg.float_lr,
         "seed": cfg.seed,
         "version": 1,
+        # weights from a file: the baselines' cache key must follow the file's contents
+        **({"checkpoint": _checkpoint_sha(cfg.checkpoint)} if cfg.checkpoint is not None else {}),
     }
+
+
+def _checkpoint_sha(path) -> str:
+    from fqhw.models.checkpoint import file_sha256
+
+    return file_sha256(Path(path))
 
 
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
@@ -170,7 +185,13 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     def train(model):
         return train_float(model, splits, epochs=cfg.float_epochs, lr=cfg.float_lr, batch_size=64, seed=cfg.seed, progress=cfg.progress)
 
-    model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
+    if cfg.checkpoint is not None:
+        from fqhw.models.checkpoint import load_checkpoint
+
+        model, hit = build(), False
+        info = load_checkpoint(model, cfg.checkpoint)
+    else:
+        model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
     model.eval()
     return FloatModel(model, mcfg, network_spec(model, splits.train.input_shape, name="fqcnn"), info, hit)
 
@@ -301,13 +322,33 @@ def _describe(result) -> str:
         layers = ", ".join(f"{la.name} W{la.weight_bits}/A{la.act_bits or '-'} PE{la.pe} SIMD{la.simd}" for la in result.layers)
         return f"{result.solver.get('status')} in {result.solver.get('wall_time_s', 0):.2f} s; {layers}"
     if isinstance(result, FloatModel):
-        return f"{'cached' if result.cache_hit else 'trained'}; {len(result.net.layers)} compute layers, {result.net.total_params} weights"
+        return f"{'from checkpoint' if result.info.get('source') == 'checkpoint' else 'cached' if result.cache_hit else 'trained'}; {len(result.net.layers)} compute layers, {result.net.total_params} weights"
     if isinstance(result, DataSplits):
         return f"{len(result.train)} train / {len(result.val)} val / {len(result.test)} test images"
     if hasattr(result, "summary") and callable(result.summary):
         out = result.summary()
         return out if isinstance(out, str) else json.dumps(out, default=str)[:300]
     return type(result).__name__
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _disk_error(e: BaseException, out_dir: Path) -> FqhwError | None:
+    """A one-line FqhwError for a write the file system refused (full disk, read-only,
+    no permission), naming the path; None for any other error."""
+    if not isinstance(e, OSError) or e.errno not in _DISK_ERRORS:
+        return None
+    where = e.filename or out_dir
+    flag = "--cache-dir" if e.filename and not str(e.filename).startswith(str(out_dir.parent)) else "--out"
+    fix = "free some space or choose another " if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else "choose another "
+    return FqhwError(f"{_DISK_ERRORS[e.errno]} writing {where}: {fix}{flag}")
 
 
 @dataclass
@@ -326,11 +367,17 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
 
     validate(cfg)
     out_dir = Path(cfg.out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+    except OSError as e:
+        err = _disk_error(e, out_dir)
+        if err is None:
+            raise
+        raise err from e
     timings: dict[str, float] = {}
 
     def run(name: str, fn: Callable, *args):
@@ -369,7 +416,10 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         )
         write_report(report, work)
         swap_in(work, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        err = _disk_error(e, out_dir)
+        if err is not None:
+            raise err from e
         raise
     return CompileResult(out_dir, report, timings)
