@@ -22,6 +22,15 @@ def _parse_tuple(kind):
     return parse
 
 
+def _edge_bits(text: str):
+    if text == "none":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width (2..8) or 'none', got {text!r}")
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     """One flag per knob of the built-in data set: --data-<field>."""
     from fqhw.data.synthetic import SyntheticDermConfig
@@ -103,7 +112,7 @@ def _compile_config(args):
         if getattr(args, flag, None) is not None:
             updates[field_name] = getattr(args, flag)
     if getattr(args, "edge_bits", None) is not None:
-        updates["edge_bits"] = None if args.edge_bits == "none" else int(args.edge_bits)
+        updates["edge_bits"] = None if args.edge_bits == "none" else args.edge_bits
     return dataclasses.replace(cfg, **updates)
 
 
@@ -160,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", type=Path, default=None, help=f"output folder (default {d.out_dir})")
     pc.add_argument("--qat-epochs", type=int, default=None, help=f"fine-tuning epochs (default {d.qat_epochs})")
     pc.add_argument("--fairness-lambda", type=float, default=None, help=f"weight of max-min group loss (default {d.fairness_lambda})")
-    pc.add_argument("--edge-bits", default=None, help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
+    pc.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
     pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
@@ -200,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     except FqhwError as e:
         print(f"fqhw: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file the user named, or a folder that cannot be written
+        if e.filename is None:
+            raise
+        print(f"fqhw: error: {e.strerror or e} ({e.filename}): check the path, or choose another --out / --cache-dir", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fqhw: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,11 +80,7 @@ class CompileConfig:
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-
-
 # ---------------------------------------------------------------- validation
-
 
 def validate(cfg: CompileConfig) -> None:
     """Reject bad requests before any work is done (one line each, naming the fix)."""
@@ -111,16 +108,13 @@ def validate(cfg: CompileConfig) -> None:
         net = network_spec(FairCNN(_model_config(cfg, cfg.data.num_classes)), (3, cfg.data.image_size, cfg.data.image_size))
         check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
 
-
 def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig:
     return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes, channels=tuple(cfg.channels))
-
 
 def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
     if cfg.edge_bits is None:
         return None
     return {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
-
 
 def check_writable(out_dir: Path) -> None:
     out_dir = Path(out_dir).absolute()
@@ -135,10 +129,15 @@ def check_writable(out_dir: Path) -> None:
         raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is not writable): choose another --out")
     if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
         raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
-
+    # A successful compile replaces the output folder whole: only ever replace an earlier
+    # fqhw output (or an empty folder), never a folder of the user's own files.
+    cwd = Path.cwd().absolute()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise FqhwError(f"output folder {out_dir} holds the current folder and would be replaced: choose a new folder for --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FqhwError(f"output folder {out_dir} is not empty and is not an fqhw output (it would be replaced): choose a new folder for --out")
 
 # ---------------------------------------------------------------- the steps
-
 
 @dataclass
 class FloatModel:
@@ -148,13 +147,27 @@ class FloatModel:
     info: dict
     cache_hit: bool
 
-
 def step_data(cfg: CompileConfig) -> DataSplits:
     return load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
 
+def _data_fingerprint(spec: str) -> list:
+    """Absolute paths, sizes and modification times of the files a real data spec names, so
+    that a cached model is not reused after the data changed or for another folder."""
+    from fqhw.data.registry import parse_spec
+
+    _kind, location, _options = parse_spec(spec)
+    out = []
+    for part in str(location).split(","):
+        path = Path(part).absolute()
+        entries = [path] + (sorted(path.iterdir()) if path.is_dir() else [])  # a root: its CSVs and image folders
+        for f in entries:
+            st = f.stat() if f.exists() else None
+            out.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return out
 
 def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
-    data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size}
+    data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size,
+                                                                   "files": _data_fingerprint(cfg.data_spec)}
     return {
         "data": data,
         "model": mcfg.to_dict(),
@@ -166,12 +179,10 @@ def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
         **({"checkpoint": _checkpoint_sha(cfg.checkpoint)} if cfg.checkpoint is not None else {}),
     }
 
-
 def _checkpoint_sha(path) -> str:
     from fqhw.models.checkpoint import file_sha256
 
     return file_sha256(Path(path))
-
 
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float
@@ -195,12 +206,10 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     model.eval()
     return FloatModel(model, mcfg, network_spec(model, splits.train.input_shape, name="fqcnn"), info, hit)
 
-
 def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> Sensitivity:
     return group_sensitivity(
         fm.model, fm.net, splits.val, bits=range(BIT_RANGE[0], BIT_RANGE[1] + 1), max_per_group=cfg.importance_samples, seed=cfg.seed
     )
-
 
 def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Allocation:
     from fqhw.allocator.cpsat import allocate
@@ -219,14 +228,12 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Al
         seed=cfg.seed,
     )
 
-
 @dataclass
 class QuantModel:
     model: torch.nn.Module
     allocation: Allocation
     qat: dict
     test_metrics: dict
-
 
 def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
     from fqhw.quant.qat import evaluate_groups, finetune
@@ -243,10 +250,8 @@ def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Dat
     snap = snap_thresholds(qmodel)
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
-
 def step_quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> QuantModel:
     return _quantize(cfg, fm, alloc, splits, desc="QAT compiled")
-
 
 def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> dict[str, dict]:
     """Test metrics of the float model and of Uniform 8-bit / 4-bit QAT at the same settings.
@@ -259,23 +264,28 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> di
     for bits in (8, 4):
         key = _key({"float": _float_key(cfg, fm.config), "bits": bits, "qat": [cfg.qat_epochs, cfg.qat_lr, cfg.fairness_lambda], "v": 2})
         path = Path(cfg.cache_dir) / f"uniform{bits}-{key}.json"
-        if path.exists():
+        try:
             out[f"uniform{bits}"] = json.loads(path.read_text())
             continue
+        except (OSError, ValueError):  # absent, or unreadable: recompute
+            pass
         qm = _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        write_json(tmp, qm.test_metrics)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # one per writer
+        os.close(fd)
+        try:
+            write_json(Path(tmp), qm.test_metrics)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         out[f"uniform{bits}"] = qm.test_metrics
     return out
-
 
 def step_export(cfg: CompileConfig, qm: QuantModel, splits: DataSplits, work: Path) -> Path:
     from fqhw.backends.qonnx_export import export_qonnx
 
     return export_qonnx(qm.model, splits.train.input_shape, work / "model.qonnx.onnx")
-
 
 def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
     from fqhw.backends.finn_build import finn_build
@@ -283,7 +293,6 @@ def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Pat
 
     cost = get_cost_model(cfg.target)
     return finn_build(qonnx_path, alloc, work / "finn", part=cost.limits.part, cost_model=cost)
-
 
 def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
     from fqhw.backends.finn_build import finn_integer_trace
@@ -300,7 +309,6 @@ def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, spli
     }
     return check_bit_exact(traces)
 
-
 def check_fits(cfg: CompileConfig, finn) -> None:
     """FINN's own estimates, not only the cost model's, must fit the board."""
     from fqhw.hwmodels import get_cost_model
@@ -310,11 +318,9 @@ def check_fits(cfg: CompileConfig, finn) -> None:
     if over:
         raise FqhwError(f"FINN's estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
 
-
 # ---------------------------------------------------------------- the runner
 
 STEPS = ["data", "float_model", "importance", "allocate", "baselines", "quantize", "export", "finn", "verify"]
-
 
 def _describe(result) -> str:
     """A one-line summary of a step's result for --verbose."""
@@ -330,7 +336,6 @@ def _describe(result) -> str:
         return out if isinstance(out, str) else json.dumps(out, default=str)[:300]
     return type(result).__name__
 
-
 _DISK_ERRORS = {
     errno.ENOSPC: "no space left on the device",
     getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded",
@@ -339,24 +344,24 @@ _DISK_ERRORS = {
     errno.EPERM: "operation not permitted",
 }
 
-
 def _disk_error(e: BaseException, out_dir: Path) -> FqhwError | None:
     """A one-line FqhwError for a write the file system refused (full disk, read-only,
     no permission), naming the path; None for any other error."""
     if not isinstance(e, OSError) or e.errno not in _DISK_ERRORS:
         return None
     where = e.filename or out_dir
-    flag = "--cache-dir" if e.filename and not str(e.filename).startswith(str(out_dir.parent)) else "--out"
+    target = Path(e.filename).absolute() if e.filename else out_dir
+    # the output folder, or the staging folders beside it (.NAME.partial-PID, .NAME.old-PID)
+    ours = any(q == out_dir or (q.parent == out_dir.parent and q.name.startswith(f".{out_dir.name}.")) for q in [target, *target.parents])
+    flag = "--out" if ours else "--cache-dir"
     fix = "free some space or choose another " if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else "choose another "
     return FqhwError(f"{_DISK_ERRORS[e.errno]} writing {where}: {fix}{flag}")
-
 
 @dataclass
 class CompileResult:
     out_dir: Path
     report: dict
     timings: dict[str, float]
-
 
 def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users expect
     """Run the whole flow; returns the report (the same object as report.json)."""

@@ -127,3 +127,22 @@ def test_compile_on_a_csv_image_folder(tmp_path):
     assert report["data"]["classes"] == ["benign", "malignant", "other"]
     assert report["bit_exact"]["ok"] and report["bit_exact"]["n_images"] == 8
     assert json.loads((out / "network.json").read_text())["num_classes"] == 3
+
+
+def test_a_folder_of_other_files_is_never_replaced(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    rc, _, err = run_cli(["compile", "--out", str(mine), *TINY])
+    assert rc != 0
+    lines = error_lines(err)
+    assert len(lines) == 1 and "is not an fqhw output" in lines[0]
+    rc, _, err = run_cli(["compile", "--out", ".", *TINY], cwd=mine)
+    assert rc != 0 and "holds the current folder" in error_lines(err)[0]
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_bad_edge_bits_is_a_usage_error(tmp_path):
+    rc, _, err = run_cli(["compile", "--out", str(tmp_path / "out"), "--edge-bits", "x"])
+    assert rc == 2 and "expected a bit width (2..8) or 'none'" in err and "Traceback" not in err

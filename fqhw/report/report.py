@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from fqhw.outputs import plain
@@ -147,4 +149,7 @@ def write_report(report: dict, out_dir: Path) -> None:
 
     html_path = write_html(report, out_dir)
     if find_chromium() is not None:  # a picture of the page, for people and for CI
-        screenshot(html_path, Path(out_dir, "report.png"))
+        try:
+            screenshot(html_path, Path(out_dir, "report.png"))
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # a broken browser costs the picture only
+            print(f"fqhw: warning: no report.png: {e}", file=sys.stderr)
