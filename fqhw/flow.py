@@ -80,7 +80,9 @@ class CompileConfig:
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
 # ---------------------------------------------------------------- validation
+
 
 def validate(cfg: CompileConfig) -> None:
     """Reject bad requests before any work is done (one line each, naming the fix)."""
