@@ -281,7 +281,7 @@ def compare(
     if out_dir is not None:
         from fqhw.flow import check_writable
 
-        check_writable(Path(out_dir))
+        check_writable(Path(out_dir), markers=("compare.json", "pareto.json"))
     if budgets is not None:
         budgets = [float(b) for b in budgets]
         if len(resolved) != 1:

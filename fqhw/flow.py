@@ -118,7 +118,10 @@ def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
         return None
     return {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
 
-def check_writable(out_dir: Path) -> None:
+
+def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """The folder can be written and may be replaced: it is absent, empty, or an earlier
+    output of the same command (it holds one of `markers`)."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
@@ -136,7 +139,7 @@ def check_writable(out_dir: Path) -> None:
     cwd = Path.cwd().absolute()
     if out_dir == cwd or out_dir in cwd.parents:
         raise FqhwError(f"output folder {out_dir} holds the current folder and would be replaced: choose a new folder for --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in markers):
         raise FqhwError(f"output folder {out_dir} is not empty and is not an fqhw output (it would be replaced): choose a new folder for --out")
 
 # ---------------------------------------------------------------- the steps

@@ -87,7 +87,7 @@ def test_failed_write_leaves_nothing_half_written(net, sens, tmp_path, monkeypat
 
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / "keep.txt").write_text("previous run")
+    (out / "compare.json").write_text("previous run")  # an earlier compare output
 
     def boom(res):
         raise RuntimeError("plot failed")
@@ -95,7 +95,8 @@ def test_failed_write_leaves_nothing_half_written(net, sens, tmp_path, monkeypat
     monkeypatch.setattr(C, "widths_png", boom)
     with pytest.raises(RuntimeError):
         compare(net, sens, "bitfusion,bitserial", 4.0, out_dir=out, time_limit_s=10)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the previous output is untouched
+    assert [p.name for p in out.iterdir()] == ["compare.json"]  # the previous output is untouched
+    assert (out / "compare.json").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp"]
 
 
