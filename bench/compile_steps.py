@@ -9,7 +9,6 @@ user sees on every compile after the first). Prints a table and writes both runs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

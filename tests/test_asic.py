@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.allocator.cpsat import allocate, price
 from fqhw.errors import FqhwError, InfeasibleError
-from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model, known_targets
 from fqhw.hwmodels.asic import PRESETS, AsicCostModel, EnergyModel, bitfusion_bricks
 from fqhw.models.cnn import FairCNN

@@ -348,8 +348,6 @@ def test_snapping_again_changes_nothing(snapped):
 def test_maximising_the_margin(snapped):
     """float32_ulps=None maximises every channel's margin (at least 1/(2K) per channel up to
     the float32 resolution of beta; far more with the scale grid)."""
-    import copy
-
     qm, alloc = _big_quant_model("mixed")
     best = snap_thresholds(qm, float32_ulps=None)
     default = snapped["mixed"]["stats"]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from fqhw import cli
 from fqhw.compare import add_compare_parser, compare, objective_value
 from fqhw.errors import FqhwError
-from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import FairCNN
 from fqhw.network import network_spec
 

@@ -1,7 +1,6 @@
 """The fairness term of QAT and the fine-tuning loop."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

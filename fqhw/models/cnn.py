@@ -6,7 +6,7 @@ last pooling reduces the map to 1x1 so the flatten before the head is layout-fre
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
