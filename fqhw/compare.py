@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fqhw.errors import FqhwError, InfeasibleError
-from fqhw.outputs import plain, swap_in
+from fqhw.outputs import plain, staging_folder, swap_in
 
 DEFAULT_LOSS_SLACK = 0.1
 
@@ -360,11 +359,7 @@ def _own_is_best(res: CompareResult, on: str) -> bool:
 def write_outputs(res: CompareResult, out_dir: Path) -> Path:
     """Write the result into out_dir atomically (staging folder, then rename)."""
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
+    work = staging_folder(out)
     try:
         res.out_dir = str(out)
         data = res.to_dict()

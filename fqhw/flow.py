@@ -11,12 +11,10 @@ the previous one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +32,8 @@ from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
-from fqhw.outputs import swap_in, write_json
+from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json
+from fqhw.stepcache import StepCache, file_digest, input_key
 
 BIT_RANGE = (2, 8)
 
@@ -75,10 +74,6 @@ class CompileConfig:
         d["cache_dir"] = str(self.cache_dir)
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         return d
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- validation
@@ -151,6 +146,7 @@ class FloatModel:
     net: NetworkSpec
     info: dict
     cache_hit: bool
+    key: str = ""  # hash of everything the weights depend on (data, model, training, file)
 
 def step_data(cfg: CompileConfig) -> DataSplits:
     return load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
@@ -209,7 +205,8 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     else:
         model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
     model.eval()
-    return FloatModel(model, mcfg, network_spec(model, splits.train.input_shape, name="fqcnn"), info, hit)
+    net = network_spec(model, splits.train.input_shape, name="fqcnn")
+    return FloatModel(model, mcfg, net, info, hit, key=input_key(_float_key(cfg, mcfg)))
 
 def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> Sensitivity:
     return group_sensitivity(
@@ -255,37 +252,60 @@ def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Dat
     snap = snap_thresholds(qmodel)
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
+def _qat_inputs(cfg: CompileConfig) -> dict:
+    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed}
+
+
+def _write_quant(qm: QuantModel, folder: Path) -> None:
+    save_tensors(qm.model.state_dict(), folder / "quant_model.pt")
+    write_json(folder / "quant.json", {"allocation": qm.allocation.to_dict(), "qat": qm.qat, "test_metrics": qm.test_metrics})
+
+
+def _load_quant(fm: FloatModel) -> Callable[[Path], QuantModel]:
+    def load(folder: Path) -> QuantModel:
+        from fqhw.quant.qmodel import build_quant_model
+
+        d = json.loads((folder / "quant.json").read_text())
+        alloc = Allocation.from_dict(d["allocation"])
+        qmodel = build_quant_model(fm.model, alloc)
+        qmodel.load_state_dict(torch.load(folder / "quant_model.pt", map_location="cpu", weights_only=True))
+        qmodel.eval()
+        return QuantModel(qmodel, alloc, d["qat"], d["test_metrics"])
+
+    return load
+
+
 def step_quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> QuantModel:
     return _quantize(cfg, fm, alloc, splits, desc="QAT compiled")
 
-def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> dict[str, dict]:
+def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache: StepCache | None = None) -> dict[str, dict]:
     """Test metrics of the float model and of Uniform 8-bit / 4-bit QAT at the same settings.
 
-    Cached: they depend only on the float model and the QAT settings, not on the target.
+    Each is its own cache entry: they depend only on the float model and the QAT settings,
+    not on the target or the budget.
     """
     from fqhw.quant.qat import evaluate_groups
 
+    cache = cache or StepCache(None)
     out = {"float": evaluate_groups(fm.model, splits.test)}
     for bits in (8, 4):
-        key = _key({"float": _float_key(cfg, fm.config), "bits": bits, "qat": [cfg.qat_epochs, cfg.qat_lr, cfg.fairness_lambda], "v": 2})
-        path = Path(cfg.cache_dir) / f"uniform{bits}-{key}.json"
-        try:
-            out[f"uniform{bits}"] = json.loads(path.read_text())
-            continue
-        except (OSError, ValueError):  # absent, or unreadable: recompute
-            pass
-        qm = _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # one per writer
-        os.close(fd)
-        try:
-            write_json(Path(tmp), qm.test_metrics)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        out[f"uniform{bits}"] = qm.test_metrics
+        got = cache.run(
+            f"uniform{bits}",
+            _baseline_inputs(cfg, fm, bits),
+            lambda: _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit").test_metrics,
+            lambda metrics, folder: write_json(folder / "test_metrics.json", metrics),
+            _read_metrics,
+        )
+        out[f"uniform{bits}"] = got.value
     return out
+
+def _baseline_inputs(cfg: CompileConfig, fm: FloatModel, bits: int) -> dict:
+    return {"float": fm.key, "bits": bits, "qat": _qat_inputs(cfg)}
+
+
+def _read_metrics(folder: Path) -> dict:
+    return json.loads((folder / "test_metrics.json").read_text())
+
 
 def step_export(cfg: CompileConfig, qm: QuantModel, splits: DataSplits, work: Path) -> Path:
     from fqhw.backends.qonnx_export import export_qonnx
@@ -322,6 +342,34 @@ def check_fits(cfg: CompileConfig, finn) -> None:
     over = [f"{r} {used:g} > {lim.cap(r):g}" for r, used in finn.totals.items() if r in lim.totals and used > lim.cap(r)]
     if over:
         raise FqhwError(f"FINN's estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
+
+# ---------------------------------------------------------------- step cache io
+
+
+def _allocation_content(alloc: Allocation) -> dict:
+    """The allocation as the steps after it see it: widths and folding, not solver timings."""
+    return {"input_bits": alloc.input_bits, "layers": [asdict(la) for la in alloc.layers]}
+
+
+def _write_allocation(alloc: Allocation, folder: Path) -> None:
+    write_json(folder / "allocation.json", alloc.to_dict())
+
+
+def _load_allocation(folder: Path) -> Allocation:
+    return Allocation.load(folder / "allocation.json")
+
+
+def _load_finn(cached: Path, dest: Path):
+    from fqhw.backends.finn_build import FinnBuild
+
+    shutil.copytree(cached, dest)
+    return FinnBuild.load(dest)
+
+
+def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
+    if cfg.progress:
+        print(f"fqhw: [{done + 1}/{len(STEPS)}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
+
 
 # ---------------------------------------------------------------- the runner
 
@@ -377,52 +425,89 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
 
     validate(cfg)
     out_dir = Path(cfg.out_dir).absolute()
-    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
+        work = staging_folder(out_dir)
     except OSError as e:
         err = _disk_error(e, out_dir)
         if err is None:
             raise
         raise err from e
     timings: dict[str, float] = {}
+    steps: dict[str, dict] = {}
+    cache = StepCache(cfg.cache_dir)
 
-    def run(name: str, fn: Callable, *args):
-        if cfg.progress:
-            print(f"fqhw: [{len(timings) + 1}/{len(STEPS)}] {name} ...", file=sys.stderr, flush=True)
+    def run(name: str, fn: Callable, *args, inputs: Any = None, write=None, load=None, stored: bool = False):
+        """Run one step, or reuse its stored output when `inputs` are given and were seen.
+        `stored`: a step that keeps its own cache entries (float_model, baselines) has them."""
         t0 = time.perf_counter()
-        result = fn(*args)
+        key = result = None
+        if inputs is not None:
+            key = cache.key(name, inputs)
+            result = cache.get(name, key, load)
+        reused = result is not None
+        _progress(cfg, len(timings), name, reused or stored)
+        if not reused:
+            result = fn(*args)
+            if key is not None:
+                cache.put(name, key, inputs, lambda folder: write(result, folder))
         timings[name] = round(time.perf_counter() - t0, 3)
+        steps[name] = {"seconds": timings[name], "reused": reused, "key": key}
         if cfg.verbose:
-            print(f"fqhw:     {name} done in {timings[name]:.2f} s: {_describe(result)}", file=sys.stderr, flush=True)
+            print(f"fqhw:     {name} {'reused' if reused else 'done'} in {timings[name]:.2f} s: {_describe(result)}", file=sys.stderr, flush=True)
         return result
 
     try:
         write_json(work / "config.json", cfg.to_dict())
         splits = run("data", step_data, cfg)
         write_json(work / "data.json", describe(splits))
-        fm = run("float_model", step_float_model, cfg, splits)
+        mcfg = _model_config(cfg, splits.train.num_classes)
+        stored = cfg.checkpoint is None and cache.has("float_model", cache.key("float_model", _float_key(cfg, mcfg)))
+        fm = run("float_model", step_float_model, cfg, splits, stored=stored)
+        steps["float_model"].update(reused=fm.cache_hit, key=fm.key)
         write_json(work / "network.json", fm.net.to_dict())
-        sens = run("importance", step_importance, cfg, fm, splits)
+        sens = run(
+            "importance", step_importance, cfg, fm, splits,
+            inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher"},
+            write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
+        )
         sens.save(work / "sensitivity.json")
-        alloc = run("allocate", step_allocate, cfg, fm.net, sens)
+        alloc = run(
+            "allocate", step_allocate, cfg, fm.net, sens,
+            inputs={"importance": sens.to_dict(), "net": fm.net.to_dict(), "target": cfg.target, "budget": cfg.budget,
+                    "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps, "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed},
+            write=_write_allocation, load=_load_allocation,
+        )
         alloc.save(work / "allocation.json")
-        baselines = run("baselines", step_baselines, cfg, fm, splits)
-        qm = run("quantize", step_quantize, cfg, fm, alloc, splits)
-        torch.save(qm.model.state_dict(), work / "quant_model.pt")
-        qonnx_path = run("export", step_export, cfg, qm, splits, work)
-        finn = run("finn", step_finn, cfg, qonnx_path, alloc, work)
+        stored = all(cache.has(f"uniform{b}", cache.key(f"uniform{b}", _baseline_inputs(cfg, fm, b))) for b in (8, 4))
+        baselines = run("baselines", step_baselines, cfg, fm, splits, cache, stored=stored)
+        steps["baselines"]["reused"] = stored
+        qm = run(
+            "quantize", step_quantize, cfg, fm, alloc, splits,
+            inputs={"float": fm.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
+            write=_write_quant, load=_load_quant(fm),
+        )
+        save_tensors(qm.model.state_dict(), work / "quant_model.pt")
+        qonnx_path = run(
+            "export", step_export, cfg, qm, splits, work,
+            inputs={"quantize": steps["quantize"]["key"], "input_shape": list(splits.train.input_shape)},
+            write=lambda path, d: shutil.copy2(path, d / path.name),
+            load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
+        )
+        finn = run(
+            "finn", step_finn, cfg, qonnx_path, alloc, work,
+            inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target},
+            write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
+            load=lambda d: _load_finn(d / "finn", work / "finn"),
+        )
         check_fits(cfg, finn)
+        # Always run: the check is the point of the build, and it costs seconds.
         bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
         write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(
             cfg=cfg, splits=splits, fm=fm, sens=sens, alloc=alloc, baselines=baselines, qm=qm,
-            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings,
+            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps,
         )
         write_report(report, work)
         swap_in(work, out_dir)

@@ -42,6 +42,56 @@ def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(plain(obj), indent=2, sort_keys=True, default=json_default) + "\n")
 
 
+def save_tensors(state: dict, path: Path) -> None:
+    """torch.save through an ordinary file write. torch.save writing to a full disk raises a
+    RuntimeError with an internal message ("unexpected pos ..."); serialising to memory first
+    lets the write fail as the OSError it is (ENOSPC, EROFS, ...), which the commands turn
+    into one line naming the folder."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def staging_folder(out_dir: Path) -> Path:
+    """A new, empty staging folder beside `out_dir` for this process (.NAME.partial-PID).
+
+    Staging folders left by runs that were killed (SIGKILL, power loss: nothing could clean
+    up) are removed first, as are the old output folders such a run may have left mid-swap;
+    those of live runs are left alone."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("partial", "old"):
+        for p in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    return work
+
+
 def swap_in(work: Path, out_dir: Path) -> None:
     """Replace `out_dir` by the finished staging folder `work` (both on one file system), so
     readers see the old folder or the new one, never a half-written one."""

@@ -181,6 +181,39 @@ def test_csv_single_class(tmp_path, inputs):
     compile_fails(tmp_path, "--data", spec, needle="only 1 class (benign) left after filtering")
 
 
+def _image_csv(inputs, n=12):
+    return _csv(inputs, "image,label,group", [f"img{i}.png,{'ab'[i % 2]},{'fm'[(i // 2) % 2]}" for i in range(n)])
+
+
+def test_corrupt_image(tmp_path, inputs):
+    spec = _image_csv(inputs)
+    (inputs / "img5.png").write_bytes(b"\x89PNG but not really an image")
+    compile_fails(tmp_path, "--data", spec, needle="img5.png cannot be read")
+
+
+def test_truncated_image(tmp_path, inputs):
+    spec = _image_csv(inputs)
+    good = (inputs / "img3.png").read_bytes()
+    (inputs / "img3.png").write_bytes(good[: len(good) // 2])
+    compile_fails(tmp_path, "--data", spec, needle="img3.png cannot be read")
+
+
+def test_labels_out_of_range(tmp_path, inputs):
+    """ISIC2019's ground truth is one-hot: a class value of 2 (or no class set) is a label
+    outside the classes, and the line that holds it is named."""
+    import csv
+
+    from test_real_data import make_isic
+
+    root = make_isic(inputs / "isic")
+    gt = root / "ISIC_2019_Training_GroundTruth.csv"
+    rows = list(csv.reader(gt.open()))
+    rows[3][1:] = ["2"] + ["0"] * (len(rows[3]) - 2)
+    with gt.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    compile_fails(tmp_path, "--data", f"isic2019:{root}", needle="line 4 (image ")
+
+
 # ---------------------------------------------------------------- the file system (simulated: tests run as root)
 
 
@@ -233,3 +266,21 @@ def test_full_disk_mid_compile(tmp_path, inputs, monkeypatch, capsys):
                                 "--checkpoint", str(ckpt)], "no space left on the device writing ")
     assert "network.json: free some space or choose another --out" in line
     assert_left_nothing(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_real_full_disk_in_weight_files():
+    """/dev/full fails every write with ENOSPC, as a full disk does. torch.save itself then
+    raises an internal RuntimeError; fqhw's weight files go through save_tensors, whose
+    failure is the OSError the commands turn into one line."""
+    from fqhw.flow import _disk_error
+    from fqhw.outputs import save_tensors
+
+    state = tiny_model().state_dict()
+    with pytest.raises(RuntimeError):
+        torch.save(state, "/dev/full")
+    with pytest.raises(OSError) as e:
+        save_tensors(state, pathlib.Path("/dev/full"))
+    assert e.value.errno == errno.ENOSPC
+    line = str(_disk_error(e.value, pathlib.Path("/tmp/out")))
+    assert line == "no space left on the device writing /dev/full: free some space or choose another --cache-dir"

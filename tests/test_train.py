@@ -8,7 +8,8 @@ import torch
 from fqhw.data.synthetic import SyntheticDermConfig, generate
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.models.train import TrainResult, cache_key, cached_float_model, evaluate, train_float
+from fqhw.models.train import TrainResult, cached_float_model, evaluate, train_float
+from fqhw.stepcache import CACHE_VERSION, input_key
 
 torch.set_num_threads(1)
 TINY = CNNConfig(image_size=16, num_classes=4, channels=(8, 16))
@@ -76,14 +77,15 @@ def test_cache_miss_then_hit(splits, tmp_path):
     for va, vb in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(va, vb)
     assert np.array_equal(evaluate(m1, splits.test), evaluate(m2, splits.test))
-    h = cache_key(key)
-    assert (tmp_path / f"{h}.pt").exists() and (tmp_path / f"{h}.json").exists()
-    assert not list(tmp_path.glob("*.tmp"))
+    h = input_key({"step": "float_model", "cache_version": CACHE_VERSION, "inputs": key})
+    entry = tmp_path / "steps" / "float_model" / h
+    assert (entry / "model.pt").exists() and (entry / "info.json").exists() and (entry / "inputs.json").exists()
+    assert not list(entry.parent.glob(".*"))  # no temporary folder left behind
     # another key misses; key order does not matter
-    assert cache_key(dict(reversed(list(key.items())))) == h
+    assert input_key(dict(reversed(list(key.items())))) == input_key(key)
     _, _, hit3 = cached_float_model({**key, "epochs": 2}, build, lambda m: {"note": "x"}, tmp_path)
     assert not hit3
     # a corrupt entry is retrained, not trusted
-    (tmp_path / f"{h}.pt").write_bytes(b"garbage")
+    (entry / "model.pt").write_bytes(b"garbage")
     _, _, hit4 = cached_float_model(key, build, train_fn, tmp_path)
     assert not hit4 and len(calls) == 2

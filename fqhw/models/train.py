@@ -15,10 +15,8 @@ torch build gives the same weights.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,27 +189,6 @@ def train_float(
 # cache
 
 
-def cache_key(cfg_key: dict) -> str:
-    """Stable hash of a JSON-serialisable config (sorted keys)."""
-    try:
-        text = json.dumps(cfg_key, sort_keys=True, separators=(",", ":"))
-    except TypeError as e:
-        raise FqhwError(f"cache key must be JSON-serialisable: {e}") from e
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cached_float_model(
     cfg_key: dict,
     build_fn: Callable[[], nn.Module],
@@ -221,29 +198,29 @@ def cached_float_model(
     """(model, info, hit): the trained model for cfg_key, from cache_dir if it is there.
 
     On a miss: model = build_fn(); info = train_fn(model) (a JSON-serialisable dict or a
-    TrainResult); the state_dict is saved as <hash>.pt and then info (with the key) as
-    <hash>.json, each written atomically; the JSON is written last, so a run killed between
-    the two leaves no hit. On a hit, build_fn() then load_state_dict(torch.load(...,
-    weights_only=True)). An unreadable cache entry is retrained and overwritten.
+    TrainResult); state_dict and info are stored as one step-cache entry (fqhw.stepcache:
+    written whole or not at all). On a hit, build_fn() then load_state_dict(torch.load(...,
+    weights_only=True)). An unreadable entry is retrained and replaced.
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    h = cache_key(cfg_key)
-    wpath, ipath = cache_dir / f"{h}.pt", cache_dir / f"{h}.json"
-    if wpath.exists() and ipath.exists():
-        try:
-            info = json.loads(ipath.read_text())
-            model = build_fn()
-            model.load_state_dict(torch.load(wpath, map_location="cpu", weights_only=True))
-            model.eval()
-            return model, info.get("info", info), True
-        except Exception:  # corrupt or stale entry (e.g. the model class changed): retrain
-            pass
-    model = build_fn()
-    result = train_fn(model)
-    info = result.to_dict() if isinstance(result, TrainResult) else dict(result or {})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(wpath, lambda tmp: torch.save(state, tmp))
-    _atomic_write(ipath, lambda tmp: Path(tmp).write_text(json.dumps({"key": cfg_key, "hash": h, "info": info}, indent=2) + "\n"))
+    from fqhw.outputs import save_tensors
+    from fqhw.stepcache import StepCache
+
+    def compute():
+        model = build_fn()
+        result = train_fn(model)
+        return model, result.to_dict() if isinstance(result, TrainResult) else dict(result or {})
+
+    def write(value, folder: Path) -> None:
+        model, info = value
+        save_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / "model.pt")
+        (folder / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def load(folder: Path):
+        model = build_fn()
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        return model, json.loads((folder / "info.json").read_text())
+
+    got = StepCache(cache_dir).run("float_model", cfg_key, compute, write, load)
+    model, info = got.value
     model.eval()
-    return model, info, False
+    return model, info, got.hit

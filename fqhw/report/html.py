@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from fqhw.report import plots
-from fqhw.report.report import MODEL_ROWS
+from fqhw.report.report import MODEL_ROWS, solver_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
@@ -58,8 +58,7 @@ def render(report: dict) -> str:
         _table(["model"] + [f"{g} (n={acc['float']['group_n'].get(g, 0)})" for g in report["data"]["groups"]],
                [[label] + [_pct(acc[key]["group_acc"].get(g)) for g in report["data"]["groups"]] for key, label in MODEL_ROWS if key in acc]),
         "<h2>Allocation</h2>",
-        f"<p>Average weight width {alloc['avg_weight_bits']:.3f} bits (budget {report['budget']:g}); solver {html.escape(str(solver.get('status')))} "
-        f"in {solver.get('wall_time_s', 0):.2f} s.</p>",
+        f"<p>Average weight width {alloc['avg_weight_bits']:.3f} bits (budget {report['budget']:g}). {html.escape(solver_line(solver))}.</p>",
         _img(plots.layer_widths(report), "widths per layer"),
         _table(["layer", "MW x MH", "params", "W bits", "in bits", "out bits", "PE", "SIMD", "cycles", "LUT", "BRAM_18K", "DSP"], layer_rows),
         "<h2>Hardware (FINN estimates)</h2>",

@@ -11,7 +11,7 @@ from fqhw.outputs import plain
 MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "Uniform 4-bit"), ("compiled", "fqhw (compiled)")]
 
 
-def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings) -> dict:
+def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None) -> dict:
     net = fm.net
     accuracy = {**baselines, "compiled": qm.test_metrics}
     predicted_loss = sens.predicted(
@@ -59,12 +59,32 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
             "qat": qm.qat,
             "bit_exact": bitexact.to_dict(),
             "timings_s": timings,
+            # per step: seconds, whether its output was reused from the cache, its input key
+            "steps": steps or {},
         }
     )
 
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
+
+
+def solver_line(solver: dict) -> str:
+    """The solver's verdict; when a time limit stopped a stage short of a proof, the best
+    allocation found was used and how far it may be from the optimum is said."""
+    line = f"Solver: {solver.get('status', '?')} in {solver.get('wall_time_s', float('nan')):.3f} s"
+    if solver.get("status") == "OPTIMAL":
+        return line + " (every stage proven optimal)"
+    open_stages = [st for st in solver.get("stages", []) if st.get("status") != "OPTIMAL"]
+    gaps = []
+    for st in open_stages:
+        obj, bound = st.get("objective"), st.get("bound")
+        if obj is None or bound is None:
+            gaps.append(f"{st['name']} (no solution or bound)")
+        else:
+            gaps.append(f"{st['name']} gap {100 * abs(obj - bound) / max(abs(obj), 1e-12):.2f} % (objective {obj:.6g}, bound {bound:.6g})")
+    return (line + f"; the time limit ({solver.get('time_limit_s', '?')} s) stopped the search: the best allocation found is used. "
+            f"Worst-group loss gap to its bound {100 * solver.get('gap', 0.0):.2f} %" + (f"; stages not proven: {'; '.join(gaps)}" if gaps else ""))
 
 
 def markdown(report: dict) -> str:
@@ -92,7 +112,7 @@ def markdown(report: dict) -> str:
         "",
         f"## Allocation (average weight width {a['avg_weight_bits']:.3f} bits, input {a['input_bits']} bits)",
         "",
-        f"Solver: {a['solver'].get('status', '?')} in {a['solver'].get('wall_time_s', float('nan')):.3f} s",
+        solver_line(a["solver"]),
         "",
         "| layer | MW x MH | params | W bits | in bits | out bits | PE | SIMD | cycles (FINN) | LUT (FINN) | BRAM_18K (FINN) | DSP (FINN) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -136,8 +156,9 @@ def markdown(report: dict) -> str:
             f"\nFINN's integer thresholds against float64 thresholds from the QONNX file: {thr} differ "
             "(0 means the dataflow graph gives the same codes as the QONNX model for every accumulator value, not only on the images tried)."
         )
-    lines += ["", "## Step times (s)", "", "| step | s |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
+    steps = report.get("steps") or {}
+    lines += ["", "## Step times (s)", "", "| step | s | reused |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v:.2f} | {'yes' if steps.get(k, {}).get('reused') else 'no'} |" for k, v in report["timings_s"].items()]
     return "\n".join(lines) + "\n"
 
 
