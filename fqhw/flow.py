@@ -478,6 +478,10 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
             write=_write_allocation, load=_load_allocation,
         )
         alloc.save(work / "allocation.json")
+        if alloc.solver.get("status") != "OPTIMAL" and cfg.progress:
+            from fqhw.report.report import solver_line
+
+            print(f"fqhw: note: {solver_line(alloc.solver)} (raise --time-limit to search longer)", file=sys.stderr, flush=True)
         stored = all(cache.has(f"uniform{b}", cache.key(f"uniform{b}", _baseline_inputs(cfg, fm, b))) for b in (8, 4))
         baselines = run("baselines", step_baselines, cfg, fm, splits, cache, stored=stored)
         steps["baselines"]["reused"] = stored

@@ -154,3 +154,26 @@ def test_fpga_fewest_resources_at_a_rate(tiny):
     assert lean.solver["objective_exact"] == pytest.approx(fast.solver["objective_exact"], abs=2 * fast.solver["loss_rounding_error"])
     uniform = Allocation.uniform(tiny, 4)
     assert price(tiny, uniform, pynq)["total"]["fits"]
+
+
+@pytest.mark.slow
+def test_time_limit_uses_best_found_and_reports_the_gap():
+    """ResNet-18 in 4 channel groups per layer cannot be proven optimal in 6 s: the best
+    allocation found is returned (within the budget), and the report says how far from the
+    bound it may be."""
+    import timm
+
+    from fqhw.report.report import solver_line
+
+    net = split_channel_groups(network_spec(timm.create_model("resnet18", pretrained=False), (3, 224, 224), name="r18"), 4, name="r18-g4")
+    sens = unit_sensitivity(net)
+    alloc = allocate(net, sens, get_cost_model("u250", mem_mode="external"), 4.0, time_limit_s=6.0, workers=2, seed=0)
+    s = alloc.solver
+    assert s["status"] == "FEASIBLE" and alloc.avg_weight_bits(net) <= 4.0 + 1e-9
+    unproven = [st for st in s["stages"] if st["status"] != "OPTIMAL"]
+    assert unproven and s["wall_time_s"] < 6.0 * 1.5
+    line = solver_line(s)
+    assert "the time limit (6.0 s) stopped the search: the best allocation found is used" in line
+    assert f"gap to its bound {100 * s['gap']:.2f} %" in line
+    for st in unproven:
+        assert st["name"] in line
