@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -204,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "matplotlib" not in sys.modules:
+        # matplotlib's font cache goes with fqhw's own cache, not into HOME (unless the user chose)
+        from fqhw.flow import default_cache_dir
+
+        os.environ.setdefault("MPLCONFIGDIR", str(Path(getattr(args, "cache_dir", None) or default_cache_dir()) / "matplotlib"))
     try:
         return args.func(args)
     except FqhwError as e:

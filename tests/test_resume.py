@@ -147,3 +147,23 @@ def test_unreadable_entry_is_recomputed(tmp_path):
     got = cache.run("s", {}, lambda: {"a": 2}, write, load)
     assert (got.value, got.hit) == ({"a": 2}, False)
     assert cache.run("s", {}, lambda: time.sleep(99), write, load).value == {"a": 2}
+
+
+def test_writes_only_to_the_output_and_cache_folders(compiled, tmp_path):
+    """Everything a compile writes (FINN's build files, the browser for the screenshot,
+    temporary files) lands in --out or --cache-dir: HOME and TMPDIR are left as they were."""
+    _, cache = compiled
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+    env.pop("MPLCONFIGDIR", None)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fqhw.cli", "compile", "--out", str(out), "--cache-dir", str(cache), *TINY, "--budget", "4.5"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.json").is_file()
+    left = sorted(str(p.relative_to(tmp_path)) for d in (home, tmp) for p in d.rglob("*"))
+    assert left == [], left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "out", "tmp"]

@@ -6,6 +6,7 @@ its background networking off: nothing leaves the machine.
 from __future__ import annotations
 
 import shutil
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,14 +27,19 @@ def screenshot(html_path: Path, png_path: Path, width: int = 1100, height: int =
     browser = find_chromium()
     if browser is None:
         raise RuntimeError("Chromium is not installed (apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
+    # The browser's profile, crash database and caches live in a folder beside the image that
+    # is removed afterwards: nothing is written to HOME (Chromium keeps "Crash Reports" under
+    # ~/.config/chromium even with --user-data-dir) or outside the output folder.
+    with tempfile.TemporaryDirectory(dir=Path(png_path).absolute().parent, prefix=".chromium-") as profile:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+            "--disable-breakpad", "--disable-crash-reporter",
             f"--user-data-dir={profile}", f"--window-size={width},{height}", f"--screenshot={Path(png_path).absolute()}",
             Path(html_path).absolute().as_uri(),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        env = {**os.environ, "HOME": profile, "XDG_CONFIG_HOME": profile, "XDG_CACHE_HOME": profile, "TMPDIR": profile}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0 or not Path(png_path).is_file():
         raise RuntimeError(f"Chromium could not render {html_path}: exit {proc.returncode}")
     return Path(png_path)
