@@ -164,6 +164,10 @@ def test_writes_only_to_the_output_and_cache_folders(compiled, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.json").is_file()
+    from fqhw.report.screenshot import find_chromium
+
+    if find_chromium() is not None:  # the browser ran in that environment too
+        assert (out / "report.png").is_file()
     left = sorted(str(p.relative_to(tmp_path)) for d in (home, tmp) for p in d.rglob("*"))
     assert left == [], left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "out", "tmp"]

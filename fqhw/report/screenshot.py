@@ -27,10 +27,11 @@ def screenshot(html_path: Path, png_path: Path, width: int = 1100, height: int =
     browser = find_chromium()
     if browser is None:
         raise RuntimeError("Chromium is not installed (apt-get install chromium)")
-    # The browser's profile, crash database and caches live in a folder beside the image that
-    # is removed afterwards: nothing is written to HOME (Chromium keeps "Crash Reports" under
-    # ~/.config/chromium even with --user-data-dir) or outside the output folder.
-    with tempfile.TemporaryDirectory(dir=Path(png_path).absolute().parent, prefix=".chromium-") as profile:
+    # The browser's profile, crash database and caches live in one temporary folder, removed
+    # afterwards, that is also its HOME: Chromium keeps "Crash Reports" under ~/.config/chromium
+    # even with --user-data-dir. The folder is in the system's temporary folder, not beside the
+    # image: Chromium puts a Unix socket in it and aborts when that path is long (> ~100 bytes).
+    with tempfile.TemporaryDirectory(prefix="fqhw-chromium-") as profile:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
