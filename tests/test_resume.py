@@ -167,7 +167,7 @@ def test_writes_only_to_the_output_and_cache_folders(compiled, tmp_path):
     from fqhw.report.screenshot import find_chromium
 
     if find_chromium() is not None:  # the browser ran in that environment too
-        assert (out / "report.png").is_file()
+        assert (out / "report.png").is_file(), proc.stderr
     left = sorted(str(p.relative_to(tmp_path)) for d in (home, tmp) for p in d.rglob("*"))
     assert left == [], left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "out", "tmp"]

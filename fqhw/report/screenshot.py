@@ -27,11 +27,15 @@ def screenshot(html_path: Path, png_path: Path, width: int = 1100, height: int =
     browser = find_chromium()
     if browser is None:
         raise RuntimeError("Chromium is not installed (apt-get install chromium)")
-    # The browser's profile, crash database and caches live in one temporary folder, removed
-    # afterwards, that is also its HOME: Chromium keeps "Crash Reports" under ~/.config/chromium
-    # even with --user-data-dir. The folder is in the system's temporary folder, not beside the
-    # image: Chromium puts a Unix socket in it and aborts when that path is long (> ~100 bytes).
-    with tempfile.TemporaryDirectory(prefix="fqhw-chromium-") as profile:
+    # The browser's profile, crash database, caches and temporary files live in one temporary
+    # folder, removed afterwards, that is also its HOME and TMPDIR: Chromium keeps "Crash
+    # Reports" under ~/.config/chromium even with --user-data-dir. Chromium puts a Unix socket
+    # in that folder and aborts (SIGABRT) when the socket's path passes ~107 bytes, so the
+    # folder goes in the system's temporary folder, or in /tmp when that path is long.
+    base = tempfile.gettempdir()
+    if len(base) > 40 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    with tempfile.TemporaryDirectory(prefix="fqhw-chromium-", dir=base) as profile:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
