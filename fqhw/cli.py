@@ -112,6 +112,8 @@ def _compile_config(args):
     ):
         if getattr(args, flag, None) is not None:
             updates[field_name] = getattr(args, flag)
+    if getattr(args, "synth", False):
+        updates["synth"] = True
     if getattr(args, "edge_bits", None) is not None:
         updates["edge_bits"] = None if args.edge_bits == "none" else args.edge_bits
     return dataclasses.replace(cfg, **updates)
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
+    pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
     _add_common(pc)
     pc.set_defaults(func=cmd_compile)

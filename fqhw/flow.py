@@ -67,6 +67,7 @@ class CompileConfig:
     checkpoint: Path | None = None  # float weights from this file (a state_dict) instead of training
     progress: bool = True  # progress bars and one line per step on stderr
     verbose: bool = False  # also each step's details (solver, FINN sub-steps)
+    synth: bool = False  # also run FINN's remaining steps to a bitfile (needs Vivado)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,8 +80,9 @@ class CompileConfig:
 # ---------------------------------------------------------------- validation
 
 
-def validate(cfg: CompileConfig) -> None:
-    """Reject bad requests before any work is done (one line each, naming the fix)."""
+def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """Reject bad requests before any work is done (one line each, naming the fix).
+    markers: the files that make an existing --out folder one this command may replace."""
     from fqhw.hwmodels import get_cost_model
 
     get_cost_model(cfg.target)  # raises FqhwError listing the known targets
@@ -91,7 +93,11 @@ def validate(cfg: CompileConfig) -> None:
         raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
-    check_writable(cfg.out_dir)
+    check_writable(cfg.out_dir, markers)
+    if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
+        from fqhw.backends.finn_build import check_synth_tools
+
+        check_synth_tools(shell_flow_type=_shell_flow(cfg.target))
     if cfg.checkpoint is not None:
         from fqhw.models.checkpoint import check_checkpoint_path
 
@@ -104,6 +110,15 @@ def validate(cfg: CompileConfig) -> None:
     if cfg.data_spec == "builtin":
         net = network_spec(FairCNN(_model_config(cfg, cfg.data.num_classes)), (3, cfg.data.image_size, cfg.data.image_size))
         check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
+
+def _shell_flow(target: str) -> str:
+    """FINN's shell for the target's board: Alveo cards build through Vitis, Zynq boards through Vivado."""
+    from finn.util.basic import alveo_part_map
+
+    from fqhw.hwmodels import get_cost_model
+
+    return "vitis_alveo" if get_cost_model(target).limits.part in alveo_part_map.values() else "vivado_zynq"
+
 
 def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig:
     return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes, channels=tuple(cfg.channels))
@@ -368,7 +383,7 @@ def _load_finn(cached: Path, dest: Path):
 
 def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
     if cfg.progress:
-        print(f"fqhw: [{done + 1}/{len(STEPS)}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
+        print(f"fqhw: [{done + 1}/{len(STEPS) + cfg.synth}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the runner
@@ -499,7 +514,7 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         )
         finn = run(
             "finn", step_finn, cfg, qonnx_path, alloc, work,
-            inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target},
+            inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
             write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
             load=lambda d: _load_finn(d / "finn", work / "finn"),
         )
@@ -508,6 +523,11 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
         write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
+        if cfg.synth:
+            from fqhw.backends.finn_build import finn_synth
+
+            synth = run("synth", finn_synth, work / "finn")
+            write_json(work / "synth.json", synth)
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(
             cfg=cfg, splits=splits, fm=fm, sens=sens, alloc=alloc, baselines=baselines, qm=qm,

@@ -466,3 +466,273 @@ def test_best_shift_is_the_widest_gap():
         assert _min_margin(t + u3) >= need - 1e-9
         ok = [g for g in grid[::4] if _min_margin(t + g) >= need + 1e-6]
         assert abs(u3) <= min(abs(g) for g in ok) + 1e-9
+
+
+# --------------------------------------------------------------------------- finishing the build
+#
+# finn_build leaves in its folder what FINN needs to finish the bitfile on a machine with
+# Vivado: FINN's build configuration, its folding configuration and the dataflow model.
+
+
+def _hw_nodes(model):
+    return [n for n in model.graph.node if n.domain.startswith("finn.custom_op.fpgadataflow")]
+
+
+def test_build_config_loads_with_finns_loader(flow):
+    """FINN's own loader (DataflowBuildConfig.construct_from, what `finn build` uses) reads
+    the configuration: board, part, clock, shell, the folding file, FINN's remaining steps."""
+    from finn.builder.build_dataflow_config import (
+        DataflowBuildConfig,
+        DataflowOutputType,
+        ShellFlowType,
+        default_build_dataflow_steps,
+    )
+
+    from fqhw.backends.finn_build import FOLDING_CONFIG, SYNTH_CONFIG, SYNTH_MODEL, SYNTH_SCRIPT
+
+    build: FinnBuild = flow["build"]
+    root = Path(build.build_dir)
+    assert Path(build.synth_config) == root / SYNTH_CONFIG
+    cfg = DataflowBuildConfig.construct_from(root / SYNTH_CONFIG)
+    assert cfg.board == build.board == "Pynq-Z2"
+    assert cfg._resolve_fpga_part() == build.part == "xc7z020clg400-1"
+    assert cfg.synth_clk_period_ns == build.clock_ns
+    assert cfg.shell_flow_type == ShellFlowType.VIVADO_ZYNQ
+    assert cfg.folding_config_file == (root / FOLDING_CONFIG).absolute()
+    assert DataflowOutputType.BITFILE in cfg.generate_outputs
+    start = default_build_dataflow_steps.index("step_apply_folding_config")
+    assert cfg.steps == default_build_dataflow_steps[start:]
+    assert cfg.steps[-3:] == ["step_synthesize_bitfile", "step_make_driver", "step_deployment_package"]
+    # the model the remaining steps start from, a run script and a README naming the command
+    assert (root / SYNTH_MODEL).exists() and Path(build.dataflow_model) == root / SYNTH_MODEL
+    script = (root / SYNTH_SCRIPT).read_text()
+    assert "finn\" build --batch" in script or "finn}\" build --batch" in script
+    assert SYNTH_CONFIG in script and SYNTH_MODEL in script
+    assert (root / SYNTH_SCRIPT).stat().st_mode & 0o111
+    readme = (root / "FINISH_BUILD.md").read_text()
+    assert f"bash {SYNTH_SCRIPT}" in readme and "finn build --batch" in readme
+    # the saved record keeps them, relative to the folder
+    again = FinnBuild.load(root)
+    assert again.synth_config == build.synth_config and again.board == "Pynq-Z2"
+    assert json.loads((root / "finn_build.json").read_text())["synth_config"] == SYNTH_CONFIG
+
+
+def test_folding_config_is_the_allocations(flow):
+    """Every HW node is in FINN's folding configuration; each MVAU's PE/SIMD is the
+    allocation's, every other node's folding is what finn_build applied; and FINN's
+    ApplyConfig with that file alone turns the unfolded graph into the folded one."""
+    from finn.transformation.general import ApplyConfig
+    from finn.transformation.qonnx.give_unique_node_names_recursive import GiveUniqueNodeNamesRecursive
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    from fqhw.backends.finn_build import FOLDING_ATTRS
+
+    build: FinnBuild = flow["build"]
+    folding = json.loads(Path(build.folding_config).read_text())
+    df = ModelWrapper(build.dataflow_model)
+    hw = _hw_nodes(df)
+    assert set(folding) == {"Defaults"} | {n.name for n in hw}
+    alloc_of_node = {build.mvau_of_layer[la.name]: la for la in flow["alloc"].layers}
+    assert len(alloc_of_node) == 3
+    for node in hw:
+        cfg = folding[node.name]
+        if node.name in alloc_of_node:
+            la = alloc_of_node[node.name]
+            assert (cfg["PE"], cfg["SIMD"]) == (la.pe, la.simd), node.name
+        for key, value in build.folding[node.name].items():
+            assert cfg[key] == value, (node.name, key)
+    # FINN re-names nodes before applying the file: the names must already be its names
+    renamed = df.transform(GiveUniqueNodeNamesRecursive())
+    assert [n.name for n in renamed.graph.node] == [n.name for n in df.graph.node]
+    # the file alone carries the folding: applied to the graph before folding
+    unfolded = ModelWrapper(next(s.model for s in build.steps if s.name == "specialize_layers"))
+    refolded = unfolded.transform(ApplyConfig(build.folding_config))
+    before = {n.name: n for n in unfolded.graph.node}
+    changed = 0
+    for a, b in zip(refolded.graph.node, df.graph.node):
+        assert a.name == b.name
+        ia, ib = getCustomOp(a), getCustomOp(b)
+        types = ia.get_nodeattr_types()
+        for attr in FOLDING_ATTRS:
+            if attr in types:
+                assert ia.get_nodeattr(attr) == ib.get_nodeattr(attr), (a.name, attr)
+                changed += getCustomOp(before[a.name]).get_nodeattr(attr) != ib.get_nodeattr(attr)
+    assert changed > 0  # the unfolded graph really was different
+
+
+def test_finns_own_steps_reproduce_the_estimates(flow, tmp_path, monkeypatch):
+    """FINN's builder, from the written configuration and model, runs the first of the
+    remaining steps (those that need no Xilinx tools: applying the folding file, bit-width
+    minimisation, transpose decomposition, estimate reports): its estimates are fqhw's and
+    its integer parameters and node settings those of the verified graph."""
+    import os
+
+    import finn.xsi
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    if "XILINX_VIVADO" not in os.environ and "SimEngine" not in vars(finn.xsi):
+        # the builder imports finn.xsi.SimEngine, a type name only there; looking it up
+        # starts FINN's XSI simulator set-up, which needs Vivado
+        monkeypatch.setitem(vars(finn.xsi), "SimEngine", None)
+    monkeypatch.setenv("FINN_BUILD_DIR", str(tmp_path / "finn_tmp"))
+    from finn.builder.build_dataflow_steps import build_dataflow_step_lookup
+
+    build: FinnBuild = flow["build"]
+    cfg = DataflowBuildConfig.construct_from(Path(build.synth_config))
+    cfg.output_dir = str(tmp_path / "out")
+    ours = ModelWrapper(build.dataflow_model)
+    model = ModelWrapper(build.dataflow_model)
+    ran = cfg.steps[: cfg.steps.index("step_generate_estimate_reports") + 1]
+    assert ran == ["step_apply_folding_config", "step_minimize_bit_width", "step_transpose_decomposition", "step_generate_estimate_reports"]
+    for name in ran:
+        model = build_dataflow_step_lookup[name](model, cfg)
+    report = Path(build.build_dir) / "report"
+    for name in ("estimate_layer_cycles.json", "estimate_layer_resources.json", "estimate_network_performance.json"):
+        assert json.loads((tmp_path / "out" / "report" / name).read_text()) == json.loads((report / name).read_text()), name
+    assert [n.name for n in model.graph.node] == [n.name for n in ours.graph.node]
+    for a, b in zip(model.graph.node, ours.graph.node):
+        assert list(a.input) == list(b.input) and list(a.output) == list(b.output)
+        ia, ib = getCustomOp(a), getCustomOp(b)
+        for attr in ia.get_nodeattr_types():
+            va, vb = ia.get_nodeattr(attr), ib.get_nodeattr(attr)
+            assert np.array_equal(np.asarray(va), np.asarray(vb)), (a.name, attr)
+    for init in ours.graph.initializer:
+        np.testing.assert_array_equal(model.get_initializer(init.name), ours.get_initializer(init.name))
+        assert model.get_tensor_datatype(init.name) == ours.get_tensor_datatype(init.name)
+
+
+def _snapshot(folder: Path) -> dict:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): (p.is_dir(), p.stat().st_mtime_ns, None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _no_xilinx(monkeypatch, path: str):
+    for var in ("XILINX_VIVADO", "XILINX_HLS", "XILINX_VITIS", "FINN_TOOL_DIR_OVERRIDE", "FINN_XILINX_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", path)
+
+
+def test_synth_without_vivado_names_what_is_missing(flow, tmp_path, monkeypatch):
+    """No Vivado: a one-line FqhwError naming what is missing, how to get it and the
+    command to run elsewhere; the build folder is left exactly as it was."""
+    from fqhw.backends.finn_build import SYNTH_OUTPUT, finn_synth
+
+    build: FinnBuild = flow["build"]
+    root = Path(build.build_dir)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    _no_xilinx(monkeypatch, str(empty))
+    before = _snapshot(root)
+    with pytest.raises(FqhwError) as err:
+        finn_synth(root)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("--synth needs Vivado")
+    assert "vivado not on PATH and XILINX_VIVADO unset" in msg
+    assert "vitis_hls" in msg and "2022.2" in msg and "settings64.sh" in msg
+    assert f"`bash finish_build.sh` in {root}" in msg
+    assert _snapshot(root) == before
+    assert not (root / SYNTH_OUTPUT).exists()
+    # the compile output folder (holding finn/) is accepted as well, with the same result
+    with pytest.raises(FqhwError, match="--synth needs Vivado"):
+        finn_synth(root.parent)
+    # upstream FINN's docker variable is named as not read
+    monkeypatch.setenv("FINN_XILINX_PATH", "/tools/Xilinx")
+    with pytest.raises(FqhwError, match="FINN_XILINX_PATH=/tools/Xilinx .*settings64.sh"):
+        finn_synth(root)
+    assert _snapshot(root) == before
+
+
+def test_synth_refuses_a_folder_without_finns_configuration(tmp_path):
+    from fqhw.backends.finn_build import finn_synth
+
+    with pytest.raises(FqhwError, match="lacks dataflow_build_config.json"):
+        finn_synth(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_tools(folder: Path, names) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        p = folder / name
+        p.write_text("#!/bin/sh\nexit 0\n")
+        p.chmod(0o755)
+
+
+def test_synth_tool_detection(tmp_path, monkeypatch):
+    """What finn-plus reads: XILINX_VIVADO with a version in its path, vivado and the HLS
+    tool of that version (vitis_hls, vitis-run after 2024.2) on PATH or in
+    FINN_TOOL_DIR_OVERRIDE, Vitis for Alveo, a C++ compiler."""
+    from fqhw.backends.finn_build import check_synth_tools, synth_tools_missing
+
+    bin_ = tmp_path / "bin"
+    _fake_tools(bin_, ["vivado", "vitis_hls", "g++"])
+    _no_xilinx(monkeypatch, str(bin_))
+    assert synth_tools_missing() == ["vivado is on PATH (%s) but XILINX_VIVADO is unset" % (bin_ / "vivado")]
+    monkeypatch.setenv("XILINX_VIVADO", "/opt/Xilinx/Vivado/2022.2")
+    assert synth_tools_missing() == []
+    check_synth_tools()  # nothing missing: no error
+    monkeypatch.setenv("XILINX_VIVADO", "/opt/Xilinx/Vivado/current")
+    assert any("names no version" in m for m in synth_tools_missing())
+    monkeypatch.setenv("XILINX_VIVADO", "/opt/Xilinx/2025.1/Vivado")
+    assert synth_tools_missing() == ["vitis-run (Vitis HLS) not on PATH"]
+    monkeypatch.setenv("XILINX_VIVADO", "/opt/Xilinx/Vivado/2024.2")
+    missing = synth_tools_missing("vitis_alveo")
+    assert missing == ["XILINX_VITIS unset (Alveo builds use Vitis)", "v++ not on PATH"]
+    with pytest.raises(FqhwError, match=r"--synth needs Vivado and Vitis HLS and Vitis \(XILINX_VITIS unset"):
+        check_synth_tools("/some/build", "vitis_alveo")
+    # FINN_TOOL_DIR_OVERRIDE replaces PATH for the Xilinx tools
+    shim = tmp_path / "shim"
+    _fake_tools(shim, ["vivado"])
+    monkeypatch.setenv("FINN_TOOL_DIR_OVERRIDE", str(shim))
+    assert synth_tools_missing() == [f"vitis_hls (Vitis HLS) not in FINN_TOOL_DIR_OVERRIDE={shim}"]
+
+
+def test_synth_runs_finns_command(flow, tmp_path, monkeypatch):
+    """With the tools there, finn_synth runs FINN's `finn build` (an argument list, in the
+    build folder) and reads FINN's verdict; a stand-in finn command plays FINN here."""
+    import shutil
+    import sys
+
+    from fqhw.backends.finn_build import SYNTH_CONFIG, SYNTH_MODEL, finn_synth
+
+    root = tmp_path / "finn"
+    shutil.copytree(flow["build"].build_dir, root)
+    bin_ = tmp_path / "bin"
+    _fake_tools(bin_, ["vivado", "vitis_hls", "g++"])
+    _no_xilinx(monkeypatch, str(bin_))
+    monkeypatch.setenv("XILINX_VIVADO", "/opt/Xilinx/Vivado/2022.2")
+    fake = tmp_path / "finn_fake"  # a Python script: the stand-in needs nothing on PATH
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "from pathlib import Path\n"
+        "Path('../argv.txt').write_text('\\n'.join([os.getcwd(), *sys.argv[1:]]))\n"
+        "out = Path('vivado_build')\n"
+        "for d in ('report', 'bitfile', 'deploy'):\n"
+        "    (out / d).mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'report' / 'metadata_builder.json').write_text(json.dumps({'status': os.environ['FAKE_STATUS']}))\n"
+        "(out / 'report' / 'post_synth_resources.json').write_text(json.dumps({'LUT': 1234}))\n"
+        "(out / 'bitfile' / 'finn-accel.bit').write_bytes(b'')\n"
+        "print('FINN ran')\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_STATUS", "ok")
+    result = finn_synth(root, finn_command=str(fake), skip_dep_update=True)
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    assert Path(argv[0]).resolve() == root.resolve()
+    assert argv[1:] == ["build", "--batch", "--skip-dep-update", "--build-path", "vivado_build/finn_tmp", SYNTH_CONFIG, SYNTH_MODEL]
+    assert result.bitfile == str(root.resolve() / "vivado_build" / "bitfile" / "finn-accel.bit")
+    assert result.resources == {"LUT": 1234}
+    assert "FINN ran" in Path(result.log).read_text()
+    # `finn build` exits 0 when a step failed: FINN's status decides
+    monkeypatch.setenv("FAKE_STATUS", "failed")
+    with pytest.raises(FqhwError, match="FINN could not finish the build .*status failed.*finn_synth.log"):
+        finn_synth(root, finn_command=str(fake))

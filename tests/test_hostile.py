@@ -284,3 +284,13 @@ def test_real_full_disk_in_weight_files():
     assert e.value.errno == errno.ENOSPC
     line = str(_disk_error(e.value, pathlib.Path("/tmp/out")))
     assert line == "no space left on the device writing /dev/full: free some space or choose another --cache-dir"
+
+
+def test_synth_without_vivado_fails_before_any_work(tmp_path, monkeypatch):
+    from fqhw.backends.finn_build import synth_tools_missing
+
+    if not synth_tools_missing("vivado_zynq"):
+        pytest.skip("this machine has the Xilinx tools")
+    line = compile_fails(tmp_path, "--synth", needle="--synth needs Vivado and Vitis HLS (")
+    assert "XILINX_VIVADO" in line and "finish_build.sh" in line
+    assert not (tmp_path / "cache").exists()  # refused before the data or the float model
