@@ -123,6 +123,8 @@ def cmd_compile(args) -> int:
     from fqhw.flow import compile as run_compile
 
     res = run_compile(_compile_config(args))
+    if res is None:  # a torchrun rank other than 0: it trained, rank 0 reports
+        return 0
     r = res.report
     if args.json:
         print(json.dumps(r, indent=2, sort_keys=True))
@@ -144,6 +146,10 @@ def cmd_train(args) -> int:
     cfg = _compile_config(args)
     splits = step_data(cfg)
     fm = step_float_model(cfg, splits)
+    from fqhw.models import distributed as dist
+
+    if not dist.is_main():
+        return 0
     m = evaluate_groups(fm.model, splits.test)
     print(
         f"float model {f'loaded from {cfg.checkpoint}' if cfg.checkpoint else 'loaded from cache' if fm.cache_hit else 'trained'}: test acc {100 * m['overall_acc']:.1f} %, "
@@ -213,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         from fqhw.flow import default_cache_dir
 
         os.environ.setdefault("MPLCONFIGDIR", str(Path(getattr(args, "cache_dir", None) or default_cache_dir()) / "matplotlib"))
+    from fqhw.models import distributed as dist
+
     try:
+        dist.init_from_env()  # under torchrun: join the other ranks (fqhw train / compile train with DDP)
         return args.func(args)
     except FqhwError as e:
         print(f"fqhw: error: {e}", file=sys.stderr)

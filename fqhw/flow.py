@@ -10,11 +10,13 @@ the previous one.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -431,17 +433,22 @@ class CompileResult:
     report: dict
     timings: dict[str, float]
 
-def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users expect
+def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the verb users expect
     """Run the whole flow; returns the report (the same object as report.json)."""
     from fqhw.allocator.cpsat import price
     from fqhw.backends.verify import require_bit_exact
     from fqhw.hwmodels import get_cost_model
     from fqhw.report.report import build_report, write_report
 
+    from fqhw.models import distributed as dist
+
+    dist.init_from_env()
+    if not dist.is_main():  # under torchrun: the other ranks train with rank 0 and write nothing
+        cfg = dataclasses.replace(cfg, progress=False, verbose=False)
     validate(cfg)
     out_dir = Path(cfg.out_dir).absolute()
     try:
-        work = staging_folder(out_dir)
+        work = staging_folder(out_dir) if dist.is_main() else Path(tempfile.mkdtemp(prefix="fqhw-rank"))
     except OSError as e:
         err = _disk_error(e, out_dir)
         if err is None:
@@ -451,19 +458,27 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
     steps: dict[str, dict] = {}
     cache = StepCache(cfg.cache_dir)
 
-    def run(name: str, fn: Callable, *args, inputs: Any = None, write=None, load=None, stored: bool = False):
+    def run(name: str, fn: Callable, *args, inputs: Any = None, write=None, load=None, stored: bool = False, ranks: str = "here"):
         """Run one step, or reuse its stored output when `inputs` are given and were seen.
-        `stored`: a step that keeps its own cache entries (float_model, baselines) has them."""
+        `stored`: a step that keeps its own cache entries (float_model, baselines) has them.
+        `ranks` (under torchrun): "here": whichever rank calls runs it alone (the data on
+        every rank; the steps after quantize, which only rank 0 reaches); "main": rank 0 runs
+        it and the others get its result; "all": every rank runs it together (the training
+        steps, under DDP), rank 0's view of the cache decides and rank 0 alone writes it."""
+        if ranks == "main" and dist.is_distributed():
+            return dist.run_on_main(run, name, fn, *args, inputs=inputs, write=write, load=load, stored=stored)
         t0 = time.perf_counter()
         key = result = None
         if inputs is not None:
             key = cache.key(name, inputs)
             result = cache.get(name, key, load)
         reused = result is not None
+        if ranks == "all" and dist.from_main(reused) != reused:
+            raise FqhwError(f"rank {dist.rank()} and rank 0 disagree on reusing step {name}: give every rank the same --cache-dir")
         _progress(cfg, len(timings), name, reused or stored)
         if not reused:
             result = fn(*args)
-            if key is not None:
+            if key is not None and dist.is_main():
                 cache.put(name, key, inputs, lambda folder: write(result, folder))
         timings[name] = round(time.perf_counter() - t0, 3)
         steps[name] = {"seconds": timings[name], "reused": reused, "key": key}
@@ -477,17 +492,17 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
         write_json(work / "data.json", describe(splits))
         mcfg = _model_config(cfg, splits.train.num_classes)
         stored = cfg.checkpoint is None and cache.has("float_model", cache.key("float_model", _float_key(cfg, mcfg)))
-        fm = run("float_model", step_float_model, cfg, splits, stored=stored)
+        fm = run("float_model", step_float_model, cfg, splits, stored=stored, ranks="all")
         steps["float_model"].update(reused=fm.cache_hit, key=fm.key)
         write_json(work / "network.json", fm.net.to_dict())
         sens = run(
-            "importance", step_importance, cfg, fm, splits,
+            "importance", step_importance, cfg, fm, splits, ranks="main",
             inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher"},
             write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
         )
         sens.save(work / "sensitivity.json")
         alloc = run(
-            "allocate", step_allocate, cfg, fm.net, sens,
+            "allocate", step_allocate, cfg, fm.net, sens, ranks="main",
             inputs={"importance": sens.to_dict(), "net": fm.net.to_dict(), "target": cfg.target, "budget": cfg.budget,
                     "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps, "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed},
             write=_write_allocation, load=_load_allocation,
@@ -498,13 +513,16 @@ def compile(cfg: CompileConfig) -> CompileResult:  # noqa: A001 - the verb users
 
             print(f"fqhw: note: {solver_line(alloc.solver)} (raise --time-limit to search longer)", file=sys.stderr, flush=True)
         stored = all(cache.has(f"uniform{b}", cache.key(f"uniform{b}", _baseline_inputs(cfg, fm, b))) for b in (8, 4))
-        baselines = run("baselines", step_baselines, cfg, fm, splits, cache, stored=stored)
+        baselines = run("baselines", step_baselines, cfg, fm, splits, cache, stored=stored, ranks="all")
         steps["baselines"]["reused"] = stored
         qm = run(
             "quantize", step_quantize, cfg, fm, alloc, splits,
             inputs={"float": fm.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
-            write=_write_quant, load=_load_quant(fm),
+            write=_write_quant, load=_load_quant(fm), ranks="all",
         )
+        if not dist.is_main():  # the training is done; the rest is rank 0's
+            shutil.rmtree(work, ignore_errors=True)
+            return None
         save_tensors(qm.model.state_dict(), work / "quant_model.pt")
         qonnx_path = run(
             "export", step_export, cfg, qm, splits, work,

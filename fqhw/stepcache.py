@@ -113,12 +113,20 @@ class StepCache:
         load: Callable[[Path], T],
     ) -> Cached[T]:
         """The step's value for these inputs: from the cache, or computed and stored."""
+        from fqhw.models import distributed as dist
+
         key = self.key(step, inputs)
         value = self.get(step, key, load)
-        if value is not None:
+        # Under torchrun every rank runs the step together (training under DDP): rank 0's
+        # view of the cache decides for all, only rank 0 writes, and the others wait for it.
+        if dist.from_main(value is not None):
+            if value is None:
+                raise FqhwError(f"rank {dist.rank()} cannot read {self.entry(step, key)}, which rank 0 reused: give every rank the same --cache-dir")
             return Cached(value, key, True)
         value = compute()
-        self.put(step, key, inputs, lambda folder: write(value, folder))
+        if dist.is_main():
+            self.put(step, key, inputs, lambda folder: write(value, folder))
+        dist.barrier()
         return Cached(value, key, False)
 
 

@@ -11,6 +11,11 @@ Determinism: given `seed`, the initial weights (when `init_seed` re-initializes 
 shuffling and the augmentation are fixed; torch.use_deterministic_algorithms(True) is set for
 the duration of the call (and restored after), so the same seed on the same machine and
 torch build gives the same weights.
+
+Devices: training runs on fqhw.models.distributed.device() (the GPU when there is one) and
+the model is handed back on the device it came on. Under torchrun with several processes the
+model trains under DistributedDataParallel, `batch_size` being the global batch that the
+ranks share (see fqhw.models.distributed for what that keeps and what it changes).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import INPUT_SCALE, DataSplits, GroupedImages
 from ..errors import FqhwError
+from . import distributed as dist
 
 
 @dataclass
@@ -48,10 +54,10 @@ class TrainResult:
         return [h["loss"] for h in self.history]
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random flips (H and V) and a random 90-degree rotation (square images)."""
-    n = x.shape[0]
-    r = torch.randint(0, 8, (n,), generator=gen)
+def _augment(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per-sample random flips (H and V) and a random 90-degree rotation (square images),
+    chosen by the codes r in [0, 8) (drawn for the whole global batch, so that every rank's
+    generator stays in step)."""
     out = x.clone()
     hflip = (r & 1).bool()
     vflip = (r & 2).bool()
@@ -70,10 +76,11 @@ def evaluate(model: nn.Module, data: GroupedImages, batch_size: int = 512) -> np
     was_training = model.training
     model.eval()
     preds = []
+    dev = dist.model_device(model)
     try:
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
-                x = torch.from_numpy(data.images[start : start + batch_size].astype(np.float32) * INPUT_SCALE)
+                x = torch.from_numpy(data.images[start : start + batch_size].astype(np.float32) * INPUT_SCALE).to(dev)
                 preds.append(model(x).argmax(dim=1).cpu().numpy())
     finally:
         model.train(was_training)
@@ -109,6 +116,8 @@ def train_float(
     if select not in ("best", "last"):
         raise FqhwError(f"select={select!r} must be 'best' or 'last'")
 
+    dist.init_from_env()
+    dev, home = dist.device(), dist.model_device(model)
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -117,6 +126,8 @@ def train_float(
         gen = torch.Generator().manual_seed(seed)
         x_all, y_all, _ = splits.train.tensors()
         n = len(y_all)
+        model.to(dev)
+        net = dist.wrap(model)  # the model itself on one process
         params = [p for p in model.parameters() if p.requires_grad]
         if optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -139,28 +150,34 @@ def train_float(
         history: list[dict] = []
         best_acc, best_epoch, best_state = -1.0, 0, None
         t0 = time.perf_counter()
-        bar = tqdm(total=total, disable=None if progress else True, desc="train", unit="batch", leave=False)
+        bar = tqdm(total=total, disable=None if progress and dist.is_main() else True, desc="train", unit="batch", leave=False)
         for epoch in range(1, epochs + 1):
             model.train()
             perm = torch.randperm(n, generator=gen)
             loss_sum, correct = 0.0, 0
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
-                x, y = x_all[idx], y_all[idx]
+                part = dist.batch_share(len(idx))  # this rank's rows of the global batch
+                codes = torch.randint(0, 8, (len(idx),), generator=gen) if augment else None
+                x, y = x_all[idx[part.rows]], y_all[idx[part.rows]]
                 if augment:
-                    x = _augment(x, gen)
-                logits = model(x)
+                    x = _augment(x, codes[part.rows])
+                x, y = x.to(dev), y.to(dev)
+                logits = net(x)
                 loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if part.whole else loss * part.scale).backward()
                 opt.step()
                 sched.step()
                 loss_v = loss.detach().item()
-                loss_sum += loss_v * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += loss_v * part.count
+                correct += int((logits.argmax(1) == y).sum()) if part.count else 0
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss_v:.3f}", refresh=False)
-            val_acc = float((evaluate(model, splits.val) == splits.val.labels).mean())
+            loss_sum, correct = dist.all_sum(loss_sum, correct)
+            dist.sync_buffers(model)  # every rank evaluates and keeps the same weights
+            val_pred = dist.gather_rows(lambda rows: evaluate(model, rows), splits.val)
+            val_acc = float((val_pred == splits.val.labels).mean())
             history.append(
                 {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
             )
@@ -168,6 +185,7 @@ def train_float(
             if select == "best" and val_acc >= best_acc:
                 best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
         bar.close()
+        del net  # the model is used alone from here on
         if select == "best" and best_state is not None:
             model.load_state_dict(best_state)
         else:
@@ -182,6 +200,7 @@ def train_float(
             history=history,
         )
     finally:
+        model.to(home)
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
 
