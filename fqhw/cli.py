@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fqhw.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
+
+    from fqhw.sidebyside import add_sidebyside_parser
+
+    add_sidebyside_parser(sub)
     return parser
 
 

@@ -1,0 +1,356 @@
+"""`fqhw sidebyside`: every method at one budget, on the same data and seeds, in one table.
+
+    fqhw sidebyside --budget 4 --seeds 0,1,2
+
+Methods (all deployable: weights AND activations quantized, first and last layer's weights
+pinned at --edge-bits as in `fqhw compile`, the same QAT (epochs, learning rate, fairness
+term, best epoch by validation worst-group accuracy) and threshold snapping after it):
+
+- uniform8 / uniform4: every layer at 8 / 4 bits (Uniform 4 is over the budget's spirit
+  only where the pins make it so; it is the usual reference point).
+- fairgrape: FairGRAPE-style, grape importance reduced by max across groups, quantile
+  allocation (fqhw.allocator.quantile, bits per weight so the budget is the same quantity).
+- fairquantize: FairQuantize-style, grape reduced by subtractive (two groups: with more,
+  the groups are merged into the first and second half of their order, e.g. Fitzpatrick
+  I-III vs IV-VI).
+- hawq: HAWQ-style, Hutchinson Hessian-trace importance reduced by mean, quantile.
+- fq_qat: FairQuant's quantile allocation with QAT, gradient importance reduced by
+  balanced (our choice of FairQuant's reducers: it weighs each group by its share).
+- fq_baq: FairQuant-style BAQ: learned bits warm-started from fq_qat's allocation; the
+  learned widths are projected onto the budget (fqhw.quant.baq.project) so that the deployed
+  model meets it, then QAT.
+- fqhw_qat: the CP-SAT allocation on the target (Fisher importance per group, worst group
+  bounded) and QAT: what `fqhw compile` deploys.
+- fqhw: the same allocation, then BAQ from it, the solver's projection, and QAT.
+
+Activations of the quantile and uniform methods are at 8 bits (FairQuant leaves them in
+float; 8 bits is the deployable equivalent); fqhw's come from the solver.
+
+Choices are made on the validation split (QAT's best epoch; BAQ's projection reads no test
+data); the test split only reports. Each (seed, method) result is a step-cache entry keyed
+by its inputs, so an interrupted run resumes.
+
+Outputs (written whole or not at all): sidebyside.json (every run), sidebyside.md (mean and
+standard deviation over seeds), sidebyside.png (worst-group against mean-group accuracy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fqhw.errors import FqhwError
+from fqhw.outputs import plain, staging_folder, swap_in
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    allocator: str  # "uniform" | "quantile" | "solver"
+    bits: int | None = None  # uniform width
+    importance: str | None = None  # gradient | grape | hawq | fisher
+    reducer: str | None = None  # max | mean | cvar | balanced | subtractive
+    baq: bool = False
+    warm_start: str | None = None  # BAQ's warm start: another method's allocation
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("uniform8", "Uniform 8-bit", "uniform", bits=8),
+        Method("uniform4", "Uniform 4-bit", "uniform", bits=4),
+        Method("fairgrape", "FairGRAPE-style (grape + max)", "quantile", importance="grape", reducer="max"),
+        Method("fairquantize", "FairQuantize-style (grape + subtractive)", "quantile", importance="grape", reducer="subtractive"),
+        Method("hawq", "HAWQ-style (hawq + mean)", "quantile", importance="hawq", reducer="mean"),
+        Method("fq_qat", "FairQuant quantile + QAT (gradient + balanced)", "quantile", importance="gradient", reducer="balanced"),
+        Method("fq_baq", "FairQuant-style BAQ (from fq_qat)", "quantile", baq=True, warm_start="fq_qat"),
+        Method("fqhw_qat", "fqhw (solver + QAT: `fqhw compile`)", "solver", importance="fisher"),
+        Method("fqhw", "fqhw (solver + BAQ + projection)", "solver", importance="fisher", baq=True),
+    ]
+}
+
+
+@dataclass
+class SideBySideConfig:
+    compile: "object"  # fqhw.flow.CompileConfig: target, budget, data, model and QAT settings
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
+    out_dir: Path = Path("fqhw-sidebyside")
+    baq_epochs: int = 3
+    bitrate_lambda: float = 2.0
+
+
+@dataclass
+class SideBySideResult:
+    target: str
+    budget: float
+    seeds: list[int]
+    methods: list[str]
+    labels: dict[str, str]
+    runs: list[dict] = field(default_factory=list)  # one per (seed, method)
+    summary: dict[str, dict] = field(default_factory=dict)  # method -> mean / std per metric
+    wall_time_s: float = 0.0
+    out_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return plain(asdict(self))
+
+
+def _check(sc: SideBySideConfig) -> None:
+    unknown = [m for m in sc.methods if m not in METHODS]
+    if unknown:
+        raise FqhwError(f"unknown method(s) {', '.join(unknown)}: known methods are {', '.join(METHODS)}")
+    if not sc.seeds:
+        raise FqhwError("--seeds is empty: pass e.g. --seeds 0,1,2")
+    if sc.baq_epochs < 1:
+        raise FqhwError("--baq-epochs must be at least 1")
+
+
+# ------------------------------------------------------------------ one method, one seed
+
+
+def _two_groups(data):
+    """The data with its groups merged into two (first half of the group order, second half):
+    the subtractive reducer compares an unprivileged group with a privileged one."""
+    if data.num_groups == 2:
+        return data
+    half = (data.num_groups + 1) // 2
+    names = ["+".join(data.group_names[:half]), "+".join(data.group_names[half:])]
+    return dataclasses.replace(data, groups=(data.groups >= half).astype(np.int64), group_names=names)
+
+
+def _allocation(cfg, method: Method, fm, splits, sens, found: dict):
+    from fqhw.allocator.allocation import Allocation
+    from fqhw.allocator.quantile import quantile_baseline
+    from fqhw.flow import _pinned, step_allocate
+
+    if method.allocator == "uniform":
+        return Allocation.uniform(fm.net, method.bits)
+    if method.allocator == "solver":
+        return step_allocate(cfg, fm.net, sens)
+    if method.warm_start is not None:  # another method's allocation (computed here if it did not run)
+        if method.warm_start not in found:
+            found[method.warm_start] = _allocation(cfg, METHODS[method.warm_start], fm, splits, sens, found)
+        return found[method.warm_start]
+    data = _two_groups(splits.val) if method.reducer == "subtractive" else splits.val
+    res = quantile_baseline(
+        fm.model, fm.net, data, cfg.budget, method=method.importance, reducer=method.reducer, unit="channel",
+        per_weight=True, pinned=_pinned(cfg, fm.net), act_bits=8, max_per_group=cfg.importance_samples, seed=cfg.seed,
+    )
+    return res.allocation
+
+
+def _stored_allocation(rec: dict):
+    from fqhw.allocator.allocation import Allocation, LayerAllocation
+
+    return Allocation(rec["method"], [LayerAllocation(k, b, rec["act_bits"][k]) for k, b in rec["weight_bits"].items()])
+
+
+def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, found: dict) -> dict:
+    """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
+    from fqhw.flow import _pinned, _quantize
+    from fqhw.hwmodels import get_cost_model
+    from fqhw.quant.qat import evaluate_groups
+
+    t0 = time.perf_counter()
+    alloc = _allocation(cfg, method, fm, splits, sens, found)
+    found[method.name] = alloc
+    baq_info = None
+    start = fm
+    if method.baq:
+        from fqhw.quant.baq import check_budget_met, learn_bits
+
+        res = learn_bits(
+            fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=sc.baq_epochs, lr=cfg.qat_lr,
+            fairness_lambda=cfg.fairness_lambda, bitrate_lambda=sc.bitrate_lambda, seed=cfg.seed,
+            cost_model=get_cost_model(cfg.target), pinned=_pinned(cfg, fm.net), min_fps=cfg.min_fps,
+            time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress, desc=f"BAQ {method.name}",
+        )
+        check_budget_met(fm.net, res.allocation, cfg.budget)
+        baq_info = res.summary()
+        alloc = res.allocation
+        start = dataclasses.replace(fm, model=res.float_model(fm.model))
+    qm = _quantize(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
+    return {
+        "method": method.name,
+        "seed": cfg.seed,
+        "avg_weight_bits": alloc.avg_weight_bits(fm.net),
+        "weight_bits": {la.name: la.weight_bits for la in alloc.layers},
+        "act_bits": {la.name: la.act_bits for la in alloc.layers},
+        "test": qm.test_metrics,
+        "val": evaluate_groups(qm.model, splits.val),
+        "qat_selected_epoch": qm.qat.get("selected_epoch"),
+        "baq": baq_info,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ------------------------------------------------------------------ the whole table
+
+
+METRICS = ("overall_acc", "mean_group_acc", "worst_group_acc", "gap_mean_worst", "balanced_acc", "eopp1", "eodd")
+
+
+def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
+    out = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        entry = {"n": len(rs), "avg_weight_bits": {"mean": float(np.mean([r["avg_weight_bits"] for r in rs]))}}
+        for k in METRICS:
+            v = np.array([r["test"].get(k) for r in rs if r["test"].get(k) is not None], dtype=float)
+            entry[k] = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        out[m] = entry
+    return out
+
+
+def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
+    from fqhw.flow import _qat_inputs, step_data, step_float_model, step_importance, validate
+    from fqhw.stepcache import StepCache
+
+    _check(sc)
+    validate(dataclasses.replace(sc.compile, out_dir=sc.out_dir), markers=("sidebyside.json",))
+    t0 = time.perf_counter()
+    base = sc.compile
+    cache = StepCache(base.cache_dir)
+    res = SideBySideResult(base.target, base.budget, list(sc.seeds), list(sc.methods), {m: METHODS[m].label for m in sc.methods})
+    order = sorted(sc.methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts first
+    for seed in sc.seeds:
+        cfg = dataclasses.replace(base, seed=seed)
+        splits = step_data(cfg)
+        fm = step_float_model(cfg, splits)
+        sens = step_importance(cfg, fm, splits) if any(METHODS[m].allocator == "solver" for m in sc.methods) else None
+        found: dict = {}
+        for name in order:
+            method = METHODS[name]
+            if cfg.progress:
+                print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
+            inputs = {
+                "float": fm.key, "method": asdict(method), "budget": cfg.budget, "target": cfg.target, "edge_bits": cfg.edge_bits,
+                "qat": _qat_inputs(cfg), "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+                **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
+                "version": 1,
+            }
+            got = cache.run(
+                "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, sens, sc, found),
+                lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
+                lambda folder: json.loads((folder / "run.json").read_text()),
+            )
+            if got.hit:  # a later method may start from this one's allocation
+                found[name] = _stored_allocation(got.value)
+            res.runs.append(got.value)
+    res.summary = summarize(res.runs, list(sc.methods))
+    res.wall_time_s = round(time.perf_counter() - t0, 1)
+    write_outputs(res, sc.out_dir)
+    return res
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(res: SideBySideResult) -> str:
+    lines = [
+        f"# Side by side at {res.budget:g} bits per weight on {res.target}",
+        "",
+        f"Seeds {', '.join(map(str, res.seeds))}; test split; mean ± standard deviation over seeds (%); "
+        f"weights and activations quantized. Wall time {res.wall_time_s:.0f} s.",
+        "",
+        "| method | avg bits | overall | mean group | worst group | gap | balanced | EOpp1 | EOdd |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in res.methods:
+        s = res.summary[m]
+
+        def ms(k):
+            v = s[k]
+            return "-" if v["mean"] is None else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+
+        lines.append(f"| {res.labels[m]} | {s['avg_weight_bits']['mean']:.2f} | {ms('overall_acc')} | {ms('mean_group_acc')} | "
+                     f"{ms('worst_group_acc')} | {ms('gap_mean_worst')} | {ms('balanced_acc')} | {ms('eopp1')} | {ms('eodd')} |")
+    lines += ["", "Per seed (worst group / mean group, %):", "", "| method | " + " | ".join(f"seed {s}" for s in res.seeds) + " |",
+              "| --- |" + " --- |" * len(res.seeds)]
+    for m in res.methods:
+        cells = []
+        for s in res.seeds:
+            r = next((r for r in res.runs if r["method"] == m and r["seed"] == s), None)
+            cells.append("-" if r is None else f"{_pct(r['test']['worst_group_acc'])} / {_pct(r['test']['mean_group_acc'])}")
+        lines.append(f"| {res.labels[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(res: SideBySideResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    for m in res.methods:
+        s = res.summary[m]
+        x, y = s["mean_group_acc"], s["worst_group_acc"]
+        ax.errorbar(100 * x["mean"], 100 * y["mean"], xerr=100 * x["std"], yerr=100 * y["std"], fmt="o", capsize=3,
+                    label=f"{res.labels[m]} ({s['avg_weight_bits']['mean']:.2f} b)")
+    ax.set_xlabel("mean group accuracy (%)")
+    ax.set_ylabel("worst group accuracy (%)")
+    ax.set_title(f"{res.budget:g} bits per weight, {res.target}, seeds {', '.join(map(str, res.seeds))}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(res: SideBySideResult, out_dir: Path) -> Path:
+    out = Path(out_dir).absolute()
+    work = staging_folder(out)
+    try:
+        res.out_dir = str(out)
+        (work / "sidebyside.json").write_text(json.dumps(res.to_dict(), indent=2, sort_keys=True) + "\n")
+        (work / "sidebyside.md").write_text(markdown(res))
+        plot_png(res, work / "sidebyside.png")
+        swap_in(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_sidebyside_parser(subparsers) -> None:
+    from fqhw.cli import _add_common, _edge_bits, _parse_tuple
+
+    p = subparsers.add_parser("sidebyside", help="every method (uniform, FairGRAPE, FairQuantize, HAWQ, FairQuant QAT/BAQ, fqhw) at one budget over seeds")
+    p.add_argument("--target", default=None, help="hardware target for fqhw's allocation and the projections (default pynq-z2)")
+    p.add_argument("--budget", type=float, default=None, help="average weight bits, parameter-weighted (default 4)")
+    p.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--methods", type=_parse_tuple(str), default=tuple(METHODS), help=f"comma-separated, from {','.join(METHODS)} (default all)")
+    p.add_argument("--out", type=Path, default=Path("fqhw-sidebyside"), help="output folder (default fqhw-sidebyside)")
+    p.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs for every method")
+    p.add_argument("--baq-epochs", type=int, default=3, help="BAQ epochs (default 3)")
+    p.add_argument("--fairness-lambda", type=float, default=None, help="weight of max-min group loss in QAT and BAQ")
+    p.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
+    _add_common(p)
+    p.set_defaults(func=cmd_sidebyside)
+
+
+def cmd_sidebyside(args) -> int:
+    from fqhw.cli import _compile_config
+
+    cfg = _compile_config(args)
+    sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs)
+    res = side_by_side(sc)
+    print(markdown(res), end="")
+    print(f"wrote {res.out_dir}")
+    return 0

@@ -1,0 +1,62 @@
+"""`fqhw sidebyside`: every method at the same budget on the same data and seeds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fqhw.cli import main
+from fqhw.sidebyside import METHODS, _two_groups
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def test_methods_at_one_budget_and_resume(compiled, tmp_path, capsys):
+    _, cache = compiled
+    out = tmp_path / "sbs"
+    methods = "uniform4,fairquantize,fq_baq,fqhw"
+    args = ["sidebyside", "--out", str(out), "--cache-dir", str(cache), "--seeds", "0,1", "--methods", methods, "--baq-epochs", "1", *TINY]
+    assert main(args) == 0
+    res = json.loads((out / "sidebyside.json").read_text())
+    assert (out / "sidebyside.png").stat().st_size > 10_000
+    md = (out / "sidebyside.md").read_text()
+    assert sorted((r["method"], r["seed"]) for r in res["runs"]) == sorted((m, s) for m in methods.split(",") for s in (0, 1))
+    for r in res["runs"]:
+        if r["method"] != "uniform4":
+            assert r["avg_weight_bits"] <= 4.0 + 1e-12, r  # every method at the budget, BAQ included
+        assert set(r["test"]) >= {"worst_group_acc", "mean_group_acc", "eopp1"} and set(r["val"]) >= {"worst_group_acc"}
+    for m in methods.split(","):
+        assert METHODS[m].label in md
+        accs = [r["test"]["worst_group_acc"] for r in res["runs"] if r["method"] == m]
+        assert res["summary"][m]["worst_group_acc"]["mean"] == pytest.approx(sum(accs) / len(accs))
+    baq = [r for r in res["runs"] if r["method"] in ("fq_baq", "fqhw")]
+    assert all(r["baq"]["projected"] == r["weight_bits"] for r in baq)
+    # the BAQ run that starts from FairQuant's quantile allocation really starts there
+    fq_warm = next(r for r in res["runs"] if r["method"] == "fq_baq" and r["seed"] == 0)["baq"]["warm_start"]
+    assert set(fq_warm) == set(res["runs"][0]["weight_bits"])
+
+    # a rerun reuses every (seed, method) result
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "sidebyside.json").read_text())
+    assert again["runs"] == res["runs"]
+
+
+def test_unknown_method_is_one_line(tmp_path, capsys):
+    rc = main(["sidebyside", "--out", str(tmp_path / "x"), "--methods", "uniform8,gptq", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "unknown method(s) gptq: known methods are uniform8" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_groups_merges_by_order():
+    from fqhw.data.registry import load_data
+    from fqhw.data.synthetic import SyntheticDermConfig
+
+    splits = load_data("builtin", image_size=16, seed=0, builtin=SyntheticDermConfig(n_train=60, n_val=300, n_test=30, image_size=16))
+    two = _two_groups(splits.val)
+    assert two.num_groups == 2 and two.group_names[0].startswith("FST-I")
+    half = (splits.val.num_groups + 1) // 2
+    assert ((splits.val.groups >= half) == (two.groups == 1)).all()
