@@ -3,11 +3,19 @@
     fqhw compile --out /tmp/simbench --quiet          # once (about a minute, cached float model)
     python bench/simulator_speed.py [--build /tmp/simbench] [--n-qonnx 64] [--out bench/results/simulator_speed.json]
 
-Both run on the same first `--n-qonnx` test images (regenerated from the build's
-config.json): qonnx as fqhw runs it (qonnx_integer_trace, precision float32: the file as it
-is, one image at a time through execute_onnx), the simulator batched. The simulator's rate is
-also measured on the whole test split; its integers are checked against qonnx's on the shared
-images (bit-exact, or the benchmark fails).
+Both run in this one process on the same first `--n-qonnx` test images (regenerated from
+the build's config.json): qonnx as fqhw runs it (qonnx_integer_trace, precision float32: the
+file as it is, one image at a time through execute_onnx), the simulator batched. The ratio
+that counts is the like-for-like one: the simulator's full trace (every layer's codes, as
+int64, as qonnx's trace returns them) on the same images. The simulator is also timed with
+trace=False (only the head accumulator and logits: what `fqhw simulate` runs over a whole data
+set), and both ways over the whole test split. Its integers are checked against qonnx's on
+the shared images (bit-exact, or the benchmark fails).
+
+Every figure is the best of a few runs, in wall-clock seconds and also in CPU seconds of this
+process (all threads): the machine may be shared, and CPU time is the steadier measure of
+the work done when other processes compete for the cores. The load average before and after
+is recorded with them.
 """
 from __future__ import annotations
 
@@ -20,30 +28,35 @@ from pathlib import Path
 
 import numpy as np
 
-from fqhw.backends.intsim import IntegerSimulator
+from fqhw.backends.intsim import DEFAULT_BATCH_SIZE, IntegerSimulator
 from fqhw.backends.qonnx_export import qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.simulate import build_test_data
 
 
-def _best_of(fn, repeats: int) -> float:
-    best = float("inf")
+def _best_of(fn, repeats: int) -> tuple[float, float]:
+    """(best wall seconds, best CPU seconds) over `repeats` calls."""
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        wall = min(wall, time.perf_counter() - w0)
+        cpu = min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", type=Path, default=Path("/tmp/simbench"))
     ap.add_argument("--n-qonnx", type=int, default=64, help="images run through qonnx (and the simulator, for the ratio)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--qonnx-repeats", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help=f"simulator images per pass (default {DEFAULT_BATCH_SIZE})")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "simulator_speed.json")
     args = ap.parse_args()
+    bs = args.batch_size
 
+    load_before = os.getloadavg()
     data = build_test_data(args.build)
     n = min(args.n_qonnx, len(data))
     imgs = data.images[:n]
@@ -53,44 +66,72 @@ def main() -> None:
     sim = IntegerSimulator.from_build(args.build)
     build_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    q = qonnx_integer_trace(args.build / "model.qonnx.onnx", x, precision="float32")
-    qonnx_s = time.perf_counter() - t0
+    q = None
 
-    sim_same_s = _best_of(lambda: sim.run(imgs, batch_size=args.batch_size), 5)
-    sim_all_s = _best_of(lambda: sim.run(data.images, batch_size=args.batch_size), 3)
-    s = sim.run(imgs, batch_size=args.batch_size)
+    def run_qonnx():
+        nonlocal q
+        q = qonnx_integer_trace(args.build / "model.qonnx.onnx", x, precision="float32")
+
+    sim.run(imgs[:8], batch_size=bs)  # warm up: first-call costs (imports, BLAS threads)
+    qonnx = _best_of(run_qonnx, args.qonnx_repeats)
+    same = _best_of(lambda: sim.run(imgs, batch_size=bs), 5)
+    same_nt = _best_of(lambda: sim.run(imgs, batch_size=bs, trace=False), 5)
+    all_nt = _best_of(lambda: sim.run(data.images, batch_size=bs, trace=False), 3)
+    all_tr = _best_of(lambda: sim.run(data.images, batch_size=bs), 2)
+    s = sim.run(imgs, batch_size=bs)
     be = check_bit_exact({"intsim": {k: v for k, v in s.items() if k != "logits"}, "qonnx_float32": q})
     if not be.ok:
         raise SystemExit(f"the simulator and qonnx (float32) disagree: {be.first_mismatch}")
+    load_after = os.getloadavg()
 
-    qonnx_rate = n / qonnx_s
-    sim_same_rate = n / sim_same_s
-    sim_all_rate = len(data) / sim_all_s
+    def rate(count, secs):
+        return round(count / secs, 1)
+
+    qonnx_rate, qonnx_cpu = rate(n, qonnx[0]), rate(n, qonnx[1])
     cfg = json.loads((args.build / "config.json").read_text())
     figures = {
         "build": str(args.build),
         "model": {"channels": cfg["channels"], "image_size": cfg["data"]["image_size"], "budget": cfg["budget"], "target": cfg["target"]},
         "n_images_shared": n,
         "n_images_all": len(data),
-        "batch_size": args.batch_size,
+        "batch_size": bs or DEFAULT_BATCH_SIZE,
         "simulator_build_s": round(build_s, 3),
-        "qonnx_float32_images_per_s": round(qonnx_rate, 2),
-        "simulator_images_per_s_same_images": round(sim_same_rate, 1),
-        "simulator_images_per_s_all_test_images": round(sim_all_rate, 1),
-        "ratio_same_images": round(sim_same_rate / qonnx_rate, 1),
-        "ratio_all_test_images": round(sim_all_rate / qonnx_rate, 1),
+        "qonnx_float32_images_per_s": qonnx_rate,
+        "simulator_images_per_s_same_images": rate(n, same[0]),
+        "simulator_images_per_s_same_images_logits_only": rate(n, same_nt[0]),
+        "simulator_images_per_s_all_test_images": rate(len(data), all_tr[0]),
+        "simulator_images_per_s_all_test_images_logits_only": rate(len(data), all_nt[0]),
+        "ratio_same_images": round(n / same[0] / (n / qonnx[0]), 1),
+        "ratio_same_images_logits_only": round(n / same_nt[0] / (n / qonnx[0]), 1),
+        "ratio_all_test_images": round(len(data) / all_tr[0] / (n / qonnx[0]), 1),
+        "ratio_all_test_images_logits_only": round(len(data) / all_nt[0] / (n / qonnx[0]), 1),
+        "cpu_time": {
+            "qonnx_float32_images_per_cpu_s": qonnx_cpu,
+            "simulator_same_images_per_cpu_s": rate(n, same[1]),
+            "simulator_all_test_images_logits_only_per_cpu_s": rate(len(data), all_nt[1]),
+            "ratio_same_images": round(qonnx[1] / same[1], 1),
+        },
         "bit_exact_vs_qonnx_float32": be.ok,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
         "note": "qonnx: qonnx_integer_trace(precision='float32'), execute_onnx one image at a time; "
-                "simulator: IntegerSimulator.run, best of several runs; wall-clock seconds on this machine",
+                "simulator: IntegerSimulator.run (full int64 trace unless 'logits_only': trace=False); "
+                "best of several runs in one process; ratios against qonnx's rate on the shared images",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"qonnx execute_onnx (float32): {qonnx_rate:8.1f} images/s ({n} images)")
-    print(f"integer simulator, same images: {sim_same_rate:8.1f} images/s  -> {figures['ratio_same_images']:.1f}x")
-    print(f"integer simulator, {len(data)} images: {sim_all_rate:8.1f} images/s  -> {figures['ratio_all_test_images']:.1f}x")
-    print(f"bit-exact vs qonnx float32 on {n} images: {be.ok}; wrote {args.out}")
+    f = figures
+    print(f"qonnx execute_onnx (float32), {n} images:      {qonnx_rate:8.1f} images/s")
+    print(f"simulator, same images, full trace:        {f['simulator_images_per_s_same_images']:8.1f} images/s  -> {f['ratio_same_images']:.1f}x")
+    print(f"simulator, same images, logits only:       {f['simulator_images_per_s_same_images_logits_only']:8.1f} images/s  -> {f['ratio_same_images_logits_only']:.1f}x")
+    print(f"simulator, {len(data)} images, full trace:       {f['simulator_images_per_s_all_test_images']:8.1f} images/s  -> {f['ratio_all_test_images']:.1f}x")
+    print(f"simulator, {len(data)} images, logits only:      {f['simulator_images_per_s_all_test_images_logits_only']:8.1f} images/s  -> {f['ratio_all_test_images_logits_only']:.1f}x")
+    print(f"CPU time, same images: qonnx {qonnx_cpu:.1f}, simulator {f['cpu_time']['simulator_same_images_per_cpu_s']:.1f} images/cpu-s -> {f['cpu_time']['ratio_same_images']:.1f}x")
+    print(f"load average {f['machine']['load_average_1min_before_after']}; bit-exact vs qonnx float32 on {n} images: {be.ok}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def _compile_config(args):
         ("min_fps", "min_fps"),
         ("verify_images", "verify_images"),
         ("time_limit", "solver_time_limit_s"),
+        ("baq_epochs", "baq_epochs"),
     ):
         if getattr(args, flag, None) is not None:
             updates[field_name] = getattr(args, flag)
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
+    pc.add_argument("--baq-epochs", type=int, default=None, help="learn the widths with BAQ for this many epochs from the solver's allocation, then project them back with the solver (default 0: off)")
     pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
     _add_common(pc)

@@ -10,6 +10,7 @@ the previous one.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import json
@@ -59,6 +60,8 @@ class CompileConfig:
     qat_epochs: int = 3
     qat_lr: float = 5e-4
     fairness_lambda: float = 0.5
+    baq_epochs: int = 0  # > 0: learn the widths (BAQ) from the solver's allocation, then project (fqhw.quant.baq)
+    baq_bitrate_lambda: float = 2.0
     edge_bits: int | None = 8  # weights of the first and last layer pinned here (None: free)
     min_fps: float | None = None
     verify_images: int = 32
@@ -93,6 +96,8 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError(f"budget {cfg.budget:g} is outside [{lo}, {hi}]: pass --budget between {lo} and {hi} bits per weight")
     if cfg.edge_bits is not None and not (lo <= cfg.edge_bits <= hi):
         raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
+    if cfg.baq_epochs < 0:
+        raise FqhwError(f"--baq-epochs {cfg.baq_epochs} is negative: pass 0 (off) or more")
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir, markers)
@@ -248,6 +253,41 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Al
     )
 
 @dataclass
+class LearnedBits:
+    """BAQ's result as the flow uses it: the projected allocation and the weights to start
+    QAT from."""
+
+    allocation: Allocation
+    float_state: dict
+    summary: dict
+
+
+def step_baq(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> LearnedBits:
+    from fqhw.hwmodels import get_cost_model
+    from fqhw.quant.baq import check_budget_met, learn_bits
+
+    res = learn_bits(
+        fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=cfg.baq_epochs, lr=cfg.qat_lr,
+        fairness_lambda=cfg.fairness_lambda, bitrate_lambda=cfg.baq_bitrate_lambda, seed=cfg.seed,
+        cost_model=get_cost_model(cfg.target), pinned=_pinned(cfg, fm.net), min_fps=cfg.min_fps,
+        time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress,
+    )
+    check_budget_met(fm.net, res.allocation, cfg.budget)
+    return LearnedBits(res.allocation, res.float_state, res.summary())
+
+
+def _write_baq(lb: LearnedBits, folder: Path) -> None:
+    save_tensors(lb.float_state, folder / "float_state.pt")
+    write_json(folder / "baq.json", {"allocation": lb.allocation.to_dict(), "summary": lb.summary})
+
+
+def _load_baq(folder: Path) -> LearnedBits:
+    d = json.loads((folder / "baq.json").read_text())
+    state = torch.load(folder / "float_state.pt", map_location="cpu", weights_only=True)
+    return LearnedBits(Allocation.from_dict(d["allocation"]), state, d["summary"])
+
+
+@dataclass
 class QuantModel:
     model: torch.nn.Module
     allocation: Allocation
@@ -385,7 +425,7 @@ def _load_finn(cached: Path, dest: Path):
 
 def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
     if cfg.progress:
-        print(f"fqhw: [{done + 1}/{len(STEPS) + cfg.synth}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
+        print(f"fqhw: [{done + 1}/{len(STEPS) + cfg.synth + (cfg.baq_epochs > 0)}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the runner
@@ -512,13 +552,27 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             from fqhw.report.report import solver_line
 
             print(f"fqhw: note: {solver_line(alloc.solver)} (raise --time-limit to search longer)", file=sys.stderr, flush=True)
+        start, baq = fm, None
+        if cfg.baq_epochs > 0:  # learned widths from the solver's, projected back by the solver
+            baq = run(
+                "baq", step_baq, cfg, fm, alloc, splits, ranks="main",
+                inputs={"float": fm.key, "allocation": _allocation_content(alloc), "budget": cfg.budget, "target": cfg.target,
+                        "epochs": cfg.baq_epochs, "bitrate_lambda": cfg.baq_bitrate_lambda, "qat": _qat_inputs(cfg),
+                        "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps},
+                write=_write_baq, load=_load_baq,
+            )
+            alloc = baq.allocation
+            alloc.save(work / "allocation.json")
+            model = copy.deepcopy(fm.model)
+            model.load_state_dict(baq.float_state)
+            start = dataclasses.replace(fm, model=model.eval(), key=steps["baq"]["key"] or fm.key)
         stored = all(cache.has(f"uniform{b}", cache.key(f"uniform{b}", _baseline_inputs(cfg, fm, b))) for b in (8, 4))
         baselines = run("baselines", step_baselines, cfg, fm, splits, cache, stored=stored, ranks="all")
         steps["baselines"]["reused"] = stored
         qm = run(
-            "quantize", step_quantize, cfg, fm, alloc, splits,
-            inputs={"float": fm.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
-            write=_write_quant, load=_load_quant(fm), ranks="all",
+            "quantize", step_quantize, cfg, start, alloc, splits,
+            inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
+            write=_write_quant, load=_load_quant(start), ranks="all",
         )
         if not dist.is_main():  # the training is done; the rest is rank 0's
             shutil.rmtree(work, ignore_errors=True)
@@ -549,7 +603,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(
             cfg=cfg, splits=splits, fm=fm, sens=sens, alloc=alloc, baselines=baselines, qm=qm,
-            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps,
+            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps, baq=None if baq is None else baq.summary,
         )
         write_report(report, work)
         swap_in(work, out_dir)

@@ -59,7 +59,11 @@ def _output_root(build_dir: Path) -> tuple[Path, Path]:
     raise FqhwError(f"{build_dir} is not a compile output folder: it holds no finn/finn_build.json")
 
 
-def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: int = 256) -> SimulationResult:
+def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: int | None = None) -> SimulationResult:
+    """Run the simulator over every image (only the head accumulator and logits are kept:
+    writing every feature map of a whole data set out as int64 would cost more than the
+    simulation), then the full integer trace of the first `cross_check` images against the
+    other backends. `batch_size`: the simulator's images per pass (its default when None)."""
     from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
     from fqhw.backends.intsim import IntegerSimulator
     from fqhw.backends.qonnx_export import qonnx_integer_trace
@@ -69,7 +73,7 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
     root, finn_dir = _output_root(build_dir)
     sim = IntegerSimulator.from_build(finn_dir)
     t0 = time.perf_counter()
-    out = sim.run(data.images, batch_size=batch_size)
+    out = sim.run(data.images, batch_size=batch_size, trace=False)
     seconds = time.perf_counter() - t0
     logits = out["logits"]
     if logits.ndim != 2 or logits.shape[1] != data.num_classes:
@@ -82,7 +86,11 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
     n = min(int(cross_check), len(data))
     if n > 0:
         x = data.images[:n].astype(np.float64) * INPUT_SCALE
-        traces = {"intsim": {k: v[:n] for k, v in out.items() if k != "logits"}}
+        full = sim.run(data.images[:n], batch_size=batch_size)
+        for k, v in out.items():  # the untraced run computed the same numbers (a bug if not)
+            if not np.array_equal(full[k], v[:n]):
+                raise RuntimeError(f"the simulator's traced and untraced runs disagree on {k}")
+        traces = {"intsim": {k: v for k, v in full.items() if k != "logits"}}
         traces["finn"] = finn_integer_trace(FinnBuild.load(finn_dir), x)
         qonnx_path = root / "model.qonnx.onnx"
         if qonnx_path.exists():

@@ -283,3 +283,25 @@ def test_learn_bits_refuses_an_unreachable_budget_before_training(setup, splits,
     with pytest.raises(InfeasibleError, match="budget 3"):
         learn_bits(model, Allocation.uniform(net, 8, TARGET), splits, net, budget=3.0, epochs=1, cost_model=cost,
                    pinned={"features.0.conv": 8, "head": 8})
+
+
+@pytest.mark.slow
+def test_compile_with_learned_bits(compiled, tmp_path):
+    """`fqhw compile --baq-epochs N`: BAQ between allocate and quantize; what is deployed is
+    the projection, within the budget, and the build of it is bit-exact."""
+    import json
+
+    from conftest import TINY
+
+    from fqhw.cli import main
+
+    _, cache = compiled
+    out = tmp_path / "baq"
+    assert main(["compile", "--out", str(out), "--cache-dir", str(cache), *TINY, "--baq-epochs", "1"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    deployed = {la["name"]: la["weight_bits"] for la in rep["allocation"]["layers"]}
+    assert rep["baq"]["projected"] == deployed
+    assert json.loads((out / "allocation.json").read_text())["layers"][1]["weight_bits"] == deployed[rep["allocation"]["layers"][1]["name"]]
+    assert rep["allocation"]["avg_weight_bits"] <= rep["budget"] + 1e-12
+    assert "baq" in rep["steps"] and rep["bit_exact"]["ok"] is True
+    assert "Learned bits (BAQ)" in (out / "report.md").read_text()

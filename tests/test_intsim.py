@@ -8,11 +8,219 @@ import numpy as np
 import pytest
 
 from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
-from fqhw.backends.intsim import IntegerSimulator
+from fqhw.backends.intsim import (
+    IntegerSimulator,
+    _carrier,
+    _im2col,
+    _int_thresholds,
+    _node_fn,
+    _threshold_reference,
+    _ThresholdTable,
+    _window_reduce,
+)
 from fqhw.backends.qonnx_export import qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.simulate import simulate, build_test_data
+
+
+# ---------------------------------------------------------------- the fast paths against plain loops
+
+
+def _count_reached(acc, thr, act_val):
+    """The definition, by brute force: act_val + #{t in thr[c] : acc[..., c] >= t}."""
+    return act_val + (acc[..., None] >= thr).sum(axis=-1)
+
+
+def _jittered_thresholds(rng, ch, n_thr, lo, hi, dup_frac=0.1):
+    """Thresholds as FINN's are: a per-channel arithmetic run ceil'd (gaps differ by 1), some
+    channels' runs partly outside [lo, hi], some values repeated, some +-inf."""
+    t = np.empty((ch, n_thr), dtype=np.float64)
+    for c in range(ch):
+        step = rng.uniform(0.3, max(0.31, 2.5 * (hi - lo) / n_thr))
+        start = rng.uniform(lo - 0.3 * (hi - lo), hi - 0.5 * (hi - lo))
+        t[c] = start + step * np.arange(n_thr)
+    dup = rng.random(t.shape) < dup_frac
+    dup[:, 0] = False
+    for c, i in zip(*np.nonzero(dup)):  # a repeated value: the previous threshold again
+        t[c, i] = t[c, i - 1]
+    t[rng.random(t.shape) < 0.01] = np.inf
+    t[rng.random(t.shape) < 0.01] = -np.inf
+    return t
+
+
+def _accumulators(rng, thr_int, lo, hi, rows, ch):
+    """Random accumulators in [lo, hi], with every threshold, its neighbours and both ends."""
+    acc = rng.integers(lo, hi + 1, size=(rows, ch), dtype=np.int64)
+    edge = np.concatenate([thr_int, thr_int - 1, thr_int + 1], axis=1).T  # (3T, ch)
+    edge = np.clip(edge, lo, hi)
+    ends = np.array([[lo] * ch, [hi] * ch], dtype=np.int64)
+    return np.concatenate([acc, edge, ends], axis=0)
+
+
+@pytest.mark.parametrize(
+    "seed, ch, n_thr, lo, hi, act_val",
+    [
+        (0, 1, 1, -5, 5, 0),
+        (1, 3, 3, 0, 1000, 0),
+        (2, 16, 255, -212_909, 285_684, 0),  # like the first layer of the benchmark model
+        (3, 64, 255, -2_476, 10_588, 0),
+        (4, 300, 15, -40, 40, -8),  # many channels, signed codes, gaps of 1 (k = 0)
+        (5, 32, 255, -(2**23), 2**23, 3),
+        (6, 8, 63, -(2**40), 2**40, 0),  # float64 accumulators
+    ],
+)
+def test_threshold_table_equals_per_channel_binary_search(seed, ch, n_thr, lo, hi, act_val):
+    rng = np.random.default_rng(seed)
+    thr = _int_thresholds(_jittered_thresholds(rng, ch, n_thr, lo, hi), ch, "test")
+    acc = _accumulators(rng, thr, lo, hi, 2000, ch)
+    dt = _carrier(max(abs(lo), abs(hi)))
+    ref = _threshold_reference(acc, thr, act_val)
+    np.testing.assert_array_equal(ref, _count_reached(acc, thr, act_val))
+    table = _ThresholdTable(thr, act_val, lo, hi, dt, np.float32)
+    assert table.mode == "bucket"
+    got = table.apply(acc.astype(dt))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.astype(np.int64), ref)
+    # per-channel intervals (as an MVAU has), and writing into a given array
+    clo = np.minimum(acc.min(axis=0), rng.integers(lo, hi + 1, ch))
+    chi = np.maximum(acc.max(axis=0), clo)
+    out = np.empty(acc.shape, dtype=np.float32)
+    _ThresholdTable(thr, act_val, clo, chi, dt, np.float32).apply(acc.astype(dt), out=out)
+    np.testing.assert_array_equal(out.astype(np.int64), ref)
+
+
+def test_threshold_table_with_duplicates_unreachable_and_accumulators_on_thresholds():
+    thr = np.array([
+        [-7, -7, -7, 0, 0, 3, 3, 3, 3, 9],       # repeated values, and values at both ends
+        [-100, -50, 1, 2, 3, 4, 5, 6, 7, 200],  # outside the interval on both sides
+        [-(2**62)] * 5 + [2**62] * 5,            # +-inf: always / never reached
+        [4] * 10,                                # one value ten times
+    ], dtype=np.int64)
+    acc = np.repeat(np.arange(-9, 11, dtype=np.int64)[:, None], 4, axis=1)
+    for act_val in (0, -4, 2):
+        ref = _count_reached(acc, thr, act_val)
+        np.testing.assert_array_equal(_threshold_reference(acc, thr, act_val), ref)
+        table = _ThresholdTable(thr, act_val, -9, 10, np.float32, np.float32)
+        assert table.mode == "bucket"
+        np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), ref)
+
+
+def test_threshold_table_falls_back_where_buckets_would_not_pay_or_not_be_exact():
+    rng = np.random.default_rng(7)
+    # one gap of 1 in a span of 10^7: the buckets would number 10^7 per channel
+    thr = np.sort(np.concatenate([[0, 1], rng.integers(-(10**7), 10**7, 30)]))[None, :].repeat(4, 0)
+    acc = _accumulators(rng, thr, -(10**7), 10**7, 500, 4)
+    table = _ThresholdTable(thr, 0, -(10**7), 10**7, np.float32, np.float32)
+    assert table.mode == "reference"
+    np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), _count_reached(acc, thr, 0))
+    # accumulators beyond float64's exact integers: int64 and the binary search
+    big = 2**60
+    thr = np.sort(rng.integers(-big, big, (3, 20)), axis=1)
+    acc = _accumulators(rng, thr, -big, big, 500, 3)
+    table = _ThresholdTable(thr, 1, -big, big, np.int64, np.float32)
+    assert table.mode == "reference"
+    np.testing.assert_array_equal(table.apply(acc).astype(np.int64), _count_reached(acc, thr, 1))
+    # float32 accumulators whose bucket arithmetic needs more than 24 bits: float64
+    thr = np.sort(rng.integers(2**23, 2**24 - 1, (2, 40)), axis=1)
+    table = _ThresholdTable(thr, 0, -(2**24) + 1, 2**24 - 1, np.float32, np.float32)
+    assert table.mode == "bucket" and table.dtype is np.float64
+    acc = _accumulators(rng, thr, -(2**24) + 1, 2**24 - 1, 500, 2)
+    np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), _count_reached(acc, thr, 0))
+
+
+def test_carrier_holds_its_integers_exactly():
+    assert _carrier(2**24 - 1) is np.float32 and _carrier(2**24) is np.float64
+    assert _carrier(2**53 - 1) is np.float64 and _carrier(2**53) is np.int64
+    v = np.array([2**24 - 1, -(2**24) + 1], dtype=np.int64)
+    assert np.array_equal(v.astype(np.float32).astype(np.int64), v)
+
+
+def _im2col_loop(x, k, s, d):
+    n, h, w, c = x.shape
+    oh = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    ow = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    out = np.empty((n, oh, ow, k[0] * k[1] * c), dtype=x.dtype)
+    for oy in range(oh):
+        for ox in range(ow):
+            cols = [x[:, oy * s[0] + ky * d[0], ox * s[1] + kx * d[1], :] for ky in range(k[0]) for kx in range(k[1])]
+            out[:, oy, ox, :] = np.concatenate(cols, axis=-1)
+    return out
+
+
+@pytest.mark.parametrize("k, s, d, hw", [((3, 3), (1, 1), (1, 1), (7, 9)), ((2, 2), (2, 2), (1, 1), (8, 8)),
+                                         ((3, 2), (2, 1), (2, 1), (9, 6)), ((1, 1), (1, 1), (1, 1), (4, 4)),
+                                         ((5, 5), (1, 1), (1, 1), (5, 5)), ((3, 3), (3, 3), (2, 2), (11, 12))])
+def test_im2col_and_fused_pools_equal_plain_loops(k, s, d, hw):
+    rng = np.random.default_rng(sum(k) + sum(s))
+    x = rng.integers(-50, 256, size=(3, *hw, 5)).astype(np.float32)
+    cols = _im2col(x, k, s, d)
+    np.testing.assert_array_equal(cols, _im2col_loop(x, k, s, d))
+    win = cols.reshape(*cols.shape[:3], k[0] * k[1], 5)
+    np.testing.assert_array_equal(_window_reduce(x, k, s, d, "MaxPool", np.float32), win.max(axis=3))
+    np.testing.assert_array_equal(_window_reduce(x, k, s, d, "AccPool", np.float64), win.sum(axis=3, dtype=np.float64))
+    # a strided (non-contiguous) input gives the same columns
+    xs = np.concatenate([x, x], axis=-1)[..., ::2]
+    np.testing.assert_array_equal(_im2col(xs, k, s, d), _im2col_loop(xs, k, s, d))
+
+
+def _one_mvau(w, thr=None, act_val=0):
+    """A dataflow graph holding one MVAU_hls node (qonnx ModelWrapper) and that node."""
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    mw, mh = w.shape
+    inputs = ["x", "w"] + ([] if thr is None else ["t"])
+    node = helper.make_node(
+        "MVAU_hls", inputs, ["y"], domain="finn.custom_op.fpgadataflow.hls", name="MVAU_hls_0",
+        backend="fpgadataflow", MW=mw, MH=mh, SIMD=1, PE=1, ActVal=act_val, noActivation=int(thr is None),
+        binaryXnorMode=0, inputDataType="INT32", weightDataType="INT32", outputDataType="INT32", numInputVectors=[1],
+    )
+    graph = helper.make_graph(
+        [node], "one_mvau",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, mw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, mh])],
+    )
+    m = ModelWrapper(helper.make_model(graph))
+    m.set_initializer("w", w.astype(np.float64))
+    if thr is not None:
+        m.set_initializer("t", thr.astype(np.float64))
+    return m, m.graph.node[0]
+
+
+@pytest.mark.parametrize(
+    "wmax, mw, xlo, xhi, gemm",
+    [
+        (127, 27, 0, 255, np.float32),
+        (2**20, 16, 0, 1, np.float32),        # column sums up to 2^24 - 16: still float32
+        (2**20, 16, -1, 1, np.float32),
+        (2**21, 16, 0, 1, np.float64),        # column sums up to 2^25: float64
+        (2**30, 64, -128, 127, np.float64),
+        (2**50, 16, 0, 255, np.int64),        # beyond 2^53: int64
+    ],
+)
+@pytest.mark.parametrize("with_thresholds", [False, True])
+def test_mvau_is_exact_in_the_type_it_picks(wmax, mw, xlo, xhi, gemm, with_thresholds):
+    rng = np.random.default_rng(mw + xhi)
+    mh = 6
+    w = rng.integers(-wmax + 1, wmax, size=(mw, mh), dtype=np.int64)
+    w[:, 0] = wmax - 1  # one column at the largest sum
+    x = rng.integers(xlo, xhi + 1, size=(300, mw), dtype=np.int64)
+    x[0], x[1] = xhi, xlo
+    acc = x @ w  # exact: |every partial sum| < 2^63
+    thr = None
+    if with_thresholds:
+        lo, hi = int(acc.min()), int(acc.max())
+        thr = np.sort(rng.integers(lo, hi + 1, size=(mh, 7)), axis=1).astype(np.float64)
+        thr[:, 3] = thr[:, 2]  # a repeated threshold
+    m, node = _one_mvau(w, thr, act_val=-2 if with_thresholds else 0)
+    fn, key, iv, dt = _node_fn(m, node, {}, (xlo, xhi), _carrier(max(abs(xlo), abs(xhi))))
+    expect = acc if thr is None else _threshold_reference(acc, _int_thresholds(thr, mh, "t"), -2)
+    got = fn(x.astype(_carrier(max(abs(xlo), abs(xhi)))))
+    assert got.dtype == (gemm if thr is None else np.float32)
+    assert dt is got.dtype.type
+    np.testing.assert_array_equal(got.astype(np.int64), expect)
+    assert iv[0] <= expect.min() and expect.max() <= iv[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +248,11 @@ def test_simulator_matches_finn_and_qonnx_on_all_test_images(compiled, test_data
     assert r.n_images == len(test_data)
     np.testing.assert_array_equal(traces["intsim"]["input"], test_data.images.astype(np.int64))
     assert res["logits"].shape == (len(test_data), test_data.num_classes)
+    # trace=False: only the head accumulator and the logits, the same numbers
+    lean = sim.run(test_data.images, batch_size=1000, trace=False)
+    assert set(lean) == {"head.acc", "logits"}
+    for k, v in lean.items():
+        np.testing.assert_array_equal(v, res[k])
 
 
 def test_simulate_accuracy_equals_the_reports_compiled_model(compiled, test_data):

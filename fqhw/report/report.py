@@ -11,7 +11,7 @@ from fqhw.outputs import plain
 MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "Uniform 4-bit"), ("compiled", "fqhw (compiled)")]
 
 
-def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None) -> dict:
+def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None, baq=None) -> dict:
     net = fm.net
     accuracy = {**baselines, "compiled": qm.test_metrics}
     predicted_loss = sens.predicted(
@@ -57,6 +57,8 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "finn": finn.summary(),
             },
             "qat": qm.qat,
+            # learned bits (--baq-epochs): warm start, learned and projected widths
+            "baq": baq,
             "bit_exact": bitexact.to_dict(),
             "timings_s": timings,
             # per step: seconds, whether its output was reused from the cache, its input key
@@ -113,6 +115,12 @@ def markdown(report: dict) -> str:
         f"## Allocation (average weight width {a['avg_weight_bits']:.3f} bits, input {a['input_bits']} bits)",
         "",
         solver_line(a["solver"]),
+        *([] if not report.get("baq") else [
+            "",
+            "Learned bits (BAQ): warm start " + ", ".join(f"{k} {v}" for k, v in report["baq"]["warm_start"].items())
+            + "; learned " + ", ".join(f"{k} {v:.2f}" for k, v in report["baq"]["learned_bits"].items())
+            + "; projected by the solver onto the budget and the board: " + ", ".join(f"{k} {v}" for k, v in report["baq"]["projected"].items()),
+        ]),
         "",
         "| layer | MW x MH | params | W bits | in bits | out bits | PE | SIMD | cycles (FINN) | LUT (FINN) | BRAM_18K (FINN) | DSP (FINN) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
