@@ -113,6 +113,8 @@ def _compile_config(args):
     ):
         if getattr(args, flag, None) is not None:
             updates[field_name] = getattr(args, flag)
+    if getattr(args, "backend", None) is not None:
+        updates["backend"] = args.backend
     if getattr(args, "synth", False):
         updates["synth"] = True
     if getattr(args, "edge_bits", None) is not None:
@@ -134,8 +136,9 @@ def cmd_compile(args) -> int:
     print(
         f"wrote {res.out_dir}: avg {r['allocation']['avg_weight_bits']:.2f} bits, "
         f"mean-group acc {100 * c['mean_group_acc']:.1f} %, worst-group acc {100 * c['worst_group_acc']:.1f} %, "
-        f"{r['hardware']['finn'].get('fps', float('nan')):.0f} images/s on {r['target']}, "
-        f"bit-exact {'yes' if r['bit_exact']['ok'] else 'NO'}"
+        + (f"{r['hardware']['finn'].get('fps', float('nan')):.0f} images/s on {r['target']}, " if r["hardware"]["finn"] is not None
+           else f"hls4ml project for {r['target']}, ")
+        + f"bit-exact {'yes' if r['bit_exact']['ok'] else 'NO'}"
     )
     return 0
 
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
     pc.add_argument("--baq-epochs", type=int, default=None, help="learn the widths with BAQ for this many epochs from the solver's allocation, then project them back with the solver (default 0: off)")
+    pc.add_argument("--backend", choices=("finn", "hls4ml"), default=None,
+                    help="finn (default): FINN dataflow build; hls4ml: an hls4ml project for the PYNQ-Z2 with power-of-two scales, checked by its C simulation")
     pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
     _add_common(pc)

@@ -39,6 +39,7 @@ from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json
 from fqhw.stepcache import StepCache, file_digest, input_key
 
 BIT_RANGE = (2, 8)
+BACKENDS = ("finn", "hls4ml")
 
 
 def default_cache_dir() -> Path:
@@ -73,6 +74,9 @@ class CompileConfig:
     progress: bool = True  # progress bars and one line per step on stderr
     verbose: bool = False  # also each step's details (solver, FINN sub-steps)
     synth: bool = False  # also run FINN's remaining steps to a bitfile (needs Vivado)
+    # "finn": per-channel float scales and BatchNorm, absorbed into FINN's thresholds;
+    # "hls4ml": power-of-two scales, BatchNorm folded, quantized bias (fqhw.quant.po2)
+    backend: str = "finn"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -96,6 +100,12 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError(f"budget {cfg.budget:g} is outside [{lo}, {hi}]: pass --budget between {lo} and {hi} bits per weight")
     if cfg.edge_bits is not None and not (lo <= cfg.edge_bits <= hi):
         raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
+    if cfg.backend not in BACKENDS:
+        raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(BACKENDS)}")
+    if cfg.backend == "hls4ml" and cfg.target != "pynq-z2":
+        raise FqhwError(f"--backend hls4ml builds for the PYNQ-Z2 (hls4ml's VivadoAccelerator board), not {cfg.target}: use --target pynq-z2")
+    if cfg.backend == "hls4ml" and cfg.synth:
+        raise FqhwError("--synth runs FINN's remaining steps: it needs --backend finn (an hls4ml project is synthesised with its own build script)")
     if cfg.baq_epochs < 0:
         raise FqhwError(f"--baq-epochs {cfg.baq_epochs} is negative: pass 0 (off) or more")
     if cfg.verify_images < 1:
@@ -296,21 +306,34 @@ class QuantModel:
 
 def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
     from fqhw.quant.qat import evaluate_groups, finetune
-    from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
+    from fqhw.quant.qmodel import calibrate, snap_thresholds
 
     torch.manual_seed(cfg.seed)
-    qmodel = build_quant_model(fm.model, alloc)
+    qmodel = _quant_model(cfg, fm.model, alloc)
     calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
     res = finetune(
         qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
     )
-    # Move every activation code boundary away from float rounding error, so that every
-    # backend's evaluation gives the same integers (see snap_thresholds).
-    snap = snap_thresholds(qmodel)
+    # FINN: move every activation code boundary away from float rounding error, so that
+    # every backend's evaluation gives the same integers (see snap_thresholds). The hls4ml
+    # scheme has power-of-two scales and no BatchNorm: its boundaries are exact already.
+    snap = snap_thresholds(qmodel) if cfg.backend == "finn" else None
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
+def _quant_model(cfg: CompileConfig, float_model, alloc: Allocation):
+    """The Brevitas model of the backend's quantization scheme."""
+    if cfg.backend == "hls4ml":
+        from fqhw.quant.po2 import build_po2_model
+
+        return build_po2_model(float_model, alloc)
+    from fqhw.quant.qmodel import build_quant_model
+
+    return build_quant_model(float_model, alloc)
+
+
 def _qat_inputs(cfg: CompileConfig) -> dict:
-    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed}
+    scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
+    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme}
 
 
 def _write_quant(qm: QuantModel, folder: Path) -> None:
@@ -318,13 +341,11 @@ def _write_quant(qm: QuantModel, folder: Path) -> None:
     write_json(folder / "quant.json", {"allocation": qm.allocation.to_dict(), "qat": qm.qat, "test_metrics": qm.test_metrics})
 
 
-def _load_quant(fm: FloatModel) -> Callable[[Path], QuantModel]:
+def _load_quant(cfg: CompileConfig, fm: FloatModel) -> Callable[[Path], QuantModel]:
     def load(folder: Path) -> QuantModel:
-        from fqhw.quant.qmodel import build_quant_model
-
         d = json.loads((folder / "quant.json").read_text())
         alloc = Allocation.from_dict(d["allocation"])
-        qmodel = build_quant_model(fm.model, alloc)
+        qmodel = _quant_model(cfg, fm.model, alloc)
         qmodel.load_state_dict(torch.load(folder / "quant_model.pt", map_location="cpu", weights_only=True))
         qmodel.eval()
         return QuantModel(qmodel, alloc, d["qat"], d["test_metrics"])
@@ -376,7 +397,21 @@ def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Pat
     cost = get_cost_model(cfg.target)
     return finn_build(qonnx_path, alloc, work / "finn", part=cost.limits.part, cost_model=cost)
 
+def step_hls4ml(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
+    from fqhw.backends.hls4ml_build import hls4ml_build
+
+    return hls4ml_build(qonnx_path, alloc, work / "hls4ml")
+
+
+def _load_hls4ml(cached: Path, dest: Path):
+    from fqhw.backends.hls4ml_build import Hls4mlBuild
+
+    shutil.copytree(cached, dest)
+    return Hls4mlBuild.load(dest)
+
+
 def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
+    """`finn`: the backend's build (a FinnBuild, or an Hls4mlBuild with --backend hls4ml)."""
     from fqhw.backends.finn_build import finn_integer_trace
     from fqhw.backends.qonnx_export import qonnx_integer_trace
     from fqhw.backends.verify import check_bit_exact
@@ -384,11 +419,13 @@ def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, spli
 
     n = min(cfg.verify_images, len(splits.test))
     x, _, _ = splits.test.subset(np.arange(n)).tensors()
-    traces = {
-        "brevitas": integer_trace(qm.model, x),
-        "qonnx": qonnx_integer_trace(qonnx_path, x),
-        "finn": finn_integer_trace(finn, x),
-    }
+    if cfg.backend == "hls4ml":
+        from fqhw.backends.hls4ml_build import hls4ml_integer_trace
+        from fqhw.quant.po2 import po2_integer_trace
+
+        traces = {"brevitas": po2_integer_trace(qm.model, x), "qonnx": qonnx_integer_trace(qonnx_path, x), "hls4ml": hls4ml_integer_trace(finn, x)}
+    else:
+        traces = {"brevitas": integer_trace(qm.model, x), "qonnx": qonnx_integer_trace(qonnx_path, x), "finn": finn_integer_trace(finn, x)}
     return check_bit_exact(traces)
 
 def check_fits(cfg: CompileConfig, finn) -> None:
@@ -572,7 +609,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         qm = run(
             "quantize", step_quantize, cfg, start, alloc, splits,
             inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
-            write=_write_quant, load=_load_quant(start), ranks="all",
+            write=_write_quant, load=_load_quant(cfg, start), ranks="all",
         )
         if not dist.is_main():  # the training is done; the rest is rank 0's
             shutil.rmtree(work, ignore_errors=True)
@@ -584,13 +621,21 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             write=lambda path, d: shutil.copy2(path, d / path.name),
             load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
         )
-        finn = run(
-            "finn", step_finn, cfg, qonnx_path, alloc, work,
-            inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
-            write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
-            load=lambda d: _load_finn(d / "finn", work / "finn"),
-        )
-        check_fits(cfg, finn)
+        if cfg.backend == "hls4ml":
+            finn = run(
+                "hls4ml", step_hls4ml, cfg, qonnx_path, alloc, work,
+                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target},
+                write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
+                load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
+            )
+        else:
+            finn = run(
+                "finn", step_finn, cfg, qonnx_path, alloc, work,
+                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
+                write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
+                load=lambda d: _load_finn(d / "finn", work / "finn"),
+            )
+            check_fits(cfg, finn)
         # Always run: the check is the point of the build, and it costs seconds.
         bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
         write_json(work / "bitexact.json", bitexact.to_dict())

@@ -86,12 +86,50 @@ def export_qonnx(qmodel, input_shape, path) -> Path:
             model = _brevitas_export(qmodel, shape, zero_bias=True)
     finally:
         qmodel.train(was_training)
-    model = _canonical(model.model)
+    model = _canonical(_conv_bias_quant_params_1d(model.model))
     names = list(qmodel.layers) if hasattr(qmodel, "layers") else None
     if names:
         model.metadata_props.add(key=LAYER_NAMES_KEY, value=json.dumps(names))
     path.write_bytes(model.SerializeToString(deterministic=True))
     return path
+
+
+def _conv_bias_quant_params_1d(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the scalar (shape ()) scale and zero point of a Quant node that feeds a Conv's bias
+    the shape (1,).
+
+    qonnx's ExtractBiasFromConv (run by LowerConvsToMatMul, and so by `qonnx_integer_trace`
+    and FINN) reshapes a quantized bias' zero point to (1, C, 1, 1) unless its shape is
+    exactly (1,), and fails on the () Brevitas exports. Same values, so the same arithmetic;
+    graphs without a conv bias (the FINN scheme) are left byte for byte as they were.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    shared = {}
+    for n in model.graph.node:
+        for t in n.input:
+            shared[t] = shared.get(t, 0) + 1
+    for conv in model.graph.node:
+        if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 3:
+            continue
+        q = _producer(model, conv.input[2])
+        if q is None or q.op_type != "Quant":
+            continue
+        for t in q.input[1:3]:
+            init = inits.get(t)
+            if init is None or len(init.dims) != 0:
+                continue
+            if shared.get(t, 0) > 1:  # a constant other nodes read too: give this one its own
+                new = onnx.TensorProto()
+                new.CopyFrom(init)
+                new.name = f"{q.name}_{t}_1d"
+                model.graph.initializer.append(new)
+                q.input[list(q.input).index(t)] = new.name
+                init = new
+            init.dims[:] = [1]
+            for vi in model.graph.value_info:  # keep a recorded shape in step with the data
+                if vi.name == init.name:
+                    vi.CopyFrom(onnx.helper.make_tensor_value_info(init.name, init.data_type, [1]))
+    return model
 
 
 def _canonical(model: onnx.ModelProto) -> onnx.ModelProto:

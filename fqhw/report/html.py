@@ -61,13 +61,29 @@ def render(report: dict) -> str:
         f"<p>Average weight width {alloc['avg_weight_bits']:.3f} bits (budget {report['budget']:g}). {html.escape(solver_line(solver))}.</p>",
         _img(plots.layer_widths(report), "widths per layer"),
         _table(["layer", "MW x MH", "params", "W bits", "in bits", "out bits", "PE", "SIMD", "cycles", "LUT", "BRAM_18K", "DSP"], layer_rows),
-        "<h2>Hardware (FINN estimates)</h2>",
-        f"<p>{hw.get('fps', 0):.1f} images/s, latency {hw.get('latency_cycles')} cycles ({hw.get('latency_ms', 0):.3f} ms) at {hw.get('clock_ns')} ns.</p>",
-        _img(plots.resources(report), "resource use"),
+        *(_hardware(report, hw)),
         "<h2>Step times (s)</h2>",
         _table(["step", "s"], [[k, f"{v:.2f}"] for k, v in report["timings_s"].items()]),
     ]
     return f"<!doctype html><html><head><meta charset='utf-8'><title>fqhw report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+def _hardware(report: dict, hw: dict | None) -> list[str]:
+    if hw is None:  # --backend hls4ml
+        h = report["hardware"]["hls4ml"]
+        return [
+            "<h2>Hardware (hls4ml project)</h2>",
+            f"<p>{html.escape(h['backend'])} for {html.escape(str(h['board']))} ({html.escape(h['part'])}), {html.escape(h['io_type'])}; "
+            f"C simulation compiled in {h['compile_s']:.1f} s. Project: {html.escape(h['project_dir'])}.</p>",
+            _table(["layer", "precisions", "accumulator bits", "reuse factor"],
+                   [[n, ", ".join(f"{k} {v}" for k, v in p.items()), h["accumulator_bits"].get(n, "-"), h["reuse_factors"].get(n, "-")]
+                    for n, p in h["precisions"].items()]),
+        ]
+    return [
+        "<h2>Hardware (FINN estimates)</h2>",
+        f"<p>{hw.get('fps', 0):.1f} images/s, latency {hw.get('latency_cycles')} cycles ({hw.get('latency_ms', 0):.3f} ms) at {hw.get('clock_ns')} ns.</p>",
+        _img(plots.resources(report), "resource use"),
+    ]
 
 
 def write_html(report: dict, out_dir: Path) -> Path:

@@ -13,6 +13,7 @@ MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "U
 
 def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None, baq=None) -> dict:
     net = fm.net
+    is_finn = hasattr(finn, "layer_estimates")  # else an hls4ml project (--backend hls4ml)
     accuracy = {**baselines, "compiled": qm.test_metrics}
     predicted_loss = sens.predicted(
         {la.name: la.weight_bits for la in alloc.layers}, {la.name: la.act_bits for la in alloc.layers}
@@ -32,7 +33,7 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "pe": la.pe,
                 "simd": la.simd,
                 "predicted": predicted["layers"].get(la.name),
-                "finn": finn.layer_estimates.get(la.name),
+                "finn": finn.layer_estimates.get(la.name) if is_finn else None,
             }
         )
     return plain(
@@ -54,7 +55,8 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
             "hardware": {
                 "part": finn.part,
                 "predicted": predicted["total"],
-                "finn": finn.summary(),
+                "finn": finn.summary() if is_finn else None,
+                **({} if is_finn else {"hls4ml": finn.summary()}),
             },
             "qat": qm.qat,
             # learned bits (--baq-epochs): warm start, learned and projected widths
@@ -132,29 +134,41 @@ def markdown(report: dict) -> str:
             f"| {la['pe']} | {la['simd']} | {f.get('cycles', '-')} | {f.get('LUT', '-')} | {f.get('BRAM_18K', '-')} | {f.get('DSP', '-')} |"
         )
     hw = report["hardware"]["finn"]
+    if hw is None:  # --backend hls4ml
+        h = report["hardware"]["hls4ml"]
+        lines += ["", f"## hls4ml project ({h['backend']}, board {h['board']}, {h['part']}, {h['io_type']})", "",
+                  f"Project in {h['project_dir']}; C simulation compiled in {h['compile_s']:.1f} s. The allocation was priced by "
+                  f"the FINN cost model: {report['hardware']['predicted'].get('fps', float('nan')):.1f} images/s predicted there.", "",
+                  "| layer | precisions | accumulator bits | reuse factor |", "| --- | --- | --- | --- |"]
+        for name, prec in h["precisions"].items():
+            lines.append(f"| {name} | {', '.join(f'{k} {v}' for k, v in prec.items())} | {h['accumulator_bits'].get(name, '-')} | {h['reuse_factors'].get(name, '-')} |")
+        hw = {}
+    else:
+        lines += [
+            "",
+            f"## FINN estimates ({report['hardware']['part']})",
+            "",
+            "| resource | used | available (after FINN's utilisation limit) |",
+            "| --- | --- | --- |",
+        ]
+        for res, used in hw.get("total", {}).items():
+            if res not in report["hardware"]["predicted"].get("caps", {}):
+                continue
+            cap = report["hardware"]["predicted"].get("caps", {}).get(res)
+            lines.append(f"| {res} | {used:g} | {cap if cap is not None else '-'} |")
+        lines += [
+            "",
+            f"Estimated throughput {hw.get('fps', float('nan')):.1f} images/s, latency {hw.get('latency_cycles', '-')} cycles "
+            f"({hw.get('latency_ms', float('nan')):.3f} ms) at {hw.get('clock_ns', '-')} ns.",
+        ]
     lines += [
-        "",
-        f"## FINN estimates ({report['hardware']['part']})",
-        "",
-        "| resource | used | available (after FINN's utilisation limit) |",
-        "| --- | --- | --- |",
-    ]
-    for res, used in hw.get("total", {}).items():
-        if res not in report["hardware"]["predicted"].get("caps", {}):
-            continue
-        cap = report["hardware"]["predicted"].get("caps", {}).get(res)
-        lines.append(f"| {res} | {used:g} | {cap if cap is not None else '-'} |")
-    lines += [
-        "",
-        f"Estimated throughput {hw.get('fps', float('nan')):.1f} images/s, latency {hw.get('latency_cycles', '-')} cycles "
-        f"({hw.get('latency_ms', float('nan')):.3f} ms) at {hw.get('clock_ns', '-')} ns.",
         "",
         "## Bit-exactness",
         "",
     ]
     be = report["bit_exact"]
     verdict = "PASS" if be["ok"] else "FAIL"
-    thr = report["hardware"]["finn"].get("thresholds_differing")
+    thr = hw.get("thresholds_differing")
     lines.append(
         f"{verdict}: integer values of {', '.join(be['backends'])} compared on {be['n_images']} test images, "
         f"{len(be['keys'])} tensors ({', '.join(be['keys'])})."

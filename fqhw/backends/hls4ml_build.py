@@ -1,0 +1,818 @@
+"""hls4ml project for the PYNQ-Z2 from a power-of-two QONNX model, and its C simulation.
+
+`hls4ml_build` takes the QONNX export of a `fqhw.quant.po2.Po2FairCNN` (the FINN scheme's
+float scales and BatchNorm are not exact in hls4ml: see fqhw/quant/po2.py) and
+
+1. cleans it the way hls4ml's ONNX front end expects: qonnx cleanup, channels-last
+   (input included), Gemm -> MatMul, cleanup again (saved as `model_clean.onnx`);
+2. derives every fixed-point type from the allocation and the Quant nodes (`precisions`):
+   input ufixed<8, 0> rounding half to even and saturating (that type *is* the 8-bit input
+   quantizer), each conv / the head accumulating exactly (fractional bits = those of input
+   x weight, integer bits from the reachable range of the integer accumulator given the
+   layer's weight codes, bias codes and largest input code), each ReLU output
+   ufixed<a, a + log2(s_a)> RND_CONV SAT (the activation quantizer);
+3. converts with `hls4ml.converters.convert_from_onnx_model`, backend `VivadoAccelerator`,
+   board pynq-z2 (the Zynq PS + AXI DMA block design, AXI-stream wrapper, PYNQ driver and
+   build scripts), io_stream (each conv a line-buffered stream: what fits a CNN on the
+   xc7z020), ReuseFactor per layer from the allocation's folding
+   (MW * MH / (PE * SIMD): as many multipliers as the FINN MVAU would have);
+4. checks that hls4ml kept the types it was given, writes the project and compiles the C
+   simulation with g++ (`compile()`); the library is built with per-layer tracing, which is
+   compiled out of synthesis (`#ifndef __SYNTHESIS__`), so one build serves both.
+
+`hls4ml_integer_trace(build, x)` runs the C simulation and returns the same keys as
+`fqhw.quant.po2.po2_integer_trace` and `qonnx_integer_trace` ("input", "<layer>.act",
+"head.acc"), read from the traced fixed-point values divided by their power-of-two scales
+(checked to be integers), so `fqhw.backends.verify.check_bit_exact` compares all three.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import io
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fqhw.allocator.allocation import Allocation
+from fqhw.errors import FqhwError
+
+BOARD = "pynq-z2"
+PART = "xc7z020clg400-1"  # the board's part, as hls4ml's supported_boards.json names it
+BACKEND = "VivadoAccelerator"
+PROJECT_NAME = "myproject"
+DEFAULT_CLOCK_NS = 10.0  # PYNQ-Z2 fabric clock of 100 MHz
+IO_TYPES = ("io_stream", "io_parallel")
+
+
+PATH_FIELDS = ("out_dir", "project_dir", "clean_model", "library")  # saved relative to out_dir
+
+
+@dataclass
+class Hls4mlBuild:
+    """What `hls4ml_build` produced; plain data, so a saved build (`load`) runs its C
+    simulation again without hls4ml (the compiled library is loaded with ctypes).
+
+    precisions: allocation layer -> {"input", "weight", "bias", "accum", "result", "act"
+      (convs: the ReLU output type)}, plus "input" -> {"result"}: the ap_fixed types given to
+      hls4ml (and checked to be the ones it kept).
+    accumulator_bits: layer -> width of its accumulator (the hardware cost of exactness).
+    scale_exp: "input" and per layer {"input", "weight", "act"} exponents e (scale 2^e) read
+      from the Quant nodes; the C simulation's values over these are the integer codes.
+    hls_layers: "<layer>" / "<layer>.act" -> the hls4ml layer computing it.
+    input_tap: the traced layer holding the input codes and the border to crop, or None.
+    traced: hls4ml layer -> output shape, for every layer the C simulation traces.
+    reuse_factors: layer -> {"requested" (from PE / SIMD), "used" (what hls4ml accepted)}.
+    """
+
+    out_dir: str
+    project_dir: str  # the hls4ml project (VivadoAccelerator, pynq-z2)
+    clean_model: str  # the channels-last QONNX model hls4ml read
+    qonnx_path: str
+    board: str
+    part: str
+    backend: str
+    io_type: str
+    clock_ns: float
+    precisions: dict[str, dict[str, str]]
+    accumulator_bits: dict[str, int]
+    scale_exp: dict
+    hls_layers: dict[str, str]
+    input_tap: dict | None
+    traced: dict[str, list[int]]
+    n_outputs: int
+    reuse_factors: dict[str, dict[str, int]]
+    strategies: dict[str, str]
+    convert_s: float
+    write_s: float
+    compile_s: float  # g++ build of the C simulation (0 when not compiled)
+    library: str | None = None  # the compiled C simulation (.so), None when not compiled
+    files: list[str] = field(default_factory=list)  # project files, relative to project_dir
+    _model: object = field(default=None, repr=False, compare=False)  # hls4ml ModelGraph
+    _lib: object = field(default=None, repr=False, compare=False)  # ctypes handle
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [n for n in self.precisions if n != "input"]
+
+    def summary(self) -> dict:
+        """The build in a few numbers (what a report shows)."""
+        return {
+            "backend": self.backend,
+            "board": self.board,
+            "part": self.part,
+            "io_type": self.io_type,
+            "clock_ns": self.clock_ns,
+            "project_dir": self.project_dir,
+            "precisions": {k: dict(v) for k, v in self.precisions.items()},
+            "accumulator_bits": dict(self.accumulator_bits),
+            "reuse_factors": {k: dict(v) for k, v in self.reuse_factors.items()},
+            "convert_s": self.convert_s,
+            "write_s": self.write_s,
+            "compile_s": self.compile_s,
+            "compiled": self.library is not None,
+        }
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON): every field but the in-memory handles."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_")}
+
+    def save(self, path=None) -> Path:
+        """Write the build as JSON (default out_dir/hls4ml_build.json), its paths relative to
+        out_dir so that the folder can be moved."""
+        root = Path(self.out_dir)
+        path = Path(path) if path is not None else root / "hls4ml_build.json"
+        d = self.to_dict()
+        for k in PATH_FIELDS:
+            if d[k] is not None:
+                d[k] = os.path.relpath(d[k], root)
+        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, out_dir) -> "Hls4mlBuild":
+        """Read a build saved by `save` (out_dir or the JSON file itself)."""
+        p = Path(out_dir)
+        path = p / "hls4ml_build.json" if p.is_dir() else p
+        if not path.is_file():
+            raise FqhwError(f"no hls4ml build at {out_dir} (hls4ml_build.json is missing); run the hls4ml step first")
+        d = json.loads(path.read_text())
+        root = path.parent.resolve()
+        for k in PATH_FIELDS:
+            if d.get(k) is not None:
+                d[k] = str((root / d[k]).resolve())
+        return cls(**d)
+
+    @property
+    def model(self):
+        """The compiled hls4ml ModelGraph (None for a build read back with `load`)."""
+        return self._model
+
+
+# --------------------------------------------------------------------------- QONNX reading
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+# ops between an activation Quant and the next layer that leave its integer codes as they are
+_CODE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Transpose", "Identity")
+
+
+class _Graph:
+    """Indexes of one ONNX graph: initializers, producers, consumers."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in model.graph.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+
+    def quant(self, node, what: str) -> dict:
+        """Scale exponent, bits, signed, narrow of a Quant node; FqhwError unless its scale
+        is one power of two and its zero point 0 (what hls4ml computes exactly)."""
+        vals = [self.init.get(t) for t in node.input[1:4]]
+        if any(v is None for v in vals):
+            raise FqhwError(f"{what}: the Quant node's scale / zero point / bit width are not constants; re-export the model")
+        scale, zp, bits = (np.asarray(v, dtype=np.float64).reshape(-1) for v in vals)
+        if np.any(zp != 0):
+            raise FqhwError(f"{what}: non-zero zero point; hls4ml needs symmetric quantizers (use fqhw.quant.po2)")
+        if scale.size == 0 or np.any(scale != scale[0]) or scale[0] <= 0 or math.frexp(float(scale[0]))[0] != 0.5:
+            raise FqhwError(
+                f"{what}: scale {scale[:4].tolist()} is not one power of two, which hls4ml cannot compute exactly; "
+                "quantize with the po2 scheme (fqhw.quant.po2.build_po2_model) for the hls4ml backend"
+            )
+        if bits.size != 1:
+            raise FqhwError(f"{what}: the bit width is not a scalar")
+        a = _attrs(node)
+        return {
+            "exp": int(round(math.log2(float(scale[0])))),
+            "bits": int(bits[0]),
+            "signed": bool(a.get("signed", 1)),
+            "narrow": bool(a.get("narrow", 0)),
+            "rounding": a.get("rounding_mode", b"ROUND"),
+        }
+
+    def source_quant(self, tensor: str):
+        """The Quant node a tensor comes from through ops that keep codes (pooling, layout)."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in _CODE_PRESERVING:
+            node = self.producer.get(node.input[0])
+        return node if node is not None and node.op_type == "Quant" else None
+
+    def const_quant(self, tensor: str, what: str) -> tuple[np.ndarray, dict]:
+        """(integer codes, quant info) of a constant behind a Quant node."""
+        q = self.producer.get(tensor)
+        if q is None or q.op_type != "Quant" or q.input[0] not in self.init:
+            raise FqhwError(f"{what} does not come from a Quant of a constant; export the po2 model with fqhw.backends.qonnx_export")
+        info = self.quant(q, what)
+        b = info["bits"]
+        lo = -(2 ** (b - 1)) + int(info["narrow"]) if info["signed"] else 0
+        hi = 2 ** (b - 1) - 1 if info["signed"] else 2**b - 1 - int(info["narrow"])
+        codes = np.clip(np.round(self.init[q.input[0]].astype(np.float64) / 2.0 ** info["exp"]), lo, hi)
+        return codes.astype(np.int64), info
+
+
+def _layer_names(model: onnx.ModelProto, n_layers: int) -> list[str]:
+    from fqhw.backends.qonnx_export import LAYER_NAMES_KEY
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if LAYER_NAMES_KEY in meta:
+        return json.loads(meta[LAYER_NAMES_KEY])
+    return [f"features.{i}.conv" for i in range(n_layers - 1)] + ["head"]
+
+
+def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
+    """The cleaned graph read as the po2 FairCNN: per layer its ONNX nodes, integer weight /
+    bias codes and scale exponents. FqhwError if the graph is not that shape."""
+    g = _Graph(model)
+    nodes = list(model.graph.node)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    mms = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
+    if len(mms) != 1:
+        raise FqhwError(f"expected one MatMul (the head) in the QONNX graph, found {len(mms)}; export a FairCNN")
+    names = _layer_names(model, len(convs) + 1)
+    if len(names) != len(convs) + 1:
+        raise FqhwError(f"the QONNX graph has {len(convs)} convs and a head, its layer names say {names}")
+    alloc_names = [la.name for la in alloc.layers]
+    if sorted(alloc_names) != sorted(names):
+        raise FqhwError(f"the allocation's layers {alloc_names} do not match the QONNX model's {names}; use the allocation the model was built from")
+    iname = model.graph.input[0].name
+    in_q = [n for n in g.consumers.get(iname, []) if n.op_type == "Quant"]
+    if len(in_q) != 1:
+        raise FqhwError("the QONNX graph input does not feed one Quant node (the input quantizer)")
+    in_info = g.quant(in_q[0], "input")
+    if in_info["signed"]:
+        raise FqhwError("the input quantizer must be unsigned (pixel codes)")
+    layers: dict[str, dict] = {}
+    cur = {"exp": in_info["exp"], "bits": in_info["bits"], "quant": in_q[0]}
+    for name, conv in zip(names[:-1], convs):
+        if getattr(g.source_quant(conv.input[0]), "name", None) != cur["quant"].name:
+            raise FqhwError(f"{name}: its input is not the previous layer's quantized output (through pooling only); export a FairCNN")
+        w, winfo = g.const_quant(conv.input[1], f"{name} weight")
+        bias, binfo = (None, None)
+        if len(conv.input) > 2 and conv.input[2]:
+            bias, binfo = g.const_quant(conv.input[2], f"{name} bias")
+            if binfo["exp"] != cur["exp"] + winfo["exp"]:
+                raise FqhwError(
+                    f"{name}: the bias scale 2^{binfo['exp']} is not input scale x weight scale "
+                    f"(2^{cur['exp'] + winfo['exp']}); quantize the bias with Int32Bias / Int16Bias"
+                )
+        relu = g.consumers.get(conv.output[0], [])
+        if len(relu) != 1 or relu[0].op_type != "Relu":
+            raise FqhwError(f"{name}: expected Conv -> Relu -> Quant (BatchNorm folded away: use fqhw.quant.po2)")
+        aq = g.consumers.get(relu[0].output[0], [])
+        if len(aq) != 1 or aq[0].op_type != "Quant":
+            raise FqhwError(f"{name}: the Relu is not followed by a Quant node; hls4ml needs every ReLU quantized")
+        ainfo = g.quant(aq[0], f"{name} activation")
+        if ainfo["signed"] or ainfo["narrow"]:
+            raise FqhwError(f"{name}: the activation quantizer must be unsigned and not narrow")
+        # weights in the channels-last graph: (C_out, K, K, C_in) or (C_out, C_in, K, K): the
+        # fan-in of output channel c is everything but axis 0
+        flat = w.reshape(w.shape[0], -1)
+        layers[name] = {
+            "conv": conv.name,
+            "relu": relu[0].name,
+            "act_quant": aq[0].name,
+            "in_exp": cur["exp"],
+            "in_bits": cur["bits"],
+            "w_exp": winfo["exp"],
+            "w_bits": winfo["bits"],
+            "w_int": flat,
+            "b_int": bias,
+            "bias_bits": binfo["bits"] if binfo else None,
+            "act_exp": ainfo["exp"],
+            "act_bits": ainfo["bits"],
+            "mw": int(flat.shape[1]),
+            "mh": int(flat.shape[0]),
+        }
+        cur = {"exp": ainfo["exp"], "bits": ainfo["bits"], "quant": aq[0]}
+    head = mms[0]
+    if getattr(g.source_quant(head.input[0]), "name", None) != cur["quant"].name:
+        raise FqhwError("the head's input is not the last activation's quantized output (through pooling / flatten only)")
+    w, winfo = g.const_quant(head.input[1], "head weight")
+    if head.op_type == "Gemm":
+        if len(head.input) > 2 and head.input[2] and np.any(g.init.get(head.input[2], np.zeros(1)) != 0):
+            raise FqhwError("the head has a non-zero bias: its output is not the integer accumulator; use a bias-free head")
+        if _attrs(head).get("transB", 0):
+            w = w.T
+    # MatMul weight is (in, out): one row per input
+    layers[names[-1]] = {
+        "matmul": head.name,
+        "in_exp": cur["exp"],
+        "in_bits": cur["bits"],
+        "w_exp": winfo["exp"],
+        "w_bits": winfo["bits"],
+        "w_int": w.T.reshape(w.shape[1], -1),
+        "b_int": None,
+        "bias_bits": None,
+        "act_exp": None,
+        "act_bits": None,
+        "mw": int(w.shape[0]),
+        "mh": int(w.shape[1]),
+    }
+    for name, st in layers.items():
+        la = alloc.layer(name)
+        if st["w_bits"] != la.weight_bits or (st["act_bits"] is not None and st["act_bits"] != la.act_bits):
+            raise FqhwError(
+                f"{name}: the QONNX model has W{st['w_bits']}/A{st['act_bits']}, the allocation W{la.weight_bits}/A{la.act_bits}; "
+                "export the model built from this allocation"
+            )
+    return {"input": {"name": iname, "quant": in_q[0].name, **in_info}, "layers": layers, "names": names}
+
+
+def _signed_bits(lo: int, hi: int) -> int:
+    """Fewest bits of a two's complement integer holding every value in [lo, hi]."""
+    b = 1
+    while not (-(2 ** (b - 1)) <= lo and hi <= 2 ** (b - 1) - 1):
+        b += 1
+    return b
+
+
+def _precisions(structure: dict) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+    """The ap_fixed types of every layer, and each layer's accumulator width in bits.
+
+    Why these: every value is an integer code times a power of two, so a type holds it
+    exactly when its binary point sits at the scale (fractional bits = -exponent) and it has
+    bits enough for the range. The accumulator's fractional bits are those of input x
+    weight; its range, per output channel, lies within [min(0, b) + in_max * sum(w < 0),
+    max(0, b) + in_max * sum(w > 0)] (every partial sum too, bias first or last), in_max
+    the largest input code (2^a_in - 1). The activation types round half to even and
+    saturate, as the Quant nodes do (RND_CONV, SAT).
+    """
+    inp = structure["input"]
+    out: dict[str, dict[str, str]] = {}
+    acc_bits: dict[str, int] = {}
+    in_type = _ufixed(inp["bits"], inp["exp"], quant=True)
+    for name, st in structure["layers"].items():
+        in_max = 2 ** st["in_bits"] - 1
+        w = st["w_int"]
+        lo = in_max * np.minimum(w, 0).sum(axis=1)
+        hi = in_max * np.maximum(w, 0).sum(axis=1)
+        if st["b_int"] is not None:
+            lo = lo + np.minimum(st["b_int"], 0)
+            hi = hi + np.maximum(st["b_int"], 0)
+        bits = _signed_bits(int(lo.min()), int(hi.max()))
+        frac = -(st["in_exp"] + st["w_exp"])
+        acc = f"fixed<{bits},{bits - frac}>"
+        p = {
+            "input": _ufixed(st["in_bits"], st["in_exp"], quant=True),
+            "weight": f"fixed<{st['w_bits']},{st['w_bits'] + st['w_exp']},RND_CONV,SAT_SYM>",
+            "accum": acc,
+            "result": acc,
+        }
+        if st["b_int"] is not None:
+            p["bias"] = f"fixed<{st['bias_bits']},{st['bias_bits'] + st['in_exp'] + st['w_exp']},RND_CONV,SAT>"
+        else:
+            p["bias"] = acc  # hls4ml adds a zero bias of this type to the bias-free head
+        if st["act_bits"] is not None:
+            p["act"] = _ufixed(st["act_bits"], st["act_exp"], quant=True)
+        out[name] = p
+        acc_bits[name] = bits
+    out["input"] = {"result": in_type}
+    return out, acc_bits
+
+
+def _ufixed(bits: int, exp: int, quant: bool) -> str:
+    tail = ",RND_CONV,SAT" if quant else ""
+    return f"ufixed<{bits},{bits + exp}{tail}>"
+
+
+def _same_type(got, want: str) -> bool:
+    """An hls4ml precision object against our type string: width, integer bits and sign,
+    and the rounding / saturation modes where the string names them."""
+    from hls4ml.model.types import FixedPrecisionType
+
+    if not isinstance(got, FixedPrecisionType):
+        return False
+    w = _parse(want)
+    if (got.width, got.integer, got.signed) != (w.width, w.integer, w.signed):
+        return False
+    inner = want[want.index("<") + 1 : want.rindex(">")].split(",")
+    if len(inner) > 2 and str(got.rounding_mode) != str(w.rounding_mode):
+        return False
+    if len(inner) > 3 and str(got.saturation_mode) != str(w.saturation_mode):
+        return False
+    return True
+
+
+def _parse(s: str):
+    from hls4ml.model.types import FixedPrecisionType
+
+    signed = not s.startswith("u")
+    inner = s[s.index("<") + 1 : s.rindex(">")].split(",")
+    w, i = int(inner[0]), int(inner[1])
+    rnd = inner[2] if len(inner) > 2 else None
+    sat = inner[3] if len(inner) > 3 else None
+    return FixedPrecisionType(w, i, signed, rnd, sat)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def clean_for_hls4ml(qonnx_path, out_path) -> Path:
+    """The QONNX model as hls4ml's ONNX front end reads it: qonnx cleanup, channels-last
+    (input included: hls4ml's layers are channels-last), Gemm -> MatMul, cleanup again.
+    The layer-name metadata is carried over."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.util.cleanup import cleanup_model
+
+    src = onnx.load(str(qonnx_path))
+    meta = [(p.key, p.value) for p in src.metadata_props]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = cleanup_model(ModelWrapper(src))
+        m = m.transform(ConvertToChannelsLastAndClean(make_input_channels_last=True))
+        m = m.transform(GemmToMatMul())
+        m = cleanup_model(m)
+    model = m.model
+    del model.metadata_props[:]
+    for k, v in meta:
+        model.metadata_props.add(key=k, value=v)
+    out_path = Path(out_path)
+    out_path.write_bytes(model.SerializeToString(deterministic=True))
+    return out_path
+
+
+def reuse_factor(la, mw: int, mh: int) -> int:
+    """hls4ml's ReuseFactor for the allocation's FINN folding: MW * MH / (PE * SIMD) cycles per
+    output pixel, i.e. the same number of multipliers (PE * SIMD) as the FINN MVAU."""
+    pe, simd = max(1, int(la.pe)), max(1, int(la.simd))
+    if mh % pe or mw % simd:
+        raise FqhwError(f"layer {la.name}: PE {pe} must divide {mh} outputs and SIMD {simd} must divide {mw} inputs; fix the allocation's folding")
+    return (mw // simd) * (mh // pe)
+
+
+def _hls_config(structure: dict, prec: dict, alloc: Allocation) -> tuple[dict, dict, dict]:
+    """hls4ml config (granularity 'name') with our types, reuse factors and tracing;
+    also the reuse factor and strategy per layer."""
+    layers = structure["layers"]
+    cfg = {
+        "Model": {
+            # every layer not named below inherits its input's type ('auto')
+            "Precision": {"default": "auto"},
+            "ReuseFactor": 1,
+            "Strategy": "Latency",
+            "BramFactor": 1_000_000_000,
+            "Trace": True,
+        },
+        "LayerName": {},
+        # the padding hls4ml puts in front of each io_stream conv: traced, because the first
+        # one holds the input codes as the C simulation received them
+        "LayerType": {"ZeroPadding2D": {"Trace": True}},
+    }
+    names = cfg["LayerName"]
+    names[structure["input"]["name"]] = {"Precision": {"result": prec["input"]["result"]}, "Trace": True}
+    names[structure["input"]["quant"]] = {"Precision": {"result": prec["input"]["result"]}, "Trace": True}
+    rfs, strategies = {}, {}
+    for name, st in layers.items():
+        p = prec[name]
+        rf = reuse_factor(alloc.layer(name), st["mw"], st["mh"])
+        strategy = "Latency" if rf == 1 else "Resource"
+        rfs[name], strategies[name] = rf, strategy
+        node = st.get("conv") or st.get("matmul")
+        names[node] = {
+            "Precision": {"weight": p["weight"], "bias": p["bias"], "accum": p["accum"], "result": p["result"]},
+            "ReuseFactor": rf,
+            "Strategy": strategy,
+            "Trace": True,
+        }
+        if "relu" in st:
+            # 'auto': hls4ml merges the Quant after the ReLU into it (MergeLinearActivation),
+            # so the ReLU's output type becomes the activation quantizer's: checked after
+            names[st["relu"]] = {"Precision": {"result": "auto"}, "Trace": True}
+            names[st["act_quant"]] = {"Precision": {"result": p["act"]}, "Trace": True}
+    return cfg, rfs, strategies
+
+
+def _find_layers(hm, structure: dict) -> dict[str, str]:
+    """Which hls4ml layer computes each layer, found by class and order: per conv its Conv2D
+    and the activation layer right after it (the ReLU, with the Quant merged in: "<layer>.act"),
+    the head's Dense. FqhwError if hls4ml mapped the graph some other way."""
+    layers = list(hm.get_layers())
+    names = structure["names"]
+    convs = [ly for ly in layers if ly.class_name in ("Conv2D",)]
+    dense = [ly for ly in layers if ly.class_name == "Dense"]
+    if len(convs) != len(names) - 1 or len(dense) != 1:
+        raise FqhwError(
+            f"hls4ml made {len(convs)} Conv2D and {len(dense)} Dense layers of a model with {len(names) - 1} convs and a head; "
+            "this hls4ml version maps the model differently"
+        )
+    out: dict[str, str] = {}
+    for name, conv in zip(names[:-1], convs):
+        out[name] = conv.name
+        nxt = [ly for ly in layers if conv.outputs[0] in ly.inputs]
+        if len(nxt) != 1 or nxt[0].class_name not in ("Activation", "ReLU"):
+            raise FqhwError(f"{name}: hls4ml's {conv.name} is not followed by one activation layer")
+        out[f"{name}.act"] = nxt[0].name
+    out[names[-1]] = dense[0].name
+    return out
+
+
+def _check_types(hm, structure: dict, prec: dict, where: dict[str, str]) -> None:
+    """hls4ml must have kept every type we set (its optimizers may re-infer some): the C
+    simulation is exact only with them."""
+    by_name = {ly.name: ly for ly in hm.get_layers()}
+    bad = []
+
+    def check(layer_name, var, want):
+        ly = by_name[layer_name]
+        t = ly.types.get(var) if var != "output" else None
+        got = ly.get_output_variable().type.precision if var == "output" else (t.precision if t is not None else None)
+        if got is None or not _same_type(got, want):
+            bad.append(f"{layer_name}.{var}: hls4ml has {got}, needs {want}")
+
+    inp = hm.get_input_variables()[0].type.precision
+    if not _same_type(inp, prec["input"]["result"]):
+        bad.append(f"input: hls4ml has {inp}, needs {prec['input']['result']}")
+    for name in structure["layers"]:
+        p = prec[name]
+        check(where[name], "weight_t", p["weight"])
+        check(where[name], "bias_t", p["bias"])
+        check(where[name], "accum_t", p["accum"])
+        check(where[name], "output", p["result"])
+        if f"{name}.act" in where:
+            check(where[f"{name}.act"], "output", p["act"])
+    if bad:
+        raise FqhwError("hls4ml changed fixed-point types the bit-exact build depends on: " + "; ".join(bad))
+
+
+def hls4ml_build(
+    qonnx_path,
+    alloc: Allocation,
+    out_dir,
+    io_type: str = "io_stream",
+    board: str = BOARD,
+    clock_ns: float = DEFAULT_CLOCK_NS,
+    compile: bool = True,  # noqa: A002 - hls4ml's own word for building the C simulation
+) -> Hls4mlBuild:
+    """Write the hls4ml project of the po2 QONNX model at `qonnx_path` into `out_dir`/project
+    and (by default) compile its C simulation. See the module docstring for the steps.
+
+    Raises FqhwError for a model hls4ml cannot compute exactly (non-power-of-two scales,
+    BatchNorm, an unquantized ReLU or bias), an allocation that does not match it, or a
+    missing g++ / hls4ml.
+    """
+    if io_type not in IO_TYPES:
+        raise FqhwError(f"io_type {io_type!r} is not one of {', '.join(IO_TYPES)}")
+    try:
+        import hls4ml
+    except ImportError as e:  # pragma: no cover - pinned dependency
+        raise FqhwError(f"hls4ml is not installed ({e}); pip install 'hls4ml==1.3.0'") from e
+    if compile and shutil.which("g++") is None:
+        raise FqhwError("g++ is not on PATH; the hls4ml C simulation is compiled with it: install g++ (e.g. apt-get install g++)")
+    qonnx_path = Path(qonnx_path)
+    if not qonnx_path.is_file():
+        raise FqhwError(f"QONNX file {qonnx_path} does not exist; run the export step first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    project = out / "project"
+    if project.exists():
+        shutil.rmtree(project)
+    clean = clean_for_hls4ml(qonnx_path, out / "model_clean.onnx")
+    model = onnx.load(str(clean))
+    structure = _structure(model, alloc)
+    prec, acc_bits = _precisions(structure)
+    cfg, rfs, strategies = _hls_config(structure, prec, alloc)
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hm = hls4ml.converters.convert_from_onnx_model(
+                ModelWrapper(model),
+                output_dir=str(project),
+                project_name=PROJECT_NAME,
+                backend=BACKEND,
+                board=board,
+                io_type=io_type,
+                clock_period=clock_ns,
+                hls_config=cfg,
+            )
+    except FqhwError:
+        raise
+    except Exception as e:
+        raise FqhwError(f"hls4ml could not convert {clean.name}: {type(e).__name__}: {e}") from e
+    convert_s = time.perf_counter() - t0
+    where = _find_layers(hm, structure)
+    input_tap = _input_layer(hm)
+    _check_types(hm, structure, prec, where)
+    used_rf = {}
+    for name in structure["layers"]:
+        used_rf[name] = {"requested": rfs[name], "used": int(hm.graph[where[name]].get_attr("reuse_factor", rfs[name]))}
+    # per-layer tracing in the C simulation (the writer puts it under #ifndef __SYNTHESIS__,
+    # so the synthesised design is the same); hls4ml reads this flag from the top-level
+    # config, not from hls_config
+    hm.config.trace_output = True
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        hm.write()
+    write_s = time.perf_counter() - t0
+    compile_s = 0.0
+    if compile:
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(log):
+                hm._compile()  # write() ran above; compile() would write the project again
+        except Exception as e:
+            tail = log.getvalue()[-2000:]
+            raise FqhwError(f"g++ could not build the hls4ml C simulation in {project}: {e}\n{tail}") from e
+        compile_s = time.perf_counter() - t0
+    library = None
+    if compile:
+        libs = sorted((project / "firmware").glob(f"{PROJECT_NAME}-*.so"))
+        if len(libs) != 1:
+            raise FqhwError(f"expected one compiled C simulation in {project / 'firmware'}, found {len(libs)}")
+        library = str(libs[0].resolve())
+    traced = {
+        ly.name: [int(d) for d in ly.get_output_variable().shape]
+        for ly in hm.get_layers()
+        if ly.get_attr("function_cpp", None) and ly.get_attr("trace", False)
+    }
+    files = sorted(str(p.relative_to(project)) for p in project.rglob("*") if p.is_file() and "ap_types" not in p.parts and "nnet_utils" not in p.parts)
+    (out / "hls4ml_convert.log").write_text(log.getvalue())
+    build = Hls4mlBuild(
+        out_dir=str(out.resolve()),
+        project_dir=str(project.resolve()),
+        clean_model=str(clean.resolve()),
+        qonnx_path=str(qonnx_path.resolve()),
+        board=board,
+        part=hm.config.get_config_value("Part") or PART,
+        backend=BACKEND,
+        io_type=io_type,
+        clock_ns=float(clock_ns),
+        precisions=prec,
+        accumulator_bits=acc_bits,
+        scale_exp=_scale_exp(structure),
+        hls_layers=where,
+        input_tap=input_tap,
+        traced=traced,
+        n_outputs=int(hm.get_output_variables()[0].size()),
+        library=library,
+        reuse_factors=used_rf,
+        strategies=strategies,
+        convert_s=convert_s,
+        write_s=write_s,
+        compile_s=compile_s,
+        files=files,
+        _model=hm,
+        _lib=hm._top_function_lib if compile else None,
+    )
+    build.save()
+    return build
+
+
+def _input_layer(hm) -> dict | None:
+    """Where the C simulation holds the input codes: the input Quant's linear activation if
+    hls4ml kept it, else the zero padding in front of the first io_stream conv (its interior
+    is the input as the C simulation converted it), else None (io_parallel: the input type
+    is the quantizer itself, so hls4ml drops the Quant as a no-op and pads inside the conv)."""
+    layers = list(hm.get_layers())
+    for ly in layers[1:]:
+        if ly.class_name == "Activation" and ly.get_attr("activation") == "linear":
+            return {"layer": ly.name, "crop": [0, 0, 0, 0]}
+        if ly.class_name == "ZeroPadding2D":
+            crop = [int(ly.get_attr(k, 0)) for k in ("pad_top", "pad_bottom", "pad_left", "pad_right")]
+            return {"layer": ly.name, "crop": crop}
+        if ly.class_name not in ("Input", "Reshape", "Transpose"):
+            break
+    return None
+
+
+def _scale_exp(structure: dict) -> dict:
+    out = {"input": structure["input"]["exp"]}
+    for name, st in structure["layers"].items():
+        out[name] = {"input": st["in_exp"], "weight": st["w_exp"], "act": st["act_exp"]}
+    return out
+
+
+# --------------------------------------------------------------------------- C simulation
+
+
+def _to_codes(values: np.ndarray, exp: int, what: str) -> np.ndarray:
+    """Fixed-point values (read as float64) over their power-of-two scale: exact integers."""
+    q = np.asarray(values, dtype=np.float64) / 2.0**exp
+    r = np.round(q)
+    if not np.array_equal(q, r):
+        raise AssertionError(f"hls4ml {what}: values are not integers times 2^{exp}")
+    return r.astype(np.int64)
+
+
+def _nhwc_to_nchw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
+
+
+def _library(build: Hls4mlBuild):
+    if build._lib is None:
+        if build.library is None or not Path(build.library).is_file():
+            raise FqhwError(f"the hls4ml build in {build.out_dir} has no compiled C simulation; run hls4ml_build(..., compile=True)")
+        build._lib = ctypes.cdll.LoadLibrary(build.library)
+    return build._lib
+
+
+class _TraceEntry(ctypes.Structure):
+    # what the hls4ml bridge's collect_trace_output fills: layer name, pointer to its values
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p)]
+
+
+def hls4ml_run(build: Hls4mlBuild, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Run the compiled C simulation on `x` (N, C, H, W floats = pixel/256), one image per C
+    call, in double precision (exact for every type here: none is wider than 53 bits);
+    return (outputs (N, n_outputs), {traced hls4ml layer: (N, *shape) values}).
+
+    Calls the library's own entry points (`<project>_double` and the trace functions hls4ml's
+    bridge exports) directly: hls4ml's `ModelGraph.trace()` would recompile the project
+    first, and a saved build has no ModelGraph."""
+    import torch
+
+    lib = _library(build)
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.ndim != 4:
+        raise FqhwError(f"expected images (N, C, H, W), got shape {x.shape}")
+    xh = np.ascontiguousarray(np.transpose(x.astype(np.float64), (0, 2, 3, 1)))  # channels-last
+    top = getattr(lib, f"{PROJECT_NAME}_double")
+    top.restype = None
+    top.argtypes = [np.ctypeslib.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * 2
+    collect = lib.collect_trace_output
+    collect.argtypes, collect.restype = [ctypes.POINTER(_TraceEntry)], None
+    alloc = lib.allocate_trace_storage
+    alloc.argtypes, alloc.restype = [ctypes.c_size_t], None
+    free = lib.free_trace_storage
+    free.argtypes, free.restype = [], None
+    entries = (_TraceEntry * len(build.traced))()
+    sizes = {k: int(np.prod(v)) for k, v in build.traced.items()}
+    outputs = np.zeros((len(xh), build.n_outputs), np.float64)
+    per_layer: dict[str, list[np.ndarray]] = {k: [] for k in build.traced}
+    cwd = os.getcwd()
+    os.chdir(Path(build.project_dir) / "firmware")  # as hls4ml does: weights may be read from here
+    try:
+        alloc(ctypes.sizeof(ctypes.c_double))
+        try:
+            for i in range(len(xh)):
+                y = np.zeros(build.n_outputs, dtype=np.float64)
+                top(np.ascontiguousarray(xh[i]), y)
+                outputs[i] = y
+                collect(entries)
+                for e in entries:
+                    if e.name is None:
+                        raise FqhwError(f"the C simulation in {build.project_dir} traced fewer layers than expected; rebuild it")
+                    name = e.name.decode()
+                    vals = np.ctypeslib.as_array(ctypes.cast(e.data, ctypes.POINTER(ctypes.c_double)), shape=(sizes[name],))
+                    per_layer[name].append(vals.reshape(build.traced[name]).copy())
+        finally:
+            free()
+    finally:
+        os.chdir(cwd)
+    return outputs, {k: np.stack(v) for k, v in per_layer.items() if v}
+
+
+def hls4ml_integer_trace(build: Hls4mlBuild, x) -> dict[str, np.ndarray]:
+    """Integer codes of the hls4ml C simulation on `x` (N, C, H, W floats = pixel/256), int64,
+    NCHW, keyed like `fqhw.quant.po2.po2_integer_trace` and `qonnx_integer_trace`: "input"
+    (the input as the C simulation converted it; absent for io_parallel, where no layer
+    holds it), "<layer>.act" (each ReLU's output, before pooling), "head.acc" (the head's
+    output over its scale 2^(e_act + e_w): the integer accumulator)."""
+    outputs, tr = hls4ml_run(build, x)
+    names = build.layer_names
+    head = names[-1]
+    where = build.hls_layers
+    out: dict[str, np.ndarray] = {}
+    tap = build.input_tap
+    if tap is not None:
+        if tap["layer"] not in tr:
+            raise FqhwError(f"the C simulation did not trace {tap['layer']} (the input codes)")
+        a = tr[tap["layer"]]
+        t, b, l, r = tap["crop"]
+        a = a[:, t : a.shape[1] - b, l : a.shape[2] - r, :]
+        out["input"] = _nhwc_to_nchw(_to_codes(a, build.scale_exp["input"], "input"))
+    for name in names[:-1]:
+        key = f"{name}.act"
+        if where[key] not in tr:
+            raise FqhwError(f"the C simulation did not trace {where[key]} ({key})")
+        out[key] = _nhwc_to_nchw(_to_codes(tr[where[key]], build.scale_exp[name]["act"], key))
+    sc = build.scale_exp[head]
+    out["head.acc"] = _to_codes(outputs, sc["input"] + sc["weight"], "head output")
+    return out
+
+
+def hls4ml_predict_codes(build: Hls4mlBuild, x) -> np.ndarray:
+    """The C simulation's integer output codes (N, classes): the head accumulator."""
+    return hls4ml_integer_trace(build, x)["head.acc"]
