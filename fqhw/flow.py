@@ -213,9 +213,7 @@ def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
     }
 
 def _checkpoint_sha(path) -> str:
-    from fqhw.models.checkpoint import file_sha256
-
-    return file_sha256(Path(path))
+    return file_digest(Path(path))
 
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float

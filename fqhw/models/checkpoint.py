@@ -6,7 +6,6 @@ not a weights-only file, another model's weights, NaN/Inf values) is one FqhwErr
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from fqhw.errors import FqhwError
+from fqhw.stepcache import file_digest
 
 _SAVE_HINT = "save it with torch.save(model.state_dict(), ...)"
 
@@ -29,14 +29,6 @@ def _first_line(e: BaseException) -> str:
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(int(s)) for s in t.shape) + ")"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_checkpoint_path(path) -> Path:
@@ -99,4 +91,4 @@ def load_checkpoint(model: nn.Module, path) -> dict:
             raise FqhwError(f"checkpoint {path}: tensor {k!r} holds NaN or Inf values; retrain or re-export the model")
     model.load_state_dict(state, strict=True)
     model.eval()
-    return {"source": "checkpoint", "checkpoint": str(path.absolute()), "sha256": file_sha256(path)}
+    return {"source": "checkpoint", "checkpoint": str(path.absolute()), "sha256": file_digest(path)}

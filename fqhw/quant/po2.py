@@ -49,14 +49,13 @@ import torch
 from brevitas.core.function_wrapper import RoundSte
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import Int8WeightPerTensorFixedPoint, Int32Bias, Uint8ActPerTensorFixedPoint
-from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import FairCNN
-from fqhw.quant.qmodel import INT_TOL, InputQuant, QuantLayer, _codes
+from fqhw.quant.qmodel import InputQuant, QuantLayer, _codes, trace_codes
 
 SCHEME = "po2"  # the name reports and the flow use for this quantization scheme
 
@@ -298,52 +297,7 @@ def po2_integer_trace(qmodel: Po2FairCNN, x: torch.Tensor) -> dict[str, np.ndarr
     before pooling), "head.acc" (integer head weights x integer head input codes, exact
     int64). These are the integers the hls4ml C simulation must reproduce.
     """
-    twin = float64_po2_twin(qmodel)
-    x = x.detach().double()
-    captured: dict[str, QuantTensor] = {}
-    hooks = []
-
-    def keep(key):
-        def hook(module, inputs, output):
-            captured[key] = output
-
-        return hook
-
-    def keep_input(key):
-        def hook(module, inputs):
-            captured[key] = inputs[0]
-
-        return hook
-
-    hooks.append(twin.input_quant.register_forward_hook(keep("input")))
-    for name, ql in twin.layers.items():
-        if ql.act is not None:
-            hooks.append(ql.act.register_forward_hook(keep(f"{name}.act")))
-    hooks.append(twin.head.register_forward_pre_hook(keep_input("head.in")))
-    try:
-        with torch.no_grad():
-            out = twin(x)
-            qw = twin.head.quant_weight()
-            w_int = _codes(qw, "head weight")
-            w_scale = float(qw.scale.reshape(-1)[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    trace: dict[str, np.ndarray] = {"input": _codes(captured.pop("input"), "input").numpy()}
-    expect = torch.round(x / INPUT_SCALE).clamp(0, 255).to(torch.int64).numpy()
-    if not np.array_equal(trace["input"], expect):
-        raise AssertionError("input codes differ from round(x * 256)")
-    head_in = captured.pop("head.in")
-    for key, qt in captured.items():
-        trace[key] = _codes(qt, key).numpy()
-    a_int = _codes(head_in, "head input")
-    acc = a_int.numpy() @ w_int.numpy().T
-    trace["head.acc"] = acc
-    # the model's own output is acc x 2^(e_a + e_w): exact with power-of-two scales
-    approx = out.numpy() / (float(head_in.scale) * w_scale)
-    if not (np.abs(approx - acc) <= INT_TOL).all():
-        raise AssertionError("head output is not integer accumulator x scales")
-    return trace
+    return trace_codes(float64_po2_twin(qmodel), x.detach().double())
 
 
 def integer_outputs(qmodel: Po2FairCNN, x: torch.Tensor) -> np.ndarray:

@@ -262,6 +262,15 @@ def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor, precision: str = "float
         x = x.double()
     elif precision != "float32":
         raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
+    # float32 head outputs carry rounding error: their check allows a relative slack
+    return trace_codes(qmodel, x, rel_tol=1e-4)
+
+
+def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dict[str, np.ndarray]:
+    """The integer trace of any model shaped like QuantFairCNN (`input_quant`, `layers` with
+    `.act`, a quantized `head`), evaluated as it is: hooks capture the QuantTensors, their
+    codes are read off, and the head's accumulator is computed in int64 and checked against
+    the model's float output (within rel_tol relative, INT_TOL absolute)."""
     captured: dict[str, QuantTensor] = {}
     hooks = []
 
@@ -308,7 +317,7 @@ def integer_trace(qmodel: QuantFairCNN, x: torch.Tensor, precision: str = "float
     # the float head output must be the accumulator times the scales (a consistency check of
     # what the model computes, not a source of the integers)
     approx = out.double().numpy() / (float(head_in_qt.scale) * w_scale.numpy())
-    slack = 1e-4 * np.maximum(1.0, np.abs(acc)) + INT_TOL
+    slack = rel_tol * np.maximum(1.0, np.abs(acc)) + INT_TOL
     if not (np.abs(approx - acc) <= slack).all():
         raise AssertionError("head output is not integer accumulator x scales")
     return trace
