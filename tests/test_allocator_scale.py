@@ -10,6 +10,7 @@ import pytest
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.allocator.cpsat import _Layer, _pareto, _pareto_by_choice, _prune_on_resources, allocate, price
+from fqhw.errors import FqhwError
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
 from fqhw.hwmodels.finn import FinnCostModel
@@ -177,3 +178,37 @@ def test_time_limit_uses_best_found_and_reports_the_gap():
     assert f"gap to its bound {100 * s['gap']:.2f} %" in line
     for st in unproven:
         assert st["name"] in line
+
+
+@pytest.mark.slow
+def test_residual_joins_share_one_activation_width():
+    """Activations added at a residual join are added code to code (FINN's AddStreams after
+    one shared quantizer): the allocator gives each join group one width. Without the joins
+    the same problem picks different widths inside the groups, so the constraint is what
+    makes them equal."""
+    import dataclasses
+
+    import timm
+
+    net = network_spec(timm.create_model("resnet18", pretrained=False, num_classes=4), (3, 64, 64), name="r18")
+    groups = net.join_groups()
+    assert len(groups) == 4 and {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"} in groups
+    rng = np.random.default_rng(3)
+    sens = unit_sensitivity(net)
+    for s in net.layers:  # activation sensitivities that differ a lot between layers
+        f = rng.uniform(0.01, 3.0, len(GROUPS))
+        sens.act[s.act_group] = {b: f * 3.0 ** (-(b - 2)) for b in range(2, 9)}
+    cost = get_cost_model("u250", mem_mode="external")
+    pin = {"layer2.0.downsample.0": 4}  # one member of a join group pinned narrower
+    tied = allocate(net, sens, cost, 4.0, pinned_act=pin, time_limit_s=30, workers=2, seed=0)
+    act = {la.name: la.act_bits for la in tied.layers}
+    for g in groups:
+        assert len({act[m] for m in g}) == 1, (g, {m: act[m] for m in g})
+    assert act["layer2.1.conv2"] == 4  # the pin reached the whole group
+    free = allocate(dataclasses.replace(net, joins=[]), sens, cost, 4.0, pinned_act=pin, time_limit_s=30, workers=2, seed=0)
+    act_free = {la.name: la.act_bits for la in free.layers}
+    assert act_free["layer2.0.downsample.0"] == 4 and act_free["layer2.1.conv2"] != 4
+    # the solver's predicted loss counts every member's activation
+    assert tied.solver["objective_exact"] == pytest.approx(float(np.max(tied.predicted_loss(net, sens))))
+    with pytest.raises(FqhwError, match="meet at residual adds and must share one width"):
+        allocate(net, sens, cost, 4.0, pinned_act={"layer2.0.downsample.0": 4, "layer2.0.conv2": 6}, time_limit_s=30)

@@ -396,20 +396,36 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
     slot_of: dict[str, int] = {}
     priced: dict = {}
     n_cand = 0
+    # Residual joins: the activations that meet at an add are added code to code, so they
+    # share one width (one activation slot): every join group of the network is tied, its
+    # slot named after its first layer, its loss the sum of its members'.
+    tie: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for group in net.join_groups():
+        ordered = [s.act_group for s in net.layers if s.act_group in group and s.has_output_act]
+        ordered = list(dict.fromkeys(ordered))
+        for g in ordered:
+            tie[g] = ordered[0]
+        members[ordered[0]] = ordered
     for i, spec in enumerate(net.layers):
         j = net.input_of(i)
         if j >= 0 and not net.layers[j].has_output_act:
             raise FqhwError(f"layer {spec.name!r} follows a layer without an output activation")
-        in_slot = -1 if j < 0 else slot_of[net.layers[j].act_group]
+        in_slot = -1 if j < 0 else slot_of[tie.get(net.layers[j].act_group, net.layers[j].act_group)]
         ai_vals = [input_bits] if in_slot < 0 else slots[in_slot].a_vals
         out_slot = None
         if spec.has_output_act:
-            g = spec.act_group
+            g = tie.get(spec.act_group, spec.act_group)
             if g not in slot_of:
-                a_vals = [int(pinned_act[g])] if g in pinned_act else act_bits
+                group = members.get(g, [g])
+                pins = {int(pinned_act[m]) for m in group if m in pinned_act}
+                if len(pins) > 1:
+                    raise FqhwError(f"activations {', '.join(group)} meet at residual adds and must share one width, but are pinned to {sorted(pins)}")
+                a_vals = sorted(pins) if pins else act_bits
                 slot_of[g] = len(slots)
                 slots.append(_Slot(g, a_vals))
-                raw_a.append(_check_sensitivity(sens, g, "act", a_vals))
+                tables = [_check_sensitivity(sens, m, "act", a_vals) for m in group]
+                raw_a.append({b: sum(t[b] for t in tables) for b in a_vals})
             out_slot = slot_of[g]
         elif spec.act_group in slot_of:
             raise FqhwError(f"the channel groups of layer {spec.act_group!r} disagree on having an output activation")
