@@ -40,7 +40,7 @@ from torch import nn
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
-from fqhw.quant.qmodel import INT_TOL, ActQuant, InputQuant, WeightQuant, _codes
+from fqhw.quant.qmodel import INT_TOL, ActQuant, InputQuant, WeightQuant, _codes, quant_conv_like
 
 
 class JoinQuant(Int8ActPerTensorFloat):
@@ -56,10 +56,7 @@ def _qconv(conv: nn.Conv2d, bits: int) -> QuantConv2d:
         raise FqhwError("a conv with a bias in a ResNet is not supported (timm's ResNets have none)")
     if conv.dilation not in ((1, 1), 1):
         raise FqhwError(f"dilated convs are not supported (dilation {conv.dilation})")
-    q = QuantConv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        groups=conv.groups, bias=False, weight_quant=WeightQuant, weight_bit_width=int(bits), return_quant_tensor=False,
-    )
+    q = quant_conv_like(conv, bits)
     with torch.no_grad():
         q.weight.copy_(conv.weight)
     return q
@@ -800,11 +797,7 @@ class QuantTransformer(nn.Module):
             fm = getattr(parent, attr)
             la = alloc.layer(name)
             if isinstance(fm, nn.Conv2d):
-                q = QuantConv2d(
-                    fm.in_channels, fm.out_channels, fm.kernel_size, stride=fm.stride, padding=fm.padding,
-                    groups=fm.groups, bias=fm.bias is not None, weight_quant=WeightQuant,
-                    weight_bit_width=int(la.weight_bits), return_quant_tensor=False,
-                )
+                q = quant_conv_like(fm, la.weight_bits, bias=fm.bias is not None)
                 with torch.no_grad():
                     q.weight.copy_(fm.weight)
                     if fm.bias is not None:

@@ -47,7 +47,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from brevitas.core.function_wrapper import RoundSte
-from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+from brevitas.nn import QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import Int8WeightPerTensorFixedPoint, Int32Bias, Uint8ActPerTensorFixedPoint
 from torch import nn
 
@@ -55,7 +55,7 @@ from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import FairCNN
-from fqhw.quant.qmodel import InputQuant, QuantLayer, _codes, trace_codes
+from fqhw.quant.qmodel import InputQuant, QuantLayer, _codes, quant_conv_like, trace_codes
 
 SCHEME = "po2"  # the name reports and the flow use for this quantization scheme
 
@@ -136,18 +136,7 @@ class Po2FairCNN(nn.Module):
             if la.act_bits is None or not 2 <= la.act_bits <= 16:
                 raise FqhwError(f"layer {name}: act_bits={la.act_bits}; its ReLU output needs a width in 2..16")
             fconv: nn.Conv2d = fblock.conv
-            conv = QuantConv2d(
-                fconv.in_channels,
-                fconv.out_channels,
-                fconv.kernel_size,
-                stride=fconv.stride,
-                padding=fconv.padding,
-                bias=True,
-                weight_quant=weight_quant,
-                weight_bit_width=la.weight_bits,
-                bias_quant=Po2BiasQuant,
-                return_quant_tensor=False,
-            )
+            conv = quant_conv_like(fconv, la.weight_bits, weight_quant, bias=True, bias_quant=Po2BiasQuant)
             relu = QuantReLU(act_quant=act_quant, bit_width=la.act_bits, return_quant_tensor=True)
             pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
             blocks.append(nn.Sequential(OrderedDict(conv=conv, relu=relu, pool=pool)))

@@ -65,6 +65,18 @@ class ActQuant(Uint8ActPerTensorFloat):
     """Unsigned activations, per-tensor learned float scale; width set per layer."""
 
 
+def quant_conv_like(fconv: nn.Conv2d, weight_bits: int, weight_quant=None, bias: bool = False, bias_quant=None) -> QuantConv2d:
+    """A Brevitas conv with `fconv`'s geometry (channels, kernel, stride, padding, groups) at
+    `weight_bits`; its weights are not copied (each scheme fills them its own way: as they
+    are, or with BatchNorm folded in). Every quantization scheme builds its convs here."""
+    extra = {} if bias_quant is None else {"bias_quant": bias_quant}
+    return QuantConv2d(
+        fconv.in_channels, fconv.out_channels, fconv.kernel_size, stride=fconv.stride, padding=fconv.padding,
+        groups=fconv.groups, bias=bias, weight_quant=WeightQuant if weight_quant is None else weight_quant, weight_bit_width=int(weight_bits),
+        return_quant_tensor=False, **extra,
+    )
+
+
 @dataclass(frozen=True)
 class QuantLayer:
     """One allocation layer of the quant model: its compute module and output quantizer."""
@@ -103,17 +115,7 @@ class QuantFairCNN(nn.Module):
             if la.act_bits is None:
                 raise FqhwError(f"layer features.{i}.conv needs act_bits (its ReLU is quantized)")
             fconv: nn.Conv2d = fblock.conv
-            conv = QuantConv2d(
-                fconv.in_channels,
-                fconv.out_channels,
-                fconv.kernel_size,
-                stride=fconv.stride,
-                padding=fconv.padding,
-                bias=False,
-                weight_quant=WeightQuant,
-                weight_bit_width=la.weight_bits,
-                return_quant_tensor=False,
-            )
+            conv = quant_conv_like(fconv, la.weight_bits)
             bn = nn.BatchNorm2d(fblock.bn.num_features, eps=fblock.bn.eps, momentum=fblock.bn.momentum)
             relu = QuantReLU(act_quant=ActQuant, bit_width=la.act_bits, return_quant_tensor=True)
             pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
