@@ -117,6 +117,10 @@ def _compile_config(args):
         updates["backend"] = args.backend
     if getattr(args, "synth", False):
         updates["synth"] = True
+    if getattr(args, "tune", False):
+        from fqhw.quant.qat import DEFAULT_GRID
+
+        updates["qat_grid"] = DEFAULT_GRID
     if getattr(args, "edge_bits", None) is not None:
         updates["edge_bits"] = None if args.edge_bits == "none" else args.edge_bits
     return dataclasses.replace(cfg, **updates)
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--baq-epochs", type=int, default=None, help="learn the widths with BAQ for this many epochs from the solver's allocation, then project them back with the solver (default 0: off)")
     pc.add_argument("--backend", choices=("finn", "hls4ml"), default=None,
                     help="finn (default): FINN dataflow build; hls4ml: an hls4ml project for the PYNQ-Z2 with power-of-two scales, checked by its C simulation")
+    pc.add_argument("--tune", action="store_true",
+                    help="choose QAT's fairness weight and learning rate on the validation split (4 runs per QAT: lambda 0.5/1, lr 5e-4/1e-3)")
     pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
     _add_common(pc)

@@ -61,6 +61,9 @@ class CompileConfig:
     qat_epochs: int = 3
     qat_lr: float = 5e-4
     fairness_lambda: float = 0.5
+    # (fairness weight, learning rate) pairs QAT tries, keeping the best on validation
+    # (fqhw.quant.qat.tune; --tune gives qat.DEFAULT_GRID); empty: only the two above
+    qat_grid: tuple[tuple[float, float], ...] = ()
     baq_epochs: int = 0  # > 0: learn the widths (BAQ) from the solver's allocation, then project (fqhw.quant.baq)
     baq_bitrate_lambda: float = 2.0
     edge_bits: int | None = 8  # weights of the first and last layer pinned here (None: free)
@@ -108,6 +111,9 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError("--synth runs FINN's remaining steps: it needs --backend finn (an hls4ml project is synthesised with its own build script)")
     if cfg.baq_epochs < 0:
         raise FqhwError(f"--baq-epochs {cfg.baq_epochs} is negative: pass 0 (off) or more")
+    for lam, lr in cfg.qat_grid:
+        if not (np.isfinite(lam) and lam >= 0 and np.isfinite(lr) and lr > 0):
+            raise FqhwError(f"QAT grid entry (fairness lambda {lam:g}, lr {lr:g}) is invalid: lambda must be >= 0 and lr > 0")
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir, markers)
@@ -303,15 +309,18 @@ class QuantModel:
     test_metrics: dict
 
 def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
-    from fqhw.quant.qat import evaluate_groups, finetune
+    from fqhw.quant.qat import evaluate_groups, finetune, tune
     from fqhw.quant.qmodel import calibrate, snap_thresholds
 
     torch.manual_seed(cfg.seed)
     qmodel = _quant_model(cfg, fm.model, alloc)
     calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
-    res = finetune(
-        qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
-    )
+    if cfg.qat_grid:
+        res = tune(qmodel, splits, cfg.qat_epochs, grid=tuple(cfg.qat_grid), seed=cfg.seed, progress=cfg.progress, desc=desc)
+    else:
+        res = finetune(
+            qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
+        )
     # FINN: move every activation code boundary away from float rounding error, so that
     # every backend's evaluation gives the same integers (see snap_thresholds). The hls4ml
     # scheme has power-of-two scales and no BatchNorm: its boundaries are exact already.
@@ -331,7 +340,8 @@ def _quant_model(cfg: CompileConfig, float_model, alloc: Allocation):
 
 def _qat_inputs(cfg: CompileConfig) -> dict:
     scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
-    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme}
+    grid = {"grid": [list(map(float, c)) for c in cfg.qat_grid]} if cfg.qat_grid else {}  # untuned: keys as before
+    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme, **grid}
 
 
 def _write_quant(qm: QuantModel, folder: Path) -> None:

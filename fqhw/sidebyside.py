@@ -26,8 +26,12 @@ term, best epoch by validation worst-group accuracy) and threshold snapping afte
 Activations of the quantile and uniform methods are at 8 bits (FairQuant leaves them in
 float; 8 bits is the deployable equivalent); fqhw's come from the solver.
 
-Choices are made on the validation split (QAT's best epoch; BAQ's projection reads no test
-data); the test split only reports. Each (seed, method) result is a step-cache entry keyed
+Choices are made on the validation split; the test split only reports. Every method's QAT
+runs once per (fairness weight, learning rate) in fqhw.quant.qat.DEFAULT_GRID from the same
+start and keeps the run, and within it the epoch, with the best validation worst-group
+accuracy (--no-tune: the fixed --fairness-lambda and learning rate, epoch still chosen on
+validation). BAQ itself runs at the fixed settings (its projection reads no test data); the
+QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
 by its inputs, so an interrupted run resumes.
 
 Outputs (written whole or not at all): sidebyside.json (every run), sidebyside.md (mean and
@@ -186,7 +190,8 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         "act_bits": {la.name: la.act_bits for la in alloc.layers},
         "test": qm.test_metrics,
         "val": evaluate_groups(qm.model, splits.val),
-        "qat_selected_epoch": qm.qat.get("selected_epoch"),
+        "qat_selected_epoch": qm.qat.get("best_epoch"),
+        "qat_selected": {"fairness_lambda": qm.qat.get("fairness_lambda"), "lr": qm.qat.get("lr")},
         "baq": baq_info,
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -341,8 +346,10 @@ def add_sidebyside_parser(subparsers) -> None:
     p.add_argument("--baq-epochs", type=int, default=3, help="BAQ epochs (default 3)")
     p.add_argument("--fairness-lambda", type=float, default=None, help="weight of max-min group loss in QAT and BAQ")
     p.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
+    p.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
     _add_common(p)
-    p.set_defaults(func=cmd_sidebyside)
+    p.set_defaults(func=cmd_sidebyside, tune=True)
 
 
 def cmd_sidebyside(args) -> int:

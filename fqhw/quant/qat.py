@@ -29,6 +29,16 @@ class QATResult:
     epochs_run: int
     best_epoch: int
     history: list[dict] = field(default_factory=list)  # per epoch: train loss, val mean/worst
+    # the settings this run used (tune(): the ones chosen on validation)
+    fairness_lambda: float | None = None
+    lr: float | None = None
+    # tune(): every candidate's settings, best epoch and validation accuracies
+    candidates: list[dict] = field(default_factory=list)
+
+
+# (fairness weight, learning rate) pairs `tune` tries by default: the fixed defaults
+# (0.5, 5e-4) and a doubling of each. Four QAT runs per allocation.
+DEFAULT_GRID: tuple[tuple[float, float], ...] = ((0.5, 5e-4), (1.0, 5e-4), (0.5, 1e-3), (1.0, 1e-3))
 
 
 def fairness_loss(logits: torch.Tensor, y: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
@@ -145,4 +155,49 @@ def finetune(
         model.load_state_dict(best_state)
     model.eval()
     model.to(home)
-    return QATResult(epochs_run=epochs, best_epoch=best_epoch, history=history)
+    return QATResult(epochs_run=epochs, best_epoch=best_epoch, history=history, fairness_lambda=fairness_lambda, lr=lr)
+
+
+def _val_key(res: QATResult) -> tuple[float, float]:
+    """The selection rule of finetune's epochs, for whole runs: best validation worst-group
+    accuracy, ties broken by mean-group accuracy."""
+    h = res.history[res.best_epoch - 1]
+    return (h["val_worst_group_acc"], h["val_mean_group_acc"])
+
+
+def tune(
+    model: nn.Module,
+    splits: DataSplits,
+    epochs: int,
+    grid: tuple[tuple[float, float], ...] = DEFAULT_GRID,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "QAT",
+) -> QATResult:
+    """Fine-tune from the same starting weights once per (fairness weight, learning rate) in
+    `grid` and keep the run with the best validation worst-group accuracy (ties: mean-group
+    accuracy; further ties: the earlier grid entry), so that these choices, like the epoch,
+    are made on validation data and the test split only reports. On return `model` holds
+    the chosen run's weights.
+
+    Every candidate starts from the same state (calibration included) and the same seed:
+    the runs differ only in the settings being chosen."""
+    if not grid:
+        raise ValueError("tune needs at least one (fairness_lambda, lr) pair")
+    start = copy.deepcopy(model.state_dict())
+    best: QATResult | None = None
+    best_state = None
+    candidates = []
+    for lam, lr in grid:
+        model.load_state_dict(start)
+        res = finetune(model, splits, epochs, lr=lr, fairness_lambda=lam, batch_size=batch_size, seed=seed, progress=progress,
+                       desc=f"{desc} (lambda {lam:g}, lr {lr:g})")
+        worst, mean = _val_key(res) if res.history else (None, None)
+        candidates.append({"fairness_lambda": lam, "lr": lr, "best_epoch": res.best_epoch, "val_worst_group_acc": worst, "val_mean_group_acc": mean})
+        if best is None or (res.history and _val_key(res) > _val_key(best)):
+            best, best_state = res, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    best.candidates = candidates
+    return best
