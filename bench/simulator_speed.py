@@ -1,7 +1,9 @@
 """Images/s of the fast integer simulator against qonnx's execute_onnx on one compile output.
 
     fqhw compile --out /tmp/simbench --quiet          # once (about a minute, cached float model)
-    python bench/simulator_speed.py [--build /tmp/simbench] [--n-qonnx 64] [--out bench/results/simulator_speed.json]
+    fqhw compile --backend hls4ml --out /tmp/simbench-hls4ml --quiet   # the same allocation, power-of-two scheme
+    python bench/simulator_speed.py [--build /tmp/simbench] [--hls4ml-build /tmp/simbench-hls4ml] [--n-qonnx 64]
+                                    [--out bench/results/simulator_speed.json]
 
 Both run in this one process on the same first `--n-qonnx` test images (regenerated from
 the build's config.json): qonnx as fqhw runs it (qonnx_integer_trace, precision float32: the
@@ -11,6 +13,14 @@ int64, as qonnx's trace returns them) on the same images. The simulator is also 
 trace=False (only the head accumulator and logits: what `fqhw simulate` runs over a whole data
 set), and both ways over the whole test split. Its integers are checked against qonnx's on
 the shared images (bit-exact, or the benchmark fails).
+
+With an hls4ml build of the same configuration (`--hls4ml-build`; its allocation is checked
+to be the FINN build's), the "hls4ml" section times three runners of that one power-of-two
+model on the same images: qonnx (float32, its model.qonnx.onnx), the simulator built from
+that file (IntegerSimulator.from_qonnx, what `fqhw simulate` runs on an hls4ml build) and
+hls4ml's C simulation (hls4ml_integer_trace: the compiled library, one C call per image, every
+layer traced, as fqhw's cross-check runs it), and checks all three bit for bit. The C
+simulation is rebuilt first if it was compiled in another folder (timed apart).
 
 Every figure is the best of a few runs, in wall-clock seconds and also in CPU seconds of this
 process (all threads): the machine may be shared, and CPU time is the steadier measure of
@@ -35,6 +45,82 @@ from fqhw.data.dataset import INPUT_SCALE
 from fqhw.simulate import build_test_data
 
 
+def _hls4ml_figures(path: Path, finn_build: Path, images: np.ndarray, n_hls4ml: int, qonnx_repeats: int, bs) -> dict:
+    """qonnx, the QONNX-built simulator and the hls4ml C simulation on the power-of-two model
+    of the hls4ml build at `path` (same images, same process), with their ratios."""
+    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here, hls4ml_integer_trace
+
+    a_finn = json.loads((finn_build / "allocation.json").read_text())
+    a_hls = json.loads((path / "allocation.json").read_text())
+    same_alloc = a_finn["layers"] == a_hls["layers"]
+    build = Hls4mlBuild.load(path / "hls4ml")
+    t0 = time.perf_counter()
+    rebuilt = ensure_csim_here(build)
+    rebuild_s = time.perf_counter() - t0
+    qpath = path / "model.qonnx.onnx"
+    t0 = time.perf_counter()
+    sim = IntegerSimulator.from_qonnx(qpath)
+    build_s = time.perf_counter() - t0
+    n_q = min(len(images), 64 if n_hls4ml >= 64 else n_hls4ml)
+    n_h = min(len(images), n_hls4ml)
+    xq = images[:n_q].astype(np.float32) * np.float32(INPUT_SCALE)
+    xh = images[:n_h].astype(np.float64) * INPUT_SCALE
+    out: dict = {}
+
+    def run_qonnx():
+        out["qonnx"] = qonnx_integer_trace(qpath, xq, precision="float32")
+
+    def run_hls4ml():
+        out["hls4ml"] = hls4ml_integer_trace(build, xh)
+
+    sim.run(images[:8], batch_size=bs)
+    hls4ml_integer_trace(build, xh[:2])  # first call: loads the library and its weight files
+    qonnx = _best_of(run_qonnx, qonnx_repeats)
+    hls = _best_of(run_hls4ml, 2)
+    same = _best_of(lambda: sim.run(images[:n_h], batch_size=bs), 5)
+    all_nt = _best_of(lambda: sim.run(images, batch_size=bs, trace=False), 3)
+    s = sim.run(images[:n_h], batch_size=bs)
+    tr = {k: v for k, v in s.items() if k != "logits"}
+    be = check_bit_exact({
+        "intsim": {k: v[:n_q] for k, v in tr.items()},
+        "qonnx_float32": out["qonnx"],
+        "hls4ml": {k: v[:n_q] for k, v in out["hls4ml"].items()},
+    })
+    be_h = check_bit_exact({"intsim": tr, "hls4ml": out["hls4ml"]})
+    if not (be.ok and be_h.ok):
+        raise SystemExit(f"the po2 simulator, qonnx and hls4ml disagree: {be.first_mismatch or be_h.first_mismatch}")
+    q_rate, h_rate = n_q / qonnx[0], n_h / hls[0]
+    s_rate, a_rate = n_h / same[0], len(images) / all_nt[0]
+    return {
+        "build": str(path),
+        "same_allocation_as_finn_build": same_alloc,
+        "csim_rebuilt_for_this_folder": rebuilt,
+        "csim_rebuild_s": round(rebuild_s, 1),
+        "simulator_build_s": round(build_s, 3),
+        "n_images_qonnx": n_q,
+        "n_images_hls4ml_and_simulator": n_h,
+        "qonnx_float32_images_per_s": round(q_rate, 1),
+        "hls4ml_csim_images_per_s": round(h_rate, 1),
+        "simulator_images_per_s_same_images": round(s_rate, 1),
+        "simulator_images_per_s_all_test_images_logits_only": round(a_rate, 1),
+        "ratio_simulator_vs_qonnx": round(s_rate / q_rate, 1),
+        "ratio_simulator_vs_hls4ml_csim": round(s_rate / h_rate, 1),
+        "ratio_simulator_all_logits_only_vs_qonnx": round(a_rate / q_rate, 1),
+        "ratio_hls4ml_csim_vs_qonnx": round(h_rate / q_rate, 1),
+        "cpu_time": {
+            "qonnx_float32_images_per_cpu_s": round(n_q / qonnx[1], 1),
+            "hls4ml_csim_images_per_cpu_s": round(n_h / hls[1], 1),
+            "simulator_same_images_per_cpu_s": round(n_h / same[1], 1),
+            "ratio_simulator_vs_qonnx": round((n_h / same[1]) / (n_q / qonnx[1]), 1),
+            "ratio_simulator_vs_hls4ml_csim": round(hls[1] / same[1], 1),
+        },
+        "bit_exact_simulator_qonnx_float32_hls4ml": be.ok and be_h.ok,
+        "note": "one power-of-two model (fqhw compile --backend hls4ml); qonnx: qonnx_integer_trace(precision='float32'); "
+                "hls4ml: hls4ml_integer_trace (C simulation, one call per image, every layer traced); simulator: "
+                "IntegerSimulator.from_qonnx, full int64 trace on the same images; best of several runs",
+    }
+
+
 def _best_of(fn, repeats: int) -> tuple[float, float]:
     """(best wall seconds, best CPU seconds) over `repeats` calls."""
     wall = cpu = float("inf")
@@ -52,6 +138,9 @@ def main() -> None:
     ap.add_argument("--n-qonnx", type=int, default=64, help="images run through qonnx (and the simulator, for the ratio)")
     ap.add_argument("--qonnx-repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help=f"simulator images per pass (default {DEFAULT_BATCH_SIZE})")
+    ap.add_argument("--hls4ml-build", type=Path, default=Path("/tmp/simbench-hls4ml"),
+                    help="an fqhw compile --backend hls4ml output of the same configuration (skipped when absent)")
+    ap.add_argument("--n-hls4ml", type=int, default=256, help="images run through the hls4ml C simulation")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "simulator_speed.json")
     args = ap.parse_args()
     bs = args.batch_size
@@ -82,6 +171,12 @@ def main() -> None:
     be = check_bit_exact({"intsim": {k: v for k, v in s.items() if k != "logits"}, "qonnx_float32": q})
     if not be.ok:
         raise SystemExit(f"the simulator and qonnx (float32) disagree: {be.first_mismatch}")
+    hls = None
+    if args.hls4ml_build and (args.hls4ml_build / "hls4ml" / "hls4ml_build.json").is_file():
+        hdata = build_test_data(args.hls4ml_build)
+        if not np.array_equal(hdata.images, data.images):
+            raise SystemExit(f"{args.hls4ml_build} was compiled on other test images than {args.build}")
+        hls = _hls4ml_figures(args.hls4ml_build, args.build, data.images, args.n_hls4ml, args.qonnx_repeats, bs)
     load_after = os.getloadavg()
 
     def rate(count, secs):
@@ -112,6 +207,7 @@ def main() -> None:
             "ratio_same_images": round(qonnx[1] / same[1], 1),
         },
         "bit_exact_vs_qonnx_float32": be.ok,
+        "hls4ml": hls,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -131,6 +227,16 @@ def main() -> None:
     print(f"simulator, {len(data)} images, full trace:       {f['simulator_images_per_s_all_test_images']:8.1f} images/s  -> {f['ratio_all_test_images']:.1f}x")
     print(f"simulator, {len(data)} images, logits only:      {f['simulator_images_per_s_all_test_images_logits_only']:8.1f} images/s  -> {f['ratio_all_test_images_logits_only']:.1f}x")
     print(f"CPU time, same images: qonnx {qonnx_cpu:.1f}, simulator {f['cpu_time']['simulator_same_images_per_cpu_s']:.1f} images/cpu-s -> {f['cpu_time']['ratio_same_images']:.1f}x")
+    if hls is not None:
+        h = hls
+        print(f"hls4ml build (power-of-two, same allocation: {h['same_allocation_as_finn_build']}):")
+        print(f"  qonnx execute_onnx (float32), {h['n_images_qonnx']} images: {h['qonnx_float32_images_per_s']:8.1f} images/s")
+        print(f"  hls4ml C simulation, {h['n_images_hls4ml_and_simulator']} images:      {h['hls4ml_csim_images_per_s']:8.1f} images/s")
+        print(f"  simulator, same images, full trace:  {h['simulator_images_per_s_same_images']:8.1f} images/s  -> "
+              f"{h['ratio_simulator_vs_qonnx']:.1f}x qonnx, {h['ratio_simulator_vs_hls4ml_csim']:.1f}x hls4ml C-sim")
+        print(f"  simulator, all images, logits only:  {h['simulator_images_per_s_all_test_images_logits_only']:8.1f} images/s  -> "
+              f"{h['ratio_simulator_all_logits_only_vs_qonnx']:.1f}x qonnx")
+        print(f"  bit-exact simulator / qonnx / hls4ml: {h['bit_exact_simulator_qonnx_float32_hls4ml']}")
     print(f"load average {f['machine']['load_average_1min_before_after']}; bit-exact vs qonnx float32 on {n} images: {be.ok}; wrote {args.out}")
 
 

@@ -1,26 +1,39 @@
 """Deployed accuracy of a compiled model on a whole data set, with the fast integer simulator.
 
-`simulate(build_dir, data)` runs fqhw.backends.intsim.IntegerSimulator (built from the FINN
-dataflow graph of a compile output folder) on every image, computes the per-group metrics of
-its predictions, and cross-checks the first `cross_check` images bit for bit against the
-other backends present in the folder (FINN's Python execution of the dataflow graph, qonnx's
-execution of model.qonnx.onnx).
+`simulate(build_dir, data)` runs fqhw.backends.intsim.IntegerSimulator on every image,
+computes the per-group metrics of its predictions, and cross-checks the first `cross_check`
+images bit for bit against every other backend present in the compile output folder:
 
-`fqhw simulate BUILD_DIR` regenerates the build's test split from its config.json and prints
-the deployed accuracy per group.
+    finn/       (fqhw compile, the default backend): the simulator is built from FINN's
+                dataflow graph and checked against FINN's Python execution of that graph
+                and qonnx's execution of model.qonnx.onnx;
+    hls4ml/     (fqhw compile --backend hls4ml): the simulator is built from the
+                power-of-two model.qonnx.onnx (IntegerSimulator.from_qonnx) and checked
+                against qonnx's execution of that file and the hls4ml C simulation.
+
+Why the QONNX file for an hls4ml build: with power-of-two scales it states the integer
+arithmetic exactly, and the simulator then neither needs nor repeats the C simulation it
+checks. A FINN build's QONNX file has float scales that only FINN's thresholds make integer,
+so a FINN build keeps its dataflow-graph simulator.
+
+`fqhw simulate BUILD_DIR [--data SPEC]` prints the deployed accuracy per group: by default on
+the build's own test split, regenerated from its config.json; `--data` names another data set
+(fqhw.data.registry specs), loaded at the build's image size.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fqhw.data.dataset import INPUT_SCALE, GroupedImages
 from fqhw.errors import FqhwError
+
+SPLITS = ("test", "val", "train")
 
 
 @dataclass
@@ -32,6 +45,8 @@ class SimulationResult:
     seconds: float  # the simulator's run over all images
     bitexact: object | None  # fqhw.backends.verify.BitExact, None when nothing was cross-checked
     cross_check_backends: list[str]
+    simulator_source: str = "finn"  # "finn" (dataflow graph) or "qonnx" (power-of-two QONNX file)
+    notes: list[str] = field(default_factory=list)  # what the run had to do or leave out, in words
 
     @property
     def images_per_s(self) -> float:
@@ -46,32 +61,87 @@ class SimulationResult:
             "metrics": self.metrics,
             "bit_exact": None if self.bitexact is None else self.bitexact.to_dict(),
             "cross_check_backends": list(self.cross_check_backends),
+            "simulator_source": self.simulator_source,
+            "notes": list(self.notes),
         }
 
 
-def _output_root(build_dir: Path) -> tuple[Path, Path]:
-    """(compile output folder, FINN build folder) for either of the two."""
-    build_dir = Path(build_dir)
-    if (build_dir / "finn" / "finn_build.json").exists():
-        return build_dir, build_dir / "finn"
-    if (build_dir / "finn_build.json").exists():
-        return build_dir.parent, build_dir
-    raise FqhwError(f"{build_dir} is not a compile output folder: it holds no finn/finn_build.json")
+@dataclass
+class BuildFolder:
+    """What a compile output folder holds, found from the folder or from its finn/ or
+    hls4ml/ subfolder."""
+
+    root: Path
+    finn_dir: Path | None  # holding finn_build.json
+    hls4ml_dir: Path | None  # holding hls4ml_build.json
+    qonnx_path: Path | None  # model.qonnx.onnx, when present
+
+    @property
+    def backends(self) -> list[str]:
+        return [b for b, d in (("finn", self.finn_dir), ("hls4ml", self.hls4ml_dir)) if d is not None]
+
+
+def locate_build(build_dir) -> BuildFolder:
+    """The compile output folder `build_dir` is (or is the finn/ or hls4ml/ folder of)."""
+    p = Path(build_dir)
+    if not p.is_dir():
+        raise FqhwError(f"{p} is not a folder: pass a compile output folder (fqhw compile --out DIR)")
+    if (p / "finn_build.json").is_file() or (p / "hls4ml_build.json").is_file():
+        p = p.parent
+    finn = p / "finn" if (p / "finn" / "finn_build.json").is_file() else None
+    hls = p / "hls4ml" if (p / "hls4ml" / "hls4ml_build.json").is_file() else None
+    if finn is None and hls is None:
+        raise FqhwError(
+            f"{p} is not a compile output folder: it holds neither finn/finn_build.json nor hls4ml/hls4ml_build.json; "
+            "pass the folder fqhw compile --out wrote"
+        )
+    q = p / "model.qonnx.onnx"
+    return BuildFolder(p, finn, hls, q if q.is_file() else None)
+
+
+def _simulator(folder: BuildFolder):
+    """(IntegerSimulator, its source): FINN's dataflow graph where there is one, else the
+    power-of-two QONNX file of an hls4ml build."""
+    from fqhw.backends.intsim import IntegerSimulator
+
+    if folder.finn_dir is not None:
+        return IntegerSimulator.from_build(folder.finn_dir), "finn"
+    if folder.qonnx_path is None:
+        raise FqhwError(f"{folder.root / 'model.qonnx.onnx'} is missing: the simulator of an hls4ml build reads it; re-run fqhw compile --backend hls4ml")
+    return IntegerSimulator.from_qonnx(folder.qonnx_path), "qonnx"
+
+
+def _hls4ml_trace(folder: BuildFolder, x: np.ndarray, notes: list[str]) -> dict:
+    """The hls4ml C simulation's integer trace of `x`, its library rebuilt first if it was
+    compiled in another folder (see hls4ml_build.ensure_csim_here)."""
+    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here, hls4ml_integer_trace
+
+    build = Hls4mlBuild.load(folder.hls4ml_dir)
+    if ensure_csim_here(build):
+        notes.append(f"rebuilt the hls4ml C simulation in {build.project_dir}: it had been compiled in another folder")
+    try:
+        return hls4ml_integer_trace(build, x)
+    except OSError as e:  # a library the loader refuses (damaged, another architecture)
+        raise FqhwError(f"the hls4ml C simulation {build.library} cannot be loaded ({e}); re-run fqhw compile --backend hls4ml") from e
 
 
 def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: int | None = None) -> SimulationResult:
     """Run the simulator over every image (only the head accumulator and logits are kept:
     writing every feature map of a whole data set out as int64 would cost more than the
     simulation), then the full integer trace of the first `cross_check` images against the
-    other backends. `batch_size`: the simulator's images per pass (its default when None)."""
-    from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
-    from fqhw.backends.intsim import IntegerSimulator
-    from fqhw.backends.qonnx_export import qonnx_integer_trace
+    other backends of the folder (see the module docstring). `batch_size`: the simulator's
+    images per pass (its default when None)."""
     from fqhw.backends.verify import check_bit_exact
     from fqhw.fairness.metrics import group_metrics
 
-    root, finn_dir = _output_root(build_dir)
-    sim = IntegerSimulator.from_build(finn_dir)
+    folder = locate_build(build_dir)
+    sim, source = _simulator(folder)
+    per_image = int(np.prod(sim.in_shape[1:]))
+    if int(np.prod(data.images.shape[1:])) != per_image:
+        raise FqhwError(
+            f"the data's images are {'x'.join(map(str, data.images.shape[1:]))}, the build takes {per_image} pixel values per image "
+            f"({'x'.join(map(str, sim.in_shape[1:]))}, channels last); load the data at the build's image size"
+        )
     t0 = time.perf_counter()
     out = sim.run(data.images, batch_size=batch_size, trace=False)
     seconds = time.perf_counter() - t0
@@ -82,7 +152,7 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
     pred = np.argmax(logits, axis=1).astype(np.int64)
     metrics = group_metrics(data.labels, pred, data.groups, data.group_names, data.num_classes)
 
-    bitexact, backends = None, []
+    bitexact, backends, notes = None, [], []
     n = min(int(cross_check), len(data))
     if n > 0:
         x = data.images[:n].astype(np.float64) * INPUT_SCALE
@@ -91,30 +161,48 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
             if not np.array_equal(full[k], v[:n]):
                 raise RuntimeError(f"the simulator's traced and untraced runs disagree on {k}")
         traces = {"intsim": {k: v for k, v in full.items() if k != "logits"}}
-        traces["finn"] = finn_integer_trace(FinnBuild.load(finn_dir), x)
-        qonnx_path = root / "model.qonnx.onnx"
-        if qonnx_path.exists():
-            traces["qonnx"] = qonnx_integer_trace(qonnx_path, x)
-        backends = list(traces)
-        bitexact = check_bit_exact(traces)
-    return SimulationResult(str(root), len(data), metrics, pred, seconds, bitexact, backends)
+        if folder.finn_dir is not None:
+            from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
+
+            traces["finn"] = finn_integer_trace(FinnBuild.load(folder.finn_dir), x)
+        if folder.qonnx_path is not None:
+            from fqhw.backends.qonnx_export import qonnx_integer_trace
+
+            traces["qonnx"] = qonnx_integer_trace(folder.qonnx_path, x)
+        if folder.hls4ml_dir is not None:
+            traces["hls4ml"] = _hls4ml_trace(folder, x, notes)
+        if len(traces) < 2:
+            notes.append("no other backend in the folder to cross-check against")
+        else:
+            backends = list(traces)
+            bitexact = check_bit_exact(traces)
+    return SimulationResult(str(folder.root), len(data), metrics, pred, seconds, bitexact, backends, source, notes)
 
 
-def build_test_data(build_dir) -> GroupedImages:
-    """The test split the compile in `build_dir` used, regenerated from its config.json."""
-    from fqhw.data.synthetic import SyntheticDermConfig, generate
+def build_test_data(build_dir, spec: str | None = None, split: str = "test") -> GroupedImages:
+    """A split of the data the compile in `build_dir` used (spec None: the data set its
+    config.json names, regenerated or reloaded the same way), or of the data set `spec`
+    names (fqhw.data.registry; "builtin" is the build's own synthetic configuration), at the
+    build's image size and seed."""
+    from fqhw.data.registry import load_data
+    from fqhw.data.synthetic import SyntheticDermConfig
     from fqhw.flow import CompileConfig
 
-    root, _ = _output_root(build_dir)
-    path = root / "config.json"
+    folder = locate_build(build_dir)
+    path = folder.root / "config.json"
     if not path.exists():
-        raise FqhwError(f"{path} is missing: the test data cannot be regenerated")
+        raise FqhwError(f"{path} is missing: the test data cannot be regenerated; pass the folder fqhw compile --out wrote")
     cfg = json.loads(path.read_text())
     known = {f for f in CompileConfig.__dataclass_fields__}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise FqhwError(f"{path}: unknown field(s) {', '.join(unknown)}")
-    return generate(SyntheticDermConfig.from_dict(cfg["data"])).test
+    if split not in SPLITS:
+        raise FqhwError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    synthetic = SyntheticDermConfig.from_dict(cfg["data"])
+    spec = cfg.get("data_spec", "builtin") if spec is None else spec
+    splits = load_data(spec, image_size=synthetic.image_size, seed=int(cfg.get("seed", 0)), builtin=synthetic)
+    return getattr(splits, split)
 
 
 def add_simulate_parser(subparsers) -> None:
@@ -123,9 +211,15 @@ def add_simulate_parser(subparsers) -> None:
         "simulate",
         help="deployed (integer) accuracy per group of a compile output folder, with the fast integer simulator",
     )
-    p.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="a compile output folder (holding finn/ and config.json)")
+    p.add_argument("build_dir", type=Path, metavar="BUILD_DIR",
+                   help="a compile output folder (holding finn/ or hls4ml/, and config.json)")
+    p.add_argument("--data", metavar="SPEC", default=None,
+                   help="builtin | fitzpatrick17k:PATH | isic2019:PATH | csv:CSV[,IMAGE_DIR] (as fqhw compile --data), "
+                        "loaded at the build's image size (default: the build's own data set)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split of the data to run (default test)")
     p.add_argument("--cross-check", type=int, default=32, metavar="N",
-                   help="images checked bit for bit against FINN's and qonnx's execution (default 32; 0: none)")
+                   help="images checked bit for bit against every other backend in the folder: FINN and qonnx, "
+                        "or qonnx and the hls4ml C simulation (default 32; 0: none)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=cmd_simulate)
 
@@ -133,19 +227,22 @@ def add_simulate_parser(subparsers) -> None:
 def cmd_simulate(args) -> int:
     if args.cross_check < 0:
         raise FqhwError("--cross-check must be at least 0")
-    data = build_test_data(args.build_dir)
+    data = build_test_data(args.build_dir, spec=getattr(args, "data", None), split=getattr(args, "split", "test"))
     res = simulate(args.build_dir, data, cross_check=args.cross_check)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, sort_keys=True))
     else:
         m = res.metrics
-        print(f"{res.build_dir}: {res.n_images} test images in {res.seconds:.2f} s ({res.images_per_s:.0f} images/s)")
+        src = "FINN's dataflow graph" if res.simulator_source == "finn" else "model.qonnx.onnx (power-of-two)"
+        print(f"{res.build_dir}: {res.n_images} images in {res.seconds:.2f} s ({res.images_per_s:.0f} images/s), simulator built from {src}")
         print(f"  overall acc {100 * m['overall_acc']:.2f} %, mean-group {100 * m['mean_group_acc']:.2f} %, "
               f"worst-group {100 * m['worst_group_acc']:.2f} % ({m['worst_group']})")
         for g, acc in m["group_acc"].items():
             print(f"  {g:>12}: {'-' if acc is None else f'{100 * acc:6.2f} %'}  (n={m['group_n'][g]})")
         if res.bitexact is not None:
             print(f"  cross-check on {res.bitexact.n_images} images: {res.bitexact.summary()}")
+        for note in res.notes:
+            print(f"  note: {note}")
     if res.bitexact is not None and not res.bitexact.ok:
         print(f"fqhw: error: the simulator disagrees with {', '.join(res.cross_check_backends[1:])}: "
               f"{res.bitexact.first_mismatch}", file=sys.stderr)

@@ -305,3 +305,34 @@ def test_changed_weight_in_dataflow_graph_fails_cross_check(compiled, test_data,
     # the simulator reads the graph, not the Brevitas model: it agrees with FINN's execution
     assert res.bitexact.mismatches["head.acc"]["intsim vs finn"] == 0
     assert res.bitexact.mismatches["head.acc"]["intsim vs qonnx"] > 0
+
+
+# ---------------------------------------------------------------- the power-of-two QONNX route
+
+
+def test_po2_rescale_rounds_half_to_even_exactly_in_every_carrier():
+    """Quant of an accumulator to a coarser power-of-two grid: the float path (rint of
+    acc * 2^-d), the int64 path and the Python-integer bound agree with exact rational
+    rounding half to even, ties included, and clip to the code range (ReLU folded in)."""
+    from fractions import Fraction
+
+    from fqhw.backends.intsim import _Dyadic, _requant_fn, _shift_round, _shift_round_int64
+
+    def exact(v, d):
+        f = Fraction(v, 1) / Fraction(2) ** d if d > 0 else Fraction(v * 2 ** (-d))
+        return round(f)  # Python's round of a Fraction: half to even
+
+    rng = np.random.default_rng(0)
+    for d in (-2, 0, 1, 3, 8):
+        vals = np.concatenate([rng.integers(-5000, 5000, 400), np.arange(-40, 41)])
+        if d > 0:  # every tie k + 1/2 near zero
+            vals = np.concatenate([vals, (2 * np.arange(-20, 21) + 1) << (d - 1)])
+        ref = np.array([exact(int(v), d) for v in vals])
+        np.testing.assert_array_equal([_shift_round(int(v), d) for v in vals], ref)
+        np.testing.assert_array_equal(_shift_round_int64(vals.astype(np.int64), d), ref)
+        for carrier in (np.float32, np.float64, np.int64):
+            x = _Dyadic("t", -8, (int(vals.min()), int(vals.max())), carrier, (len(vals),), "flat", relu=True)
+            fn, iv, dt = _requant_fn(x, {"exp": -8 + d, "lo": -7, "hi": 6}, "test")
+            got = fn(vals.astype(carrier)).astype(np.int64)
+            np.testing.assert_array_equal(got, np.clip(ref, 0, 6), err_msg=f"d={d} {carrier}")
+            assert iv[0] <= got.min() and got.max() <= iv[1]

@@ -9,6 +9,14 @@ snap_thresholds, export_qonnx, finn_build) and requires the integer traces of Br
 (float64) and FINN's dataflow graph to be equal, element for element, and FINN's integer
 thresholds to be the float64 ones from the QONNX file.
 
+The fast integer simulator (fqhw.backends.intsim, `fqhw simulate`) joins each comparison:
+built from FINN's dataflow graph here, from the power-of-two QONNX file for hls4ml.
+
+hls4ml joins in its own test (`test_po2_brevitas_qonnx_and_hls4ml_agree_on_every_integer`):
+the same drawn networks and allocations, quantized with the power-of-two scheme hls4ml
+computes exactly, Brevitas-po2 vs QONNX vs the simulator vs hls4ml's C simulation; a few
+examples only, since each compiles a C simulation with g++.
+
 The hand-picked cases in test_backends.py show the flow works on two shapes; this one looks
 for the shapes and widths nobody picked. It is bounded for CI: `max_examples=8`,
 `derandomize=True` (the same examples on every run, no example database), about 30 s on
@@ -22,12 +30,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.backends.finn_build import finn_build, finn_integer_trace
+from fqhw.backends.intsim import IntegerSimulator
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.models.cnn import CNNConfig, FairCNN
@@ -86,12 +96,12 @@ def _images(cfg: CNNConfig, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=gen).float() / 256
 
 
-def _quant_model(cfg: CNNConfig, alloc: Allocation, seed: int):
+def _float_model(cfg: CNNConfig, seed: int):
     """Random weights and BatchNorm affine parameters (some gammas negative, so that FINN's
-    sign flips are exercised), BatchNorm statistics those of the calibration images (as in
-    a trained network) then perturbed, so that every layer's pre-activations straddle its
-    ReLU; the quant model calibrated on those images and snapped, as the flow does after
-    fine-tuning. Returns the model and the test images."""
+    sign flips and the po2 scheme's BN folding are exercised), BatchNorm statistics those of
+    the calibration images (as in a trained network) then perturbed, so that every layer's
+    pre-activations straddle its ReLU. Returns (float model, calibration images, the
+    generator that draws the test images next)."""
     torch.manual_seed(seed)
     fm = FairCNN(cfg)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -109,6 +119,13 @@ def _quant_model(cfg: CNNConfig, alloc: Allocation, seed: int):
         for bn in (b.bn for b in fm.features):
             bn.running_mean.add_(0.2 * torch.randn(bn.num_features) * bn.running_var.sqrt())
             bn.running_var.mul_(torch.empty(bn.num_features).uniform_(0.7, 1.4))
+    return fm, calib, gen
+
+
+def _quant_model(cfg: CNNConfig, alloc: Allocation, seed: int):
+    """The FINN-scheme quant model of `_float_model`, calibrated on its images and snapped,
+    as the flow does after fine-tuning. Returns the model and the test images."""
+    fm, calib, gen = _float_model(cfg, seed)
     qm = build_quant_model(fm, alloc)
     calibrate(qm, [(calib[i : i + 8],) for i in range(0, N_CALIB, 8)], batches=N_CALIB // 8)
     qm.eval()
@@ -116,19 +133,9 @@ def _quant_model(cfg: CNNConfig, alloc: Allocation, seed: int):
     return qm, _images(cfg, N_TEST, gen)
 
 
-# ----------------------------------------------------------------------------- more backends
-#
-# HLS4ML GOES HERE. fqhw/backends/hls4ml_build.py is being written separately. When it
-# exists, return its integer trace (same keys: "input", "<layer>.act", "head.acc"; int64,
-# NCHW) from `_extra_traces`, e.g. {"hls4ml": hls4ml_integer_trace(...)}, and every example
-# will compare it exactly with the others. Note (shared/notes/toolchain.md): hls4ml is
-# bit-exact only with power-of-two scales, so it may need its own quant model built from
-# the same float model and allocation (and its own comparison against Brevitas on that
-# model) rather than the FINN-friendly one built above.
-
-
-def _extra_traces(qm, qonnx_path: Path, alloc: Allocation, work: Path, x: torch.Tensor) -> dict:
-    return {}
+def _pixels(x: torch.Tensor):
+    """The uint8 pixel codes of images given as pixel / 256 (what the simulator takes)."""
+    return torch.round(x * 256).to(torch.uint8).numpy()
 
 
 # ----------------------------------------------------------------------------- the property
@@ -164,7 +171,10 @@ def test_backends_agree_on_every_integer(case):
             "brevitas_fp32": integer_trace(qm, x, precision="float32"),
             "qonnx": qonnx_integer_trace(qonnx_path, x),
             "finn": finn_integer_trace(build, x),
-            **_extra_traces(qm, qonnx_path, alloc, work, x),
+            # the fast simulator, read from the same dataflow graph (fqhw simulate's)
+            "intsim": _without_logits(
+                IntegerSimulator.from_models(build.dataflow_model, build.parent_model, build.mvau_of_layer).run(_pixels(x))
+            ),
         }
         # the folding reached FINN as allocated, and FINN's folding file for the Vivado
         # machine carries it
@@ -184,3 +194,73 @@ def test_backends_agree_on_every_integer(case):
     # few images do not reach it)
     check = build.threshold_check
     assert check["ok"], {k: v for k, v in check["layers"].items() if v["differing"]}
+
+
+def _without_logits(trace: dict) -> dict:
+    return {k: v for k, v in trace.items() if k != "logits"}
+
+
+# ----------------------------------------------------------------------------- hls4ml
+#
+# hls4ml is exact only with power-of-two scales (shared/notes/toolchain.md), so it gets its
+# own quant model from the same float model and allocation (fqhw.quant.po2: BatchNorm
+# folded, quantized bias, po2 weight and activation scales) and its own comparison: the po2
+# Brevitas model (its exact float64 twin), qonnx's execution of its QONNX export, the
+# simulator built from that file (IntegerSimulator.from_qonnx: `fqhw simulate` on an
+# hls4ml build) and hls4ml's C simulation of the project built from it. Each example
+# compiles a C simulation with g++ (7-18 s on 2 cores), so this runs a handful of the same
+# drawn networks: HLS4ML_EXAMPLES (FQHW_PROPERTY_HLS4ML_EXAMPLES=N for more).
+
+HLS4ML_EXAMPLES = int(os.environ.get("FQHW_PROPERTY_HLS4ML_EXAMPLES", "3"))
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=HLS4ML_EXAMPLES,
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+@given(case=cases())
+def test_po2_brevitas_qonnx_and_hls4ml_agree_on_every_integer(case):
+    from fqhw.backends.hls4ml_build import hls4ml_build, hls4ml_integer_trace
+    from fqhw.quant.po2 import build_po2_model, po2_integer_trace
+
+    cfg, alloc, seed = case
+    note(f"network {cfg}")
+    note("allocation " + ", ".join(f"{la.name} W{la.weight_bits}/A{la.act_bits} PE{la.pe}/SIMD{la.simd}" for la in alloc.layers))
+    note(f"seed {seed}")
+    torch.set_num_threads(1)
+    fm, calib, gen = _float_model(cfg, seed)
+    qm = build_po2_model(fm, alloc)
+    calibrate(qm, [(calib[i : i + 8],) for i in range(0, N_CALIB, 8)], batches=N_CALIB // 8)
+    qm.eval()
+    x = _images(cfg, N_TEST, gen)
+    reference = po2_integer_trace(qm, x)
+    acts = [reference[f"{la.name}.act"] for la in alloc.layers[:-1]]
+    assume(all(a.max() > a.min() for a in acts))  # as above: a constant layer tests nothing
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    with tempfile.TemporaryDirectory(prefix="fqhw-property-hls4ml-") as tmp:
+        work = Path(tmp)
+        qonnx_path = export_qonnx(qm, shape, work / "model.qonnx.onnx")
+        build = hls4ml_build(qonnx_path, alloc, work / "hls4ml")
+        traces = {
+            "brevitas_po2": reference,
+            "qonnx": qonnx_integer_trace(qonnx_path, x),
+            "intsim": _without_logits(IntegerSimulator.from_qonnx(qonnx_path).run(_pixels(x))),
+            "hls4ml": hls4ml_integer_trace(build, x),
+        }
+    expected = {"input"} | {f"{la.name}.act" for la in alloc.layers[:-1]} | {"head.acc"}
+    for backend, trace in traces.items():
+        assert set(trace) == expected, backend
+    result = check_bit_exact(traces)
+    assert result.ok, result.first_mismatch
+    # the folding reached hls4ml: ReuseFactor MW * MH / (PE * SIMD) requested for every layer
+    c_in, dims = cfg.in_channels, {}
+    for i, c_out in enumerate(cfg.channels):
+        dims[f"features.{i}.conv"], c_in = (9 * c_in, c_out), c_out
+    dims["head"] = (c_in, cfg.num_classes)
+    for la in alloc.layers:
+        mw, mh = dims[la.name]
+        assert build.reuse_factors[la.name]["requested"] == (mw // la.simd) * (mh // la.pe), la.name

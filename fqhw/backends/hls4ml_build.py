@@ -816,3 +816,60 @@ def hls4ml_integer_trace(build: Hls4mlBuild, x) -> dict[str, np.ndarray]:
 def hls4ml_predict_codes(build: Hls4mlBuild, x) -> np.ndarray:
     """The C simulation's integer output codes (N, classes): the head accumulator."""
     return hls4ml_integer_trace(build, x)["head.acc"]
+
+
+# --------------------------------------------------------------------------- moved builds
+
+
+def compiled_weights_dir(build: Hls4mlBuild) -> str | None:
+    """The weights folder the compiled C simulation reads, or None if it cannot be found.
+
+    Why this matters: hls4ml's build_lib.sh compiles the project's absolute
+    `<project>/firmware/weights` path into the library (-D WEIGHTS_DIR), and the C simulation
+    reads its weights from there on its first call; when that file is missing it calls
+    exit(1), ending the Python process that loaded it. A build compiled in one folder and
+    then moved (the flow writes into a partial folder and renames it) still reads, or fails
+    to read, the old one. The path is a NUL-terminated string literal in the library."""
+    import re
+
+    if build.library is None or not Path(build.library).is_file():
+        return None
+    blob = Path(build.library).read_bytes()
+    found = re.findall(rb"([^\x00]{1,4096}/firmware/weights)\x00", blob)
+    return found[-1].decode(errors="replace") if len(set(found)) == 1 else None
+
+
+def ensure_csim_here(build: Hls4mlBuild) -> bool:
+    """Make the build's C simulation read the weights of its own folder: rebuild it with the
+    project's build_lib.sh (g++, as hls4ml compiles it) when the library reads another
+    folder. Returns True when it was rebuilt. FqhwError (never a process exit) when the
+    library or the weight files are missing or the rebuild fails.
+
+    Call before the library is first loaded in this process: the dynamic loader keeps a
+    library it has loaded under the same path, so a rebuild would not be seen."""
+    import subprocess
+
+    if build.library is None:
+        raise FqhwError(f"the hls4ml build in {build.out_dir} has no compiled C simulation; re-run fqhw compile --backend hls4ml")
+    project = Path(build.project_dir)
+    here = (project / "firmware" / "weights").resolve()
+    txt = sorted(here.glob("*.txt")) if here.is_dir() else []
+    if not txt:
+        raise FqhwError(f"{here} holds no weight files (*.txt), which the hls4ml C simulation reads; re-run fqhw compile --backend hls4ml")
+    lib = Path(build.library)
+    if lib.is_file() and compiled_weights_dir(build) == str(here):
+        return False
+    if build._lib is not None:
+        raise FqhwError(f"the hls4ml C simulation of {build.out_dir} is already loaded from another folder; run again in a new process")
+    script = project / "build_lib.sh"
+    if not script.is_file():
+        raise FqhwError(f"{script} is missing: the C simulation cannot be rebuilt for this folder; re-run fqhw compile --backend hls4ml")
+    if shutil.which("g++") is None:
+        raise FqhwError("g++ is not on PATH; the hls4ml C simulation of a moved build is rebuilt with it: install g++")
+    proc = subprocess.run(["bash", str(script)], cwd=project, capture_output=True, text=True)
+    if proc.returncode != 0 or not lib.is_file():
+        tail = (proc.stderr or proc.stdout)[-300:].strip().replace("\n", " | ")
+        raise FqhwError(f"g++ could not rebuild the hls4ml C simulation in {project} ({tail}); check the project or re-run fqhw compile --backend hls4ml")
+    if compiled_weights_dir(build) != str(here):
+        raise FqhwError(f"the rebuilt C simulation in {project} does not read {here}; re-run fqhw compile --backend hls4ml")
+    return True
