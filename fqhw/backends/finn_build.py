@@ -42,7 +42,7 @@ import os
 import shlex
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
 from fqhw.outputs import json_default
+from fqhw.quant.channel_groups import merge_group_keys, parse_unit
 
 DEFAULT_PART = "xc7z020clg400-1"
 INT_TOL = 1e-3
@@ -277,6 +278,10 @@ def _step_tidy_up(model):
 
 
 def _step_streamline(model):
+    from fqhw.backends.finn_groups import is_grouped_graph, streamline_groups
+
+    if is_grouped_graph(model):  # channel groups: forks and Concat joins to streamline
+        return streamline_groups(model)
     import finn.transformation.streamline.absorb as absorb
     from finn.transformation.streamline import Streamline
     from finn.transformation.streamline.reorder import MakeMaxPoolNHWC
@@ -487,6 +492,17 @@ def _layer_of_nodes(model, layer_names: list[str]) -> tuple[dict[str, str], dict
     return layer_of, mvau_of_layer
 
 
+def _node_units(model, layer_names: list[str], groups_mvaus: dict[str, str] | None):
+    """(layer_of, mvau_of_layer): `_layer_of_nodes` for a chain of whole layers; for channel
+    groups, the MVAUs matched to their units by weight (fqhw.backends.finn_groups)."""
+    if groups_mvaus is None:
+        return _layer_of_nodes(model, layer_names)
+    from fqhw.backends.finn_groups import layer_of_nodes
+
+    mvaus = {ln: groups_mvaus[ln] for ln in layer_names}
+    return layer_of_nodes(model, mvaus), mvaus
+
+
 def _attr(node, name):
     for a in node.attribute:
         if a.name == name:
@@ -525,6 +541,9 @@ def _layer_spec_from_graph(model, node, name: str):
     roles: dict = {}
     kw: dict = {"kind": "linear", "in_channels": mw}
     swg_node = model.find_producer(node.input[0])
+    if swg_node is not None and swg_node.op_type.startswith("DuplicateStreams"):
+        # channel groups share one window, forked to their MVAUs (fqhw.backends.finn_groups)
+        swg_node = model.find_producer(swg_node.input[0])
     if swg_node is not None and swg_node.op_type.startswith("ConvolutionInputGenerator"):
         swg = getCustomOp(swg_node)
         roles["window"] = swg_node
@@ -568,7 +587,9 @@ def _layer_spec_from_graph(model, node, name: str):
     return spec, roles
 
 
-def _step_apply_folding(model, alloc: Allocation, layer_names: list[str], cost=None, part: str = DEFAULT_PART):
+def _step_apply_folding(
+    model, alloc: Allocation, layer_names: list[str], cost=None, part: str = DEFAULT_PART, mvau_of_layer: dict[str, str] | None = None
+):
     """PE / SIMD of each MVAU from the allocation; the nodes around it folded as the FINN
     cost model prices them.
 
@@ -576,7 +597,9 @@ def _step_apply_folding(model, alloc: Allocation, layer_names: list[str], cost=N
     layer take the folding `FinnCostModel.layer_units` gives them (fqhw.hwmodels.finn
     holds the one copy of that rule: just enough parallelism that none is slower than the
     layer's MVAU, with widths that are multiples of the MVAU's); the layer is read from the
-    HW graph as a LayerSpec. Every other HW node keeps FINN's default folding. Data width
+    HW graph as a LayerSpec. Channel groups ("<layer>:g<k>"; `mvau_of_layer` says which MVAU
+    is which unit, see fqhw.backends.finn_groups): the shared window is folded with group 0,
+    as the cost model prices it. Every other HW node keeps FINN's default folding. Data width
     converters, which FINN inserts only when it generates hardware, are not in the estimates
     (as in FINN's own estimate reports).
     """
@@ -591,6 +614,9 @@ def _step_apply_folding(model, alloc: Allocation, layer_names: list[str], cost=N
             f"but the allocation has {len(layer_names)} layers ({', '.join(layer_names)})"
         )
     folding: dict[str, dict] = {}
+    if mvau_of_layer is not None:
+        by_name = {n.name: n for n in mvaus}
+        mvaus = [by_name[mvau_of_layer[ln]] for ln in layer_names]
 
     def set_attrs(node, **attrs):
         inst = getCustomOp(node)
@@ -617,6 +643,11 @@ def _step_apply_folding(model, alloc: Allocation, layer_names: list[str], cost=N
                 f"wide at PE={la.pe}, SIMD={la.simd}, more than HLS allows ({MAX_ALLOWED_AP_INT_W})"
             )
         spec, roles = _layer_spec_from_graph(model, node, ln)
+        layer, k = parse_unit(ln)
+        if k is not None:  # a channel group: the window in front is group 0's
+            spec = replace(spec, group=layer, group_index=k)
+            if k > 0:
+                roles = {r: n for r, n in roles.items() if r not in ("padding", "window")}
         out_bits = _dt_bits(inst, "outputDataType") if spec.has_output_act else None
         units = cost.layer_units(
             spec, _dt_bits(inst, "weightDataType"), _dt_bits(inst, "inputDataType"), out_bits, la.pe, la.simd
@@ -726,6 +757,8 @@ def finn_build(
         model.save(str(path))
         steps.append(FinnStep(name, round(time.perf_counter() - t0, 4), str(path)))
 
+    from fqhw.backends.finn_groups import fold_joins, group_units, match_mvaus
+
     with _finn_env(build_dir):
         model = ModelWrapper(str(qonnx_path))
         t0 = time.perf_counter()
@@ -749,7 +782,11 @@ def finn_build(
         model = _step_specialize_layers(model, part)
         record("specialize_layers", model, t0)
         t0 = time.perf_counter()
-        model, folding = _step_apply_folding(model, alloc, layer_names, cost=cost_model, part=part)
+        grouped = group_units(layer_names)
+        groups_mvaus = match_mvaus(model, qonnx_path, layer_names) if grouped else None
+        model, folding = _step_apply_folding(model, alloc, layer_names, cost=cost_model, part=part, mvau_of_layer=groups_mvaus)
+        if grouped:
+            folding.update(fold_joins(model, groups_mvaus))
         record("apply_folding", model, t0)
         t0 = time.perf_counter()
         model = _minimize_bit_width(model)
@@ -765,7 +802,7 @@ def finn_build(
         dataflow_path = build_dir / "dataflow_model.onnx"
         model.save(str(dataflow_path))
         t0 = time.perf_counter()
-        thr_check = threshold_check(qonnx_path, model, _layer_of_nodes(model, layer_names)[1])
+        thr_check = threshold_check(qonnx_path, model, _node_units(model, layer_names, groups_mvaus)[1])
         steps.append(FinnStep("threshold_check", round(time.perf_counter() - t0, 4), str(dataflow_path)))
         # the parent graph, pointing at the final dataflow graph
         from qonnx.custom_op.registry import getCustomOp
@@ -775,7 +812,7 @@ def finn_build(
         parent.save(str(parent_path))
         synth = write_synth_inputs(build_dir, model, part=part, clock_ns=clock_ns, board=board)
 
-    layer_of, mvau_of_layer = _layer_of_nodes(model, layer_names)
+    layer_of, mvau_of_layer = _node_units(model, layer_names, groups_mvaus)
     node_est: dict[str, dict] = {}
     for node in model.graph.node:
         r = res.get(node.name, {})
@@ -1313,7 +1350,8 @@ def finn_integer_trace(build: FinnBuild, x) -> dict[str, np.ndarray]:
             if r.ndim == 4:
                 r = r.transpose(0, 3, 1, 2)  # NHWC -> NCHW
             per_key.setdefault(key, []).append(r)
-    return {k: np.concatenate(v, axis=0) for k, v in per_key.items()}
+    # channel groups: "<layer>:g<k>.act" / ".acc" concatenated into the layer's key
+    return merge_group_keys({k: np.concatenate(v, axis=0) for k, v in per_key.items()})
 
 
 def _exact_int(v: np.ndarray, what: str) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.errors import FqhwError
+from fqhw.quant.channel_groups import merge_group_keys
 
 INT_TOL = 1e-3
 
@@ -173,7 +174,33 @@ def _to_int(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, what: 
 
 LAYER_NAMES_KEY = "fqhw_layer_names"  # metadata: JSON list of the layer names, in order
 # ops between the last activation Quant and the head that keep integer codes unchanged
-_CODE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Transpose", "Identity")
+_CODE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Transpose", "Identity", "Concat")
+
+
+def _through_concat(model: onnx.ModelProto, node) -> str:
+    """The tensor to follow back through a code-preserving node: its first input, after
+    checking, for a Concat (the join of a layer's channel groups, fqhw.quant.channel_groups),
+    that every input comes, through code-preserving ops, from a Quant node with the same
+    scale, zero point and width as the first, so that the concatenated floats are the
+    concatenated codes times one scale."""
+    if node.op_type != "Concat":
+        return node.input[0]
+    params = []
+    for t in node.input:
+        p = _producer(model, t)
+        while p is not None and p.op_type in _CODE_PRESERVING and p.op_type != "Quant":
+            p = _producer(model, _through_concat(model, p))
+        if p is None or p.op_type != "Quant":
+            raise FqhwError(f"Concat {node.name}: input {t} does not come from a Quant node")
+        vals = [_const(model, x) for x in p.input[1:4]]
+        if any(v is None for v in vals):
+            raise FqhwError(f"Concat {node.name}: the Quant feeding {t} has non-constant parameters")
+        params.append((vals, _attrs(p)))
+    first_vals, first_attrs = params[0]
+    for vals, attrs in params[1:]:
+        if attrs != first_attrs or any(not np.array_equal(a, b) for a, b in zip(vals, first_vals)):
+            raise FqhwError(f"Concat {node.name}: its inputs are quantized differently (they must share one quantizer)")
+    return node.input[0]
 
 
 class _QonnxLayout:
@@ -220,7 +247,7 @@ class _QonnxLayout:
                 break
             if node.op_type not in _CODE_PRESERVING:
                 raise FqhwError(f"the head's input passes through {node.op_type}, which changes its codes")
-            t = node.input[0]
+            t = _through_concat(model, node)
         if node is None or node not in self.act_quants:
             raise FqhwError("cannot find the activation Quant node that feeds the head")
         self.head_input_quant = node
@@ -358,7 +385,8 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
         if not (np.abs(approx - acc) <= 1e-4 * np.maximum(1.0, np.abs(acc)) + INT_TOL).all():
             raise AssertionError("the QONNX head output is not its integer accumulator times the scales")
         per_key.setdefault("head.acc", []).append(acc)
-    return {k: np.concatenate(v, axis=0) for k, v in per_key.items()}
+    # channel groups: "<layer>:g<k>.act" concatenated into "<layer>.act"
+    return merge_group_keys({k: np.concatenate(v, axis=0) for k, v in per_key.items()})
 
 
 # --------------------------------------------------------------------------- float64 thresholds
@@ -422,7 +450,7 @@ def qonnx_threshold_reference(path) -> "dict[str, dict]":
             p = _producer(model, t)
             if p is None or p.op_type == "Quant" or p.op_type not in _CODE_PRESERVING:
                 break
-            t = p.input[0]
+            t = _through_concat(model, p)
         if p is None or p.op_type != "Quant":
             raise FqhwError(f"{name}: the conv input does not come from a Quant through pooling / layout ops")
         s_in, _, ibits, isigned, inarrow = _quant_const(model, p, f"{name} input")

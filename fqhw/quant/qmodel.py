@@ -87,6 +87,9 @@ class QuantLayer:
     act: QuantReLU | None  # None for the head
     weight_bits: int
     act_bits: int | None
+    # for a channel-group unit "<layer>:g<k>" (fqhw.quant.channel_groups), the layer it is a
+    # group of: the groups read the same input and share `act` (one quantizer); "" otherwise
+    group: str = ""
 
 
 class QuantFairCNN(nn.Module):
@@ -167,7 +170,13 @@ def build_quant_model(float_model: FairCNN, alloc: Allocation) -> QuantFairCNN:
     """A Brevitas copy of `float_model` quantized as `alloc` says (weights and BN stats copied).
 
     Activation scales start at Brevitas' defaults: run `calibrate` before using the model.
+    An allocation with channel-group units ("<layer>:g<k>") gets the grouped model (one
+    quantized layer per group, `fqhw.quant.channel_groups`), which has the same interface.
     """
+    from fqhw.quant.channel_groups import build_grouped_quant_model, has_channel_groups
+
+    if has_channel_groups(alloc):
+        return build_grouped_quant_model(float_model, alloc)
     qmodel = QuantFairCNN(float_model, alloc)
     qmodel.train(float_model.training)
     scale = float(qmodel.input_quant.act_quant.scale())
@@ -272,8 +281,14 @@ def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dic
     """The integer trace of any model shaped like QuantFairCNN (`input_quant`, `layers` with
     `.act`, a quantized `head`), evaluated as it is: hooks capture the QuantTensors, their
     codes are read off, and the head's accumulator is computed in int64 and checked against
-    the model's float output (within rel_tol relative, INT_TOL absolute)."""
-    captured: dict[str, QuantTensor] = {}
+    the model's float output (within rel_tol relative, INT_TOL absolute).
+
+    Channel groups (`fqhw.quant.channel_groups`): the groups of a layer share one act
+    module, called once per group in channel order; its outputs are concatenated along the
+    channels under the layer's key "<layer>.act". A grouped head's accumulator is the
+    concatenation of its groups' (their weights stacked in order)."""
+    captured: dict[str, object] = {}
+    act_out: dict[str, list[QuantTensor]] = {}
     hooks = []
 
     def keep(key):
@@ -288,18 +303,32 @@ def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dic
 
         return hook
 
+    def append(key):
+        def hook(module, inputs, output):
+            act_out[key].append(output)
+
+        return hook
+
     hooks.append(qmodel.input_quant.register_forward_hook(keep("input")))
+    act_modules: dict[int, str] = {}
+    head_units = []
     for name, ql in qmodel.layers.items():
-        if ql.act is not None:
-            hooks.append(ql.act.register_forward_hook(keep(f"{name}.act")))
+        if ql.act is None:
+            head_units.append(ql)
+        elif id(ql.act) not in act_modules:  # a shared act (channel groups): one hook
+            key = f"{ql.group or name}.act"
+            act_modules[id(ql.act)] = key
+            act_out[key] = []
+            hooks.append(ql.act.register_forward_hook(append(key)))
     hooks.append(qmodel.head.register_forward_pre_hook(keep_input("head.in")))
     was_training = qmodel.training
     qmodel.eval()
     try:
         with torch.no_grad():
             out = qmodel(x)
-            w_int = _codes(qmodel.head.quant_weight(), "head weight")
-            w_scale = qmodel.head.quant_weight().scale.double().reshape(-1)
+            qws = [ql.compute.quant_weight() for ql in head_units]
+            w_int = torch.cat([_codes(qw, "head weight") for qw in qws], dim=0)
+            w_scale = torch.cat([qw.scale.double().reshape(-1) for qw in qws])
     finally:
         for h in hooks:
             h.remove()
@@ -311,8 +340,8 @@ def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dic
     if not np.array_equal(trace["input"], expect):
         raise AssertionError("input codes differ from round(x * 256)")
     head_in_qt = captured.pop("head.in")
-    for key, qt in captured.items():
-        trace[key] = _codes(qt, key).numpy()
+    for key, outs in act_out.items():
+        trace[key] = torch.cat([_codes(qt, key) for qt in outs], dim=1).numpy()
     a_int = _codes(head_in_qt, "head input")  # pooled, flattened codes of the last ReLU
     acc = a_int.numpy() @ w_int.numpy().T  # exact int64 arithmetic
     trace["head.acc"] = acc
@@ -353,11 +382,16 @@ def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
     and B: "s_in", "s_w", "gamma", "beta", "mean", "sd" (sqrt(var + eps))}."""
     out: OrderedDict[str, dict] = OrderedDict()
     with torch.no_grad():
-        s_in = float(qmodel.input_quant.act_quant.scale())
-        q_in_max = 2**8 - 1
+        # what the next layer reads; the channel groups of a layer all read what the layer
+        # before them wrote, not each other's output
+        s_next, q_next = float(qmodel.input_quant.act_quant.scale()), 2**8 - 1
+        current = None
         for name, ql in qmodel.layers.items():
             if ql.act is None:
                 continue
+            if (ql.group or name) != current:
+                current = ql.group or name
+                s_in, q_in_max = s_next, q_next
             if not isinstance(ql.compute, QuantConv2d):
                 raise FqhwError(f"{name}: threshold margins are defined for conv layers only")
             qw = ql.compute.quant_weight()
@@ -386,7 +420,7 @@ def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
                 "mean": mean,
                 "sd": sd,
             }
-            s_in, q_in_max = s_a, levels
+            s_next, q_next = s_a, levels
     return out
 
 
