@@ -69,13 +69,36 @@ def _data_config(args):
     return SyntheticDermConfig(**overrides)
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. depth=1)")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    if "," in value:
+        try:
+            return key, tuple(int(v) for v in value.split(","))
+        except ValueError:
+            pass
+    return key, value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", dest="data_spec", default="builtin", metavar="SPEC",
                    help="builtin | fitzpatrick17k:PATH | isic2019:PATH | csv:CSV[,IMAGE_DIR]; loader options as ;key=value "
                         "(e.g. fitzpatrick17k:/data/f17k;groups=light-dark)")
     p.add_argument("--seed", type=int, default=0, help="seed for training, QAT and the solver")
     p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
-    p.add_argument("--channels", type=_parse_tuple(int), default=None, help="channels of the default CNN's blocks, e.g. 16,32,64")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="model from the registry: fqcnn (default), resnet18, resnet50, deit_tiny_patch16_224, tiny_vit_5m_224")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the model (repeatable), e.g. depth=1 or embed_dim=64; integers, floats, "
+                        "comma-separated integer tuples")
+    p.add_argument("--channels", type=_parse_tuple(int), default=None,
+                   help="channels of the default CNN's blocks (e.g. 16,32,64) or a ResNet's stages (e.g. 64,16,16,16)")
     p.add_argument("--epochs", type=int, default=None, help="float training epochs")
     p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                    help="load the float model's weights from this file (torch.save(model.state_dict(), PATH)) instead of training")
@@ -99,6 +122,10 @@ def _compile_config(args):
         updates["cache_dir"] = args.cache_dir
     if args.channels is not None:
         updates["channels"] = args.channels
+    if args.model is not None:
+        updates["model"] = args.model
+    if args.model_args:
+        updates["model_kwargs"] = dict(args.model_args)
     if args.epochs is not None:
         updates["float_epochs"] = args.epochs
     if args.checkpoint is not None:
@@ -110,6 +137,7 @@ def _compile_config(args):
         ("verify_images", "verify_images"),
         ("time_limit", "solver_time_limit_s"),
         ("baq_epochs", "baq_epochs"),
+        ("channel_groups", "channel_groups"),
     ):
         if getattr(args, flag, None) is not None:
             updates[field_name] = getattr(args, flag)
@@ -141,7 +169,7 @@ def cmd_compile(args) -> int:
         f"wrote {res.out_dir}: avg {r['allocation']['avg_weight_bits']:.2f} bits, "
         f"mean-group acc {100 * c['mean_group_acc']:.1f} %, worst-group acc {100 * c['worst_group_acc']:.1f} %, "
         + (f"{r['hardware']['finn'].get('fps', float('nan')):.0f} images/s on {r['target']}, " if r["hardware"]["finn"] is not None
-           else f"hls4ml project for {r['target']}, ")
+           else f"hls4ml project for {r['target']}, " if "hls4ml" in r["hardware"] else f"priced by the {r['target']} cost model, ")
         + f"bit-exact {'yes' if r['bit_exact']['ok'] else 'NO'}"
     )
     return 0
@@ -193,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--baq-epochs", type=int, default=None, help="learn the widths with BAQ for this many epochs from the solver's allocation, then project them back with the solver (default 0: off)")
     pc.add_argument("--backend", choices=("finn", "hls4ml"), default=None,
                     help="finn (default): FINN dataflow build; hls4ml: an hls4ml project for the PYNQ-Z2 with power-of-two scales, checked by its C simulation")
+    pc.add_argument("--channel-groups", type=int, default=None, metavar="N",
+                    help="allocate each conv of the default CNN in N output-channel groups, each its own width (default 1: whole layers)")
     pc.add_argument("--tune", action="store_true",
                     help="choose QAT's fairness weight and learning rate on the validation split (4 runs per QAT: lambda 0.5/1, lr 5e-4/1e-3)")
     pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")

@@ -31,6 +31,7 @@ from fqhw.data.dataset import DataSplits
 from fqhw.data.registry import describe, load_data
 from fqhw.data.synthetic import SyntheticDermConfig
 from fqhw.errors import FqhwError
+from fqhw.families import family
 from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
@@ -40,6 +41,7 @@ from fqhw.stepcache import StepCache, file_digest, input_key
 
 BIT_RANGE = (2, 8)
 BACKENDS = ("finn", "hls4ml")
+DEFAULT_CHANNELS = (16, 32, 64)  # the default CNN's
 
 
 def default_cache_dir() -> Path:
@@ -55,7 +57,17 @@ class CompileConfig:
     # "builtin" (the synthetic set configured by `data`), "fitzpatrick17k:PATH",
     # "isic2019:PATH" or "csv:CSV[,IMAGE_DIR]" (fqhw.data.registry)
     data_spec: str = "builtin"
-    channels: tuple[int, ...] = (16, 32, 64)
+    # a fqhw.models.registry name: fqcnn (the default CNN), resnet18, resnet50,
+    # deit_tiny_patch16_224, tiny_vit_5m_224
+    model: str = "fqcnn"
+    # the default CNN's block channels, or a ResNet's stage channels (timm's `channels`);
+    # None: the model's own (fqcnn: DEFAULT_CHANNELS)
+    channels: tuple[int, ...] | None = None
+    model_kwargs: dict = field(default_factory=dict)  # more constructor arguments (e.g. depth=1)
+    # > 1: every conv of the default CNN but the first whose output channels it divides is allocated in this
+    # many output-channel groups, each its own width and folding, built as one layer per
+    # group (fqhw.network.split_channel_groups, fqhw.quant.channel_groups)
+    channel_groups: int = 1
     float_epochs: int = 12
     float_lr: float = 3e-3
     qat_epochs: int = 3
@@ -105,6 +117,14 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
     if cfg.backend not in BACKENDS:
         raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(BACKENDS)}")
+    fam = family(cfg.model)
+    fam.check(cfg.backend, cfg.data.image_size)
+    if cfg.channel_groups < 1:
+        raise FqhwError(f"--channel-groups {cfg.channel_groups} must be at least 1")
+    if cfg.channel_groups > 1 and (cfg.model != "fqcnn" or cfg.backend != "finn"):
+        raise FqhwError("--channel-groups builds the default CNN with --backend finn only: drop --channel-groups, or use --model fqcnn --backend finn")
+    if cfg.channels is not None and family(cfg.model).kind == "transformer":
+        raise FqhwError(f"--channels sets the default CNN's or a ResNet's widths, not {cfg.model}'s: pass --model-arg (e.g. embed_dim=96)")
     if cfg.backend == "hls4ml" and cfg.target != "pynq-z2":
         raise FqhwError(f"--backend hls4ml builds for the PYNQ-Z2 (hls4ml's VivadoAccelerator board), not {cfg.target}: use --target pynq-z2")
     if cfg.backend == "hls4ml" and cfg.synth:
@@ -126,12 +146,18 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
 
         check_checkpoint_path(cfg.checkpoint)
     # The budget against the pinned layers needs only the network's shape: check it before
-    # any training, on the untrained model.
+    # any training, on the untrained model. (For a real data set the class count is known
+    # only after loading; allocate() checks again.)
     from fqhw.allocator.cpsat import check_budget
 
-    # (For a real data set the class count is known only after loading; allocate() checks again.)
+    size = cfg.data.image_size
+    untrained = _build_model(cfg, cfg.data.num_classes)
+    net = _allocation_net(cfg, network_spec(untrained, (3, size, size), name=cfg.model))
+    if fam.kind == "transformer" and _fpga(cfg):  # FINN is asked now, not after the training
+        err = fam.finn_refusal(untrained, (3, size, size), net)
+        if err is not None:
+            raise err
     if cfg.data_spec == "builtin":
-        net = network_spec(FairCNN(_model_config(cfg, cfg.data.num_classes)), (3, cfg.data.image_size, cfg.data.image_size))
         check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
 
 def _shell_flow(target: str) -> str:
@@ -143,13 +169,54 @@ def _shell_flow(target: str) -> str:
     return "vitis_alveo" if get_cost_model(target).limits.part in alveo_part_map.values() else "vivado_zynq"
 
 
-def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig:
-    return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes, channels=tuple(cfg.channels))
+def _fpga(cfg: CompileConfig) -> bool:
+    """The target is an FPGA board (FINN's cost model): the flow builds for it. An ASIC
+    target is priced by its cost model only; the flow stops at the QONNX model."""
+    from fqhw.hwmodels import get_cost_model
+    from fqhw.hwmodels.finn import FinnCostModel
+
+    return isinstance(get_cost_model(cfg.target), FinnCostModel)
+
+
+def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig | dict:
+    """What the float model is built from: the default CNN's CNNConfig (its cache key as
+    before), else the registry name, size and constructor arguments."""
+    if cfg.model == "fqcnn":
+        try:
+            return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes,
+                             channels=tuple(cfg.channels or DEFAULT_CHANNELS), **cfg.model_kwargs)
+        except TypeError as e:
+            raise FqhwError(f"fqcnn: {e}: see fqhw.models.cnn.CNNConfig for its arguments") from None
+    kwargs = dict(cfg.model_kwargs, **({"channels": tuple(cfg.channels)} if cfg.channels is not None else {}))
+    return {"model": cfg.model, "num_classes": num_classes, "image_size": cfg.data.image_size, "kwargs": kwargs}
+
+
+def _build_model(cfg: CompileConfig, num_classes: int) -> torch.nn.Module:
+    from fqhw.models.registry import create
+
+    mcfg = _model_config(cfg, num_classes)
+    if isinstance(mcfg, CNNConfig):
+        return FairCNN(mcfg)
+    return create(cfg.model, num_classes, cfg.data.image_size, **mcfg["kwargs"])
 
 def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
+    """The first and last layer's weights at --edge-bits: every unit of them (channel groups)."""
     if cfg.edge_bits is None:
         return None
-    return {net.layers[0].name: cfg.edge_bits, net.layers[-1].name: cfg.edge_bits}
+    edges = {net.layers[0].act_group, net.layers[-1].act_group}
+    return {s.name: cfg.edge_bits for s in net.layers if s.act_group in edges}
+
+
+def _allocation_net(cfg: CompileConfig, net: NetworkSpec) -> NetworkSpec:
+    """The units the allocator sees: the layers, or their channel groups (--channel-groups).
+    The classifier head stays whole (its accumulator is one output), and so does the first
+    conv: it reads the pixels, and FINN cannot move the input's layout transpose past the
+    fork that would feed its groups (a Shuffle would be left inside the accelerator)."""
+    if cfg.channel_groups <= 1:
+        return net
+    from fqhw.network import split_channel_groups
+
+    return split_channel_groups(net, {s.name: cfg.channel_groups for s in net.layers[1:] if s.kind == "conv"})
 
 
 def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -> None:
@@ -179,8 +246,8 @@ def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -
 
 @dataclass
 class FloatModel:
-    model: FairCNN
-    config: CNNConfig
+    model: torch.nn.Module  # FairCNN or a registry model (CompileConfig.model)
+    config: CNNConfig | dict
     net: NetworkSpec
     info: dict
     cache_hit: bool
@@ -204,12 +271,12 @@ def _data_fingerprint(spec: str) -> list:
             out.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
     return out
 
-def _float_key(cfg: CompileConfig, mcfg: CNNConfig) -> dict:
+def _float_key(cfg: CompileConfig, mcfg: CNNConfig | dict) -> dict:
     data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size,
                                                                    "files": _data_fingerprint(cfg.data_spec)}
     return {
         "data": data,
-        "model": mcfg.to_dict(),
+        "model": mcfg.to_dict() if isinstance(mcfg, CNNConfig) else mcfg,
         "epochs": cfg.float_epochs,
         "lr": cfg.float_lr,
         "seed": cfg.seed,
@@ -228,7 +295,7 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
 
     def build():
         torch.manual_seed(cfg.seed)
-        return FairCNN(mcfg)
+        return _build_model(cfg, splits.train.num_classes)
 
     def train(model):
         return train_float(model, splits, epochs=cfg.float_epochs, lr=cfg.float_lr, batch_size=64, seed=cfg.seed, progress=cfg.progress)
@@ -241,7 +308,7 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     else:
         model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
     model.eval()
-    net = network_spec(model, splits.train.input_shape, name="fqcnn")
+    net = _allocation_net(cfg, network_spec(model, splits.train.input_shape, name=cfg.model))
     return FloatModel(model, mcfg, net, info, hit, key=input_key(_float_key(cfg, mcfg)))
 
 def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> Sensitivity:
@@ -249,14 +316,15 @@ def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> S
         fm.model, fm.net, splits.val, bits=range(BIT_RANGE[0], BIT_RANGE[1] + 1), max_per_group=cfg.importance_samples, seed=cfg.seed
     )
 
-def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Allocation:
+def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity, utilisation: dict[str, float] | None = None) -> Allocation:
+    """`utilisation`: the board's caps as fractions of its totals (default the cost model's)."""
     from fqhw.allocator.cpsat import allocate
     from fqhw.hwmodels import get_cost_model
 
     return allocate(
         net,
         sens,
-        get_cost_model(cfg.target),
+        get_cost_model(cfg.target, **({"utilisation": utilisation} if utilisation else {})),
         budget=cfg.budget,
         pinned=_pinned(cfg, net),
         min_fps=cfg.min_fps,
@@ -265,6 +333,51 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity) -> Al
         time_limit_s=cfg.solver_time_limit_s,
         seed=cfg.seed,
     )
+
+FIT_ROUNDS = 4  # FINN builds step_fit may try before it gives up
+FIT_MARGIN = 0.97  # QAT moves accumulator widths a little: aim this far under the cap
+
+
+def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensitivity, splits: DataSplits) -> Allocation:
+    """The allocation re-solved until FINN's own estimates fit the board, for a family the
+    FINN cost model does not price whole (a ResNet's residual joins add element-wise adds,
+    stream forks and requantizing thresholds it has no terms for).
+
+    Resources depend on the widths and the folding, not on trained weights, so this is
+    done before QAT, on the calibrated but untrained model: build its FINN estimates; while
+    a resource exceeds its cap, lower that resource's utilisation limit in the cost model by
+    the measured excess (times FIT_MARGIN) and solve again. The rounds are recorded in the
+    allocation's solver record ("finn_fit")."""
+    import tempfile
+
+    from fqhw.hwmodels import get_cost_model
+    from fqhw.quant.qmodel import calibrate
+
+    fam = family(cfg.model)
+    base = get_cost_model(cfg.target)
+    lim = base.limits
+    util = dict(lim.utilisation)
+    rounds = []
+    for _ in range(FIT_ROUNDS):
+        torch.manual_seed(cfg.seed)
+        qmodel = fam.quant_model(fm.model, alloc, cfg.backend)
+        calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=2)
+        qmodel.eval()
+        fam.snap(qmodel, cfg.backend)
+        with tempfile.TemporaryDirectory(prefix="fqhw-fit-") as tmp:
+            path = fam.export(qmodel, splits.train.input_shape, Path(tmp) / "model.qonnx.onnx")
+            totals = fam.finn(path, alloc, Path(tmp) / "finn", base).totals
+        over = {r: used / lim.cap(r) for r, used in totals.items() if r in lim.totals and used > lim.cap(r)}
+        rounds.append({"utilisation": dict(util), "finn_totals": {k: float(v) for k, v in totals.items()}, "over": over})
+        if not over:
+            alloc.solver["finn_fit"] = rounds
+            return alloc
+        for r, ratio in over.items():
+            util[r] = util.get(r, 1.0) * FIT_MARGIN / ratio
+        alloc = step_allocate(cfg, fm.net, sens, utilisation=util)
+    worst = ", ".join(f"{r} {100 * v:.0f} % of the cap" for r, v in rounds[-1]["over"].items())
+    raise FqhwError(f"FINN's estimates still exceed {cfg.target} after {FIT_ROUNDS} re-allocations ({worst}): lower the budget or pass --min-fps")
+
 
 @dataclass
 class LearnedBits:
@@ -310,10 +423,10 @@ class QuantModel:
 
 def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
     from fqhw.quant.qat import evaluate_groups, finetune, tune
-    from fqhw.quant.qmodel import calibrate, snap_thresholds
+    from fqhw.quant.qmodel import calibrate
 
     torch.manual_seed(cfg.seed)
-    qmodel = _quant_model(cfg, fm.model, alloc)
+    qmodel = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
     calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
     if cfg.qat_grid:
         res = tune(qmodel, splits, cfg.qat_epochs, grid=tuple(cfg.qat_grid), seed=cfg.seed, progress=cfg.progress, desc=desc)
@@ -321,22 +434,8 @@ def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Dat
         res = finetune(
             qmodel, splits, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fairness_lambda=cfg.fairness_lambda, seed=cfg.seed, progress=cfg.progress, desc=desc
         )
-    # FINN: move every activation code boundary away from float rounding error, so that
-    # every backend's evaluation gives the same integers (see snap_thresholds). The hls4ml
-    # scheme has power-of-two scales and no BatchNorm: its boundaries are exact already.
-    snap = snap_thresholds(qmodel) if cfg.backend == "finn" else None
+    snap = family(cfg.model).snap(qmodel, cfg.backend)  # code boundaries off float rounding error
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
-
-def _quant_model(cfg: CompileConfig, float_model, alloc: Allocation):
-    """The Brevitas model of the backend's quantization scheme."""
-    if cfg.backend == "hls4ml":
-        from fqhw.quant.po2 import build_po2_model
-
-        return build_po2_model(float_model, alloc)
-    from fqhw.quant.qmodel import build_quant_model
-
-    return build_quant_model(float_model, alloc)
-
 
 def _qat_inputs(cfg: CompileConfig) -> dict:
     scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
@@ -353,7 +452,7 @@ def _load_quant(cfg: CompileConfig, fm: FloatModel) -> Callable[[Path], QuantMod
     def load(folder: Path) -> QuantModel:
         d = json.loads((folder / "quant.json").read_text())
         alloc = Allocation.from_dict(d["allocation"])
-        qmodel = _quant_model(cfg, fm.model, alloc)
+        qmodel = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
         qmodel.load_state_dict(torch.load(folder / "quant_model.pt", map_location="cpu", weights_only=True))
         qmodel.eval()
         return QuantModel(qmodel, alloc, d["qat"], d["test_metrics"])
@@ -394,16 +493,12 @@ def _read_metrics(folder: Path) -> dict:
 
 
 def step_export(cfg: CompileConfig, qm: QuantModel, splits: DataSplits, work: Path) -> Path:
-    from fqhw.backends.qonnx_export import export_qonnx
-
-    return export_qonnx(qm.model, splits.train.input_shape, work / "model.qonnx.onnx")
+    return family(cfg.model).export(qm.model, splits.train.input_shape, work / "model.qonnx.onnx")
 
 def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
-    from fqhw.backends.finn_build import finn_build
     from fqhw.hwmodels import get_cost_model
 
-    cost = get_cost_model(cfg.target)
-    return finn_build(qonnx_path, alloc, work / "finn", part=cost.limits.part, cost_model=cost)
+    return family(cfg.model).finn(qonnx_path, alloc, work / "finn", get_cost_model(cfg.target))
 
 def step_hls4ml(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
     from fqhw.backends.hls4ml_build import hls4ml_build
@@ -412,29 +507,27 @@ def step_hls4ml(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: P
 
 
 def _load_hls4ml(cached: Path, dest: Path):
-    from fqhw.backends.hls4ml_build import Hls4mlBuild
+    """A stored hls4ml project copied into this run's folder, its C simulation rebuilt to
+    read this folder's weights: the library holds the absolute weights path of the folder
+    it was compiled in, which is gone (see hls4ml_build.ensure_csim_here)."""
+    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here
 
     shutil.copytree(cached, dest)
-    return Hls4mlBuild.load(dest)
+    build = Hls4mlBuild.load(dest)
+    ensure_csim_here(build)
+    return build
 
 
 def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
-    """`finn`: the backend's build (a FinnBuild, or an Hls4mlBuild with --backend hls4ml)."""
-    from fqhw.backends.finn_build import finn_integer_trace
-    from fqhw.backends.qonnx_export import qonnx_integer_trace
+    """`finn`: the backend's build (a FinnBuild, a FinnResult for a ResNet, an Hls4mlBuild
+    with --backend hls4ml; None for an ASIC target: Brevitas against qonnx only)."""
     from fqhw.backends.verify import check_bit_exact
-    from fqhw.quant.qmodel import integer_trace
 
     n = min(cfg.verify_images, len(splits.test))
     x, _, _ = splits.test.subset(np.arange(n)).tensors()
-    if cfg.backend == "hls4ml":
-        from fqhw.backends.hls4ml_build import hls4ml_integer_trace
-        from fqhw.quant.po2 import po2_integer_trace
-
-        traces = {"brevitas": po2_integer_trace(qm.model, x), "qonnx": qonnx_integer_trace(qonnx_path, x), "hls4ml": hls4ml_integer_trace(finn, x)}
-    else:
-        traces = {"brevitas": integer_trace(qm.model, x), "qonnx": qonnx_integer_trace(qonnx_path, x), "finn": finn_integer_trace(finn, x)}
-    return check_bit_exact(traces)
+    traces = family(cfg.model).traces(qm.model, qonnx_path, finn, x, cfg.backend)
+    # FINN's ResNet graph adds the two operands of each join without materialising them
+    return check_bit_exact(traces, partial=("finn",) if family(cfg.model).kind == "resnet" else ())
 
 def check_fits(cfg: CompileConfig, finn) -> None:
     """FINN's own estimates, not only the cost model's, must fit the board."""
@@ -461,16 +554,16 @@ def _load_allocation(folder: Path) -> Allocation:
     return Allocation.load(folder / "allocation.json")
 
 
-def _load_finn(cached: Path, dest: Path):
-    from fqhw.backends.finn_build import FinnBuild
-
+def _load_finn(cfg: CompileConfig, cached: Path, dest: Path):
     shutil.copytree(cached, dest)
-    return FinnBuild.load(dest)
+    return family(cfg.model).load_finn(dest)
 
 
 def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
     if cfg.progress:
-        print(f"fqhw: [{done + 1}/{len(STEPS) + cfg.synth + (cfg.baq_epochs > 0)}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
+        fit = family(cfg.model).kind == "resnet" and _fpga(cfg)
+        total = len(STEPS) + cfg.synth + (cfg.baq_epochs > 0) + fit - (not _fpga(cfg))
+        print(f"fqhw: [{done + 1}/{total}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the runner
@@ -582,7 +675,8 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         write_json(work / "network.json", fm.net.to_dict())
         sens = run(
             "importance", step_importance, cfg, fm, splits, ranks="main",
-            inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher"},
+            inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher",
+                    **({"channel_groups": cfg.channel_groups} if cfg.channel_groups > 1 else {})},
             write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
         )
         sens.save(work / "sensitivity.json")
@@ -592,6 +686,14 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
                     "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps, "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed},
             write=_write_allocation, load=_load_allocation,
         )
+        if family(cfg.model).kind == "resnet" and _fpga(cfg):  # FINN's estimates, not only the cost model's
+            alloc = run(
+                "fit", step_fit, cfg, fm, alloc, sens, splits, ranks="main",
+                inputs={"allocation": _allocation_content(alloc), "float": fm.key, "importance": steps["importance"]["key"],
+                        "target": cfg.target, "budget": cfg.budget, "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps,
+                        "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed, "rounds": FIT_ROUNDS, "margin": FIT_MARGIN},
+                write=_write_allocation, load=_load_allocation,
+            )
         alloc.save(work / "allocation.json")
         if alloc.solver.get("status") != "OPTIMAL" and cfg.progress:
             from fqhw.report.report import solver_line
@@ -636,12 +738,14 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
                 write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
                 load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
             )
+        elif not _fpga(cfg):  # an ASIC target: priced by its cost model, nothing to build
+            finn = None
         else:
             finn = run(
                 "finn", step_finn, cfg, qonnx_path, alloc, work,
                 inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
                 write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
-                load=lambda d: _load_finn(d / "finn", work / "finn"),
+                load=lambda d: _load_finn(cfg, d / "finn", work / "finn"),
             )
             check_fits(cfg, finn)
         # Always run: the check is the point of the build, and it costs seconds.

@@ -236,12 +236,26 @@ def test_saved_build_can_move_and_run(built, tmp_path):
     copied folder: what the flow needs to resume after the hls4ml step."""
     import shutil
 
+    from fqhw.backends.hls4ml_build import compiled_weights_dir, ensure_csim_here
+
     src = built["uniform8"]["build"]
     moved = tmp_path / "moved"
     shutil.copytree(src.out_dir, moved)
     build = Hls4mlBuild.load(moved)
     assert build.model is None and Path(build.library).parent.parent == (moved / "project").resolve()
-    again = hls4ml_integer_trace(build, built["x"][:4])
+    # The library was compiled with the original folder's absolute weights path; the flow
+    # renames that folder, so hide it here as the flow would (reading it would exit(1)).
+    original = (Path(src.project_dir) / "firmware" / "weights").resolve()
+    hidden = original.with_name("weights.hidden")
+    original.rename(hidden)
+    try:
+        assert compiled_weights_dir(build) == str(original)
+        assert ensure_csim_here(build) is True  # rebuilt with the project's build_lib.sh
+        assert compiled_weights_dir(build) == str((moved / "project" / "firmware" / "weights").resolve())
+        assert ensure_csim_here(build) is False  # already reads its own folder
+        again = hls4ml_integer_trace(build, built["x"][:4])
+    finally:
+        hidden.rename(original)
     for key, ref in built["uniform8"]["traces"]["hls4ml"].items():
         np.testing.assert_array_equal(again[key], ref[:4])
     with pytest.raises(FqhwError, match="no hls4ml build"):

@@ -27,6 +27,7 @@ types it leaves outside HW layers, as one FqhwError line.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -60,14 +61,77 @@ class FinnResult:
     folding: dict = field(default_factory=dict)  # MVAU node -> {layer, PE, SIMD}
     estimates: dict = field(default_factory=dict)
 
+    # with an allocation: FINN's estimates per fqhw layer (its MVAU's cycles and resources,
+    # PE / SIMD), as fqhw.backends.finn_build.FinnBuild.layer_estimates has them
+    layer_estimates: dict = field(default_factory=dict)
+
     @property
     def complete(self) -> bool:
         return not self.non_hw
+
+    # What a compile report reads from a build, the same as FinnBuild's (fqhw.report).
+    @property
+    def part(self) -> str:
+        return self.estimates.get("part", "")
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return dict(self.estimates.get("total", {}))
+
+    def summary(self) -> dict:
+        from fqhw.backends.finn_build import RESOURCE_KEYS
+
+        e = self.estimates
+        clock = e.get("clock_ns", float("nan"))
+        return {
+            "part": self.part,
+            "clock_ns": clock,
+            "total": {k: float(self.totals.get(k, 0.0)) for k in RESOURCE_KEYS},
+            "fps": e.get("fps"),
+            "max_cycles": e.get("max_cycles"),
+            "max_cycles_node": e.get("max_cycles_node"),
+            "latency_cycles": e.get("critical_path_cycles"),
+            "latency_ns": None if e.get("critical_path_cycles") is None else e["critical_path_cycles"] * clock,
+            "latency_ms": None if e.get("critical_path_cycles") is None else e["critical_path_cycles"] * clock / 1e6,
+            "outside_nodes": list(self.host_nodes),
+            "steps_s": {st["name"]: st["seconds"] for st in self.steps},
+            "hw_op_counts": dict(self.hw_op_counts),
+            "thresholds_differing": None,
+        }
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["complete"] = self.complete
         return d
+
+    def save(self) -> Path:
+        """build_dir/finn_result.json, its paths relative to build_dir so that the folder
+        can be moved (the compile's step cache copies it)."""
+        root = Path(self.build_dir)
+        d = self.to_dict()
+        d["build_dir"] = "."
+        for key in ("hw_model", "dataflow_model"):
+            if d[key]:
+                d[key] = os.path.relpath(d[key], root)
+        for st in d["steps"]:
+            st["model"] = os.path.relpath(st["model"], root)
+        path = root / "finn_result.json"
+        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, build_dir) -> "FinnResult":
+        """Read `save`'s file from build_dir, its paths resolved against build_dir."""
+        root = Path(build_dir).resolve()
+        d = json.loads((root / "finn_result.json").read_text())
+        d.pop("complete", None)
+        d["build_dir"] = str(root)
+        for key in ("hw_model", "dataflow_model"):
+            if d.get(key):
+                d[key] = os.path.normpath(str(root / d[key]))
+        for st in d["steps"]:
+            st["model"] = os.path.normpath(str(root / st["model"]))
+        return cls(**d)
 
 
 def op_counts(model) -> dict[str, int]:
@@ -376,7 +440,7 @@ def finn_dataflow_resnet(qonnx_path, build_dir, alloc=None, part: str | None = N
             child = fb._minimize_bit_width(child)
             record("fold_and_minimize", child, t0)
             t0 = time.perf_counter()
-            child, cycles, _, totals, perf = fb._estimates(child, part, clock_ns, build_dir / "report")
+            child, cycles, node_res, totals, perf = fb._estimates(child, part, clock_ns, build_dir / "report")
             res.dataflow_model = record("estimates", child, t0)
             getCustomOp(parent.get_nodes_by_op_type("StreamingDataflowPartition")[0]).set_nodeattr("model", res.dataflow_model)
             parent.save(str(build_dir / "dataflow_parent.onnx"))
@@ -389,7 +453,13 @@ def finn_dataflow_resnet(qonnx_path, build_dir, alloc=None, part: str | None = N
                 "critical_path_cycles": int(perf["critical_path_cycles"]),
                 "fps": float(perf["estimated_throughput_fps"]),
             }
-    (build_dir / "finn_result.json").write_text(json.dumps(res.to_dict(), indent=2, sort_keys=True) + "\n")
+            for node, f in res.folding.items():
+                r = node_res.get(node, {})
+                res.layer_estimates[f["layer"]] = {
+                    "mvau": node, "pe": f["PE"], "simd": f["SIMD"], "cycles": int(cycles.get(node, 0)),
+                    **{k: float(r.get(k, 0)) for k in fb.RESOURCE_KEYS},
+                }
+    res.save()
     return res
 
 

@@ -72,10 +72,21 @@ def quantize_weight_per_channel(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _activation_module(model: nn.Module, layer: str) -> nn.Module | None:
-    """The ReLU that follows a conv layer named '<block>.conv' (FairCNN naming)."""
-    if not layer.endswith(".conv"):
-        return None
-    return dict(model.named_modules()).get(layer[: -len("conv")] + "relu")
+    """The module whose output is the activation a layer's act_bits quantize.
+
+    FairCNN: the ReLU after '<block>.conv'. timm ResNet: 'convK' -> 'actK' of the same
+    block (a block's last conv: the ReLU after the residual add, the join's activation);
+    a downsample conv -> its conv + BN (the shortcut operand of the add). Anything else
+    (a transformer's linear layers, whose outputs are quantized as they are): the layer."""
+    modules = dict(model.named_modules())
+    if layer.endswith(".conv"):
+        return modules.get(layer[: -len("conv")] + "relu")
+    parent, _, leaf = layer.rpartition(".")
+    if leaf.startswith("conv") and leaf[4:].isdigit():
+        return modules.get(f"{parent}.act{leaf[4:]}" if parent else f"act{leaf[4:]}")
+    if layer.endswith(".downsample.0"):
+        return modules.get(layer[: -len(".0")])
+    return modules.get(layer)
 
 
 def _check_options(method: str, group_by: str) -> None:

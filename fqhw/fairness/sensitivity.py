@@ -42,11 +42,16 @@ class Sensitivity:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def predicted(self, weight_bits: dict[str, int], act_bits: dict[str, int | None]) -> np.ndarray:
-        """Predicted per-group loss increase of a whole allocation."""
+        """Predicted per-group loss increase of a whole allocation. Channel groups
+        ("<layer>:g<k>") each have their weight entry and share their layer's activation
+        entry, counted once."""
         total = np.zeros(len(self.groups))
         for layer, b in weight_bits.items():
             total += self.weight[layer][b]
-        for layer, b in act_bits.items():
-            if b is not None:
+        seen = set()
+        for unit, b in act_bits.items():
+            layer = unit if unit in self.act else unit.rsplit(":g", 1)[0]
+            if b is not None and layer not in seen:
+                seen.add(layer)
                 total += self.act[layer][b]
         return total

@@ -590,11 +590,28 @@ def _float64_exec_copy(path):
 
     from fqhw.backends.qonnx_export import _float64_copy
 
+    from onnx import TensorProto
+
     wrapper = _float64_copy(path)
     for n in wrapper.graph.node:
         if n.op_type == "GlobalAveragePool":
             n.op_type = "ReduceMean"
             n.attribute.extend([helper.make_attribute("axes", [2, 3]), helper.make_attribute("keepdims", 1)])
+    # onnxruntime has no float64 Erf (a transformer's GELU): it runs in float32 between two
+    # Casts, the one op of the graph that is not float64 (its error, ~1e-7 relative, moves a
+    # code only for a value that close to a rounding boundary; the check would show it)
+    for i, n in reversed(list(enumerate(wrapper.graph.node))):
+        if n.op_type != "Erf":
+            continue
+        x32, y32 = n.input[0] + "_f32", n.output[0] + "_f32"
+        shape = wrapper.get_tensor_shape(n.input[0])
+        wrapper.set_tensor_shape(x32, shape, TensorProto.FLOAT)
+        wrapper.set_tensor_shape(y32, shape, TensorProto.FLOAT)
+        cast_in = helper.make_node("Cast", [n.input[0]], [x32], to=TensorProto.FLOAT, name=n.name + "_cast_in")
+        cast_out = helper.make_node("Cast", [y32], [n.output[0]], to=TensorProto.DOUBLE, name=n.name + "_cast_out")
+        n.input[0], n.output[0] = x32, y32
+        wrapper.graph.node.insert(i + 1, cast_out)
+        wrapper.graph.node.insert(i, cast_in)
     return wrapper
 
 
@@ -888,6 +905,61 @@ def export_transformer_qonnx(qmodel: QuantTransformer, input_shape, path, opset:
     proto.metadata_props.add(key=COMPUTE_LAYERS_KEY, value=json.dumps(found, sort_keys=True))
     path.write_bytes(proto.SerializeToString(deterministic=True))
     return path
+
+
+def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
+    """The integer codes a QONNX file exported by `export_transformer_qonnx` computes on `x`
+    (N, C, H, W floats = pixel/256), under `integer_trace`'s transformer keys: "input" and
+    "<layer>.out" (each quantized layer's output quantizer). Run with qonnx's executor in
+    float64 (fqhw.backends.qonnx_export's float64 copy: Quant split so that its codes are a
+    tensor), one image at a time, like the ResNet trace; the float ops between quantizers
+    (attention, softmax, LayerNorm, GELU) run in float64 in both this and Brevitas' float64
+    twin, so the codes agree unless a value falls within float64 error of a rounding
+    boundary."""
+    import json
+
+    import onnx
+
+    from fqhw.backends.qonnx_export import CODES_SUFFIX, _consumers, _quant_params, _to_int
+    from qonnx.core.onnx_exec import execute_onnx
+
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if COMPUTE_LAYERS_KEY not in meta:
+        raise FqhwError(f"{path}: not exported by export_transformer_qonnx (no {COMPUTE_LAYERS_KEY} metadata)")
+    layer_of = json.loads(meta[COMPUTE_LAYERS_KEY])
+    gin = model.graph.input[0].name
+    keys: OrderedDict[str, object] = OrderedDict()
+    inputs = [n for n in _consumers(model, gin) if n.op_type == "Quant"]
+    if len(inputs) != 1:
+        raise FqhwError(f"{path}: the graph input does not feed one Quant node")
+    keys["input"] = inputs[0]
+    for node in model.graph.node:
+        layer = layer_of.get(node.name)
+        if layer is None:
+            continue
+        t, q = node.output[0], None
+        for _ in range(4):  # the bias Add (a MatMul's), then the layer's output quantizer
+            nxt = _consumers(model, t)
+            if len(nxt) != 1:
+                break
+            if nxt[0].op_type == "Quant":
+                q = nxt[0]
+                break
+            if nxt[0].op_type != "Add":
+                break
+            t = nxt[0].output[0]
+        if q is not None:
+            keys[f"{layer}.out"] = q
+    wrapper = _float64_exec_copy(path)
+    per_key: dict[str, list[np.ndarray]] = {}
+    for i in range(x.shape[0]):
+        ctx = execute_onnx(wrapper, {gin: x[i : i + 1].astype(np.float64)}, return_full_exec_context=True)
+        for key, q in keys.items():
+            _s, z = _quant_params(ctx, model, q)
+            per_key.setdefault(key, []).append(_to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, key))
+    return OrderedDict((k, np.concatenate(v, axis=0)) for k, v in per_key.items())
 
 
 def qonnx_execute(path, x) -> np.ndarray:

@@ -69,6 +69,12 @@ def render(report: dict) -> str:
 
 
 def _hardware(report: dict, hw: dict | None) -> list[str]:
+    if hw is None and "hls4ml" not in report["hardware"]:  # an ASIC target
+        pred = report["hardware"]["predicted"]
+        return [
+            f"<h2>Hardware ({html.escape(report['target'])}: cost model only)</h2>",
+            _table(["quantity", "predicted"], [[k, f"{v:g}"] for k, v in pred.items() if isinstance(v, (int, float))]),
+        ]
     if hw is None:  # --backend hls4ml
         h = report["hardware"]["hls4ml"]
         return [

@@ -13,7 +13,8 @@ MODEL_ROWS = [("float", "Float"), ("uniform8", "Uniform 8-bit"), ("uniform4", "U
 
 def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None, baq=None) -> dict:
     net = fm.net
-    is_finn = hasattr(finn, "layer_estimates")  # else an hls4ml project (--backend hls4ml)
+    # a FINN build, else an hls4ml project (--backend hls4ml), or nothing (an ASIC target)
+    is_finn = hasattr(finn, "layer_estimates")
     accuracy = {**baselines, "compiled": qm.test_metrics}
     predicted_loss = sens.predicted(
         {la.name: la.weight_bits for la in alloc.layers}, {la.name: la.act_bits for la in alloc.layers}
@@ -53,10 +54,10 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "predicted_group_loss_increase": dict(zip(sens.groups, predicted_loss.tolist())),
             },
             "hardware": {
-                "part": finn.part,
+                "part": None if finn is None else finn.part,
                 "predicted": predicted["total"],
                 "finn": finn.summary() if is_finn else None,
-                **({} if is_finn else {"hls4ml": finn.summary()}),
+                **({} if is_finn or finn is None else {"hls4ml": finn.summary()}),
             },
             "qat": qm.qat,
             # learned bits (--baq-epochs): warm start, learned and projected widths
@@ -134,7 +135,13 @@ def markdown(report: dict) -> str:
             f"| {la['pe']} | {la['simd']} | {f.get('cycles', '-')} | {f.get('LUT', '-')} | {f.get('BRAM_18K', '-')} | {f.get('DSP', '-')} |"
         )
     hw = report["hardware"]["finn"]
-    if hw is None:  # --backend hls4ml
+    if hw is None and "hls4ml" not in report["hardware"]:  # an ASIC target: its cost model only
+        pred = report["hardware"]["predicted"]
+        lines += ["", f"## {report['target']} (cost model only: no accelerator is built for an ASIC target)", "",
+                  "| quantity | predicted |", "| --- | --- |"]
+        lines += [f"| {k} | {v:g} |" for k, v in pred.items() if isinstance(v, (int, float))]
+        hw = {}
+    elif hw is None:  # --backend hls4ml
         h = report["hardware"]["hls4ml"]
         lines += ["", f"## hls4ml project ({h['backend']}, board {h['board']}, {h['part']}, {h['io_type']})", "",
                   f"Project in {h['project_dir']}; C simulation compiled in {h['compile_s']:.1f} s. The allocation was priced by "

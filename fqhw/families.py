@@ -1,0 +1,177 @@
+"""What the compile flow does differently per model family.
+
+The steps of fqhw.flow are the same for every model of the registry (fqhw.models.registry);
+what differs is which Brevitas model quantizes it, how the activation code boundaries are
+moved off float rounding error, which exporter writes the QONNX file, which FINN flow
+builds it, and which functions read the integer codes each backend computes:
+
+    fqcnn        QuantFairCNN (FINN's scheme) or the power-of-two model (hls4ml's);
+                 FINN's builder steps (fqhw.backends.finn_build) or an hls4ml project
+    resnet       QuantResNet with shared join quantizers; FINN's conversion with the
+                 residual streamlining (fqhw.backends.finn_generic), every add a HW layer
+    transformer  QuantTransformer (linear layers quantized, attention float); QONNX export
+                 and qonnx execution; FINN is asked and its refusal reported (no build)
+
+`family(name)` gives the Family of a registry name; the flow calls its methods only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fqhw.errors import FqhwError
+
+BACKENDS_OF = {"cnn": ("finn", "hls4ml"), "resnet": ("finn",), "transformer": ("finn",)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """The family-specific parts of the flow for one registry model."""
+
+    model: str  # registry name, e.g. "resnet18"
+    kind: str  # "cnn" | "resnet" | "transformer" (fqhw.models.registry.ModelEntry.family)
+
+    # ------------------------------------------------------------------ checks
+
+    def check(self, backend: str, image_size: int) -> None:
+        """Refuse, before any training, what this family cannot build."""
+        if backend not in BACKENDS_OF[self.kind]:
+            raise FqhwError(f"--backend {backend} builds the default CNN only, not {self.model}: use --backend finn")
+        if self.kind == "resnet" and image_size < 64:
+            raise FqhwError(
+                f"{self.model} needs images of at least 64 px for its QONNX export and FINN build (got {image_size}): "
+                "pass --data-image-size 64 (built-in data) or more"
+            )
+
+    def finn_refusal(self, float_model: nn.Module, input_shape, net) -> FqhwError | None:
+        """Ask FINN, before any training, whether it can build this model: the untrained
+        model quantized at 8 bits, exported, and converted as far as FINN goes. None if
+        every compute op became a HW layer; else the one-line error naming the op types it
+        leaves in software, and what to do instead."""
+        import tempfile
+
+        from fqhw.allocator.allocation import Allocation
+        from fqhw.backends.finn_generic import finn_refusal
+
+        qmodel = self.quant_model(float_model, Allocation.uniform(net, 8), "finn").eval()
+        with tempfile.TemporaryDirectory(prefix="fqhw-ask-finn-") as tmp:
+            path = self.export(qmodel, input_shape, Path(tmp) / "model.qonnx.onnx")
+            err = finn_refusal(path, self.model, Path(tmp) / "finn")
+        if err is None:
+            return None
+        return FqhwError(f"{err}: compile {self.model} for an ASIC target (e.g. --target bitfusion) to get its allocation, QONNX model and bit-exact check")
+
+    # ------------------------------------------------------------------ quantization
+
+    def quant_model(self, float_model: nn.Module, alloc, backend: str) -> nn.Module:
+        """The Brevitas model of the backend's quantization scheme (not yet calibrated)."""
+        if self.kind == "cnn":
+            if backend == "hls4ml":
+                from fqhw.quant.po2 import build_po2_model
+
+                return build_po2_model(float_model, alloc)
+            from fqhw.quant.qmodel import build_quant_model
+
+            return build_quant_model(float_model, alloc)
+        from fqhw.quant.generic import quantize_model
+
+        return quantize_model(float_model, alloc)
+
+    def snap(self, qmodel: nn.Module, backend: str) -> dict | None:
+        """Move every activation code boundary away from float rounding error, so that every
+        backend's evaluation gives the same integers (FINN's thresholds are float32). The
+        hls4ml scheme's power-of-two boundaries are exact already, and a transformer's
+        quantizers are not thresholds in any backend here."""
+        if self.kind == "cnn" and backend == "finn":
+            from fqhw.quant.qmodel import snap_thresholds
+
+            return snap_thresholds(qmodel)
+        if self.kind == "resnet":
+            from fqhw.quant.generic import snap_resnet_thresholds
+
+            return snap_resnet_thresholds(qmodel)
+        return None
+
+    def export(self, qmodel: nn.Module, input_shape, path: Path) -> Path:
+        if self.kind == "cnn":
+            from fqhw.backends.qonnx_export import export_qonnx
+
+            return export_qonnx(qmodel, input_shape, path)
+        if self.kind == "resnet":
+            from fqhw.quant.generic import export_generic_qonnx
+
+            return Path(export_generic_qonnx(qmodel, input_shape, path))
+        from fqhw.quant.generic import export_transformer_qonnx
+
+        return Path(export_transformer_qonnx(qmodel, input_shape, path))
+
+    # ------------------------------------------------------------------ backends
+
+    def finn(self, qonnx_path: Path, alloc, build_dir: Path, cost_model):
+        """The FINN build (FinnBuild for the default CNN, FinnResult for a ResNet)."""
+        if self.kind == "cnn":
+            from fqhw.backends.finn_build import finn_build
+
+            return finn_build(qonnx_path, alloc, build_dir, part=cost_model.limits.part, cost_model=cost_model)
+        if self.kind == "resnet":
+            from fqhw.backends.finn_generic import finn_dataflow_resnet, require_all_hw
+
+            return require_all_hw(finn_dataflow_resnet(qonnx_path, build_dir, alloc=alloc, part=cost_model.limits.part), self.model)
+        raise FqhwError(f"FINN cannot build {self.model}")  # check() refuses it first
+
+    def load_finn(self, build_dir: Path):
+        if self.kind == "cnn":
+            from fqhw.backends.finn_build import FinnBuild
+
+            return FinnBuild.load(build_dir)
+        from fqhw.backends.finn_generic import FinnResult
+
+        return FinnResult.load(build_dir)
+
+    # ------------------------------------------------------------------ integer traces
+
+    def traces(self, qmodel: nn.Module, qonnx_path: Path, build, x: torch.Tensor, backend: str) -> dict[str, dict[str, np.ndarray]]:
+        """The integer codes of every backend present on images `x` (N, C, H, W = pixel/256),
+        under one set of keys: Brevitas (float64 twin), qonnx (float64 execution of the
+        file) and the build (FINN's Python execution of its dataflow graph, or hls4ml's C
+        simulation; none for an ASIC target)."""
+        if self.kind == "cnn":
+            from fqhw.backends.qonnx_export import qonnx_integer_trace
+
+            if backend == "hls4ml":
+                from fqhw.backends.hls4ml_build import hls4ml_integer_trace
+                from fqhw.quant.po2 import po2_integer_trace
+
+                out = {"brevitas": po2_integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
+                if build is not None:
+                    out["hls4ml"] = hls4ml_integer_trace(build, x)
+                return out
+            from fqhw.backends.finn_build import finn_integer_trace
+            from fqhw.quant.qmodel import integer_trace
+
+            out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
+            if build is not None:
+                out["finn"] = finn_integer_trace(build, x)
+            return out
+        from fqhw.quant.generic import integer_trace, qonnx_integer_trace_generic, qonnx_integer_trace_transformer
+
+        if self.kind == "transformer":  # no build: FINN refuses it (check), an ASIC target has none
+            return {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_transformer(qonnx_path, x)}
+        out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_generic(qonnx_path, x)}
+        if build is not None:
+            from fqhw.backends.finn_generic import finn_dataflow_integer_trace
+
+            # the folded, specialized partition: what the accelerator is built from
+            out["finn"] = finn_dataflow_integer_trace(build, qonnx_path, x, graph="dataflow")
+        return out
+
+
+def family(model: str) -> Family:
+    """The Family of a registry model name (an unknown name: the registry's one-line error)."""
+    from fqhw.models.registry import model_entry
+
+    return Family(model, model_entry(model).family)
