@@ -22,6 +22,22 @@ hls4ml's C simulation (hls4ml_integer_trace: the compiled library, one C call pe
 layer traced, as fqhw's cross-check runs it), and checks all three bit for bit. The C
 simulation is rebuilt first if it was compiled in another folder (timed apart).
 
+The two FINN graphs that are DAGs rather than chains have their own sections, each timed
+in its own run against qonnx on the same model and images:
+
+    fqhw compile --channel-groups 2 --out /tmp/h3-groups ...     # "groups": fork + concat
+    fqhw compile --model resnet18 --channels 64,16,16,16 --data-image-size 64 --out /tmp/h3-resnet ...
+    python bench/simulator_speed.py --sections groups,resnet --groups-build /tmp/h3-groups --resnet-build /tmp/h3-resnet
+
+"groups" times qonnx_integer_trace(precision='float32') as the base section does; "resnet"
+times qonnx's execute_onnx of the file as it is (float32, logits: qonnx_execute) and
+qonnx_integer_trace_generic (float64, every layer's codes: what the cross-check runs),
+against the simulator's full trace (IntegerSimulator.from_finn_result) on the same images,
+checked bit for bit against the latter. `--resnet-build` may also be a folder holding only
+model.qonnx.onnx and finn/finn_result.json (as tests/test_intsim_graphs.py builds it): the
+images are then seeded random pixel codes. `--sections` without "base" keeps the base and
+hls4ml figures already in `--out` and replaces only the sections it runs.
+
 Every figure is the best of a few runs, in wall-clock seconds and also in CPU seconds of this
 process (all threads): the machine may be shared, and CPU time is the steadier measure of
 the work done when other processes compete for the cores. The load average before and after
@@ -121,6 +137,125 @@ def _hls4ml_figures(path: Path, finn_build: Path, images: np.ndarray, n_hls4ml: 
     }
 
 
+def _graph_images(path: Path, shape, n_all: int) -> tuple[np.ndarray, str]:
+    """The test split of the compile in `path`, or (no config.json) `n_all` seeded random
+    pixel codes of the build's input shape."""
+    if (path / "config.json").is_file():
+        return build_test_data(path).images, "the build's test split"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(n_all, *shape), dtype=np.uint8), "seeded random pixel codes (no config.json)"
+
+
+def _groups_figures(path: Path, n_qonnx: int, repeats: int, bs) -> dict:
+    """qonnx (float32 trace) against the simulator on a --channel-groups build: the
+    DuplicateStreams fork and StreamingConcat join of the grouped layers."""
+    sim_t0 = time.perf_counter()
+    sim = IntegerSimulator.from_build(path)
+    build_s = time.perf_counter() - sim_t0
+    images, source = build_test_data(path).images, "the build's test split"
+    n = min(n_qonnx, len(images))
+    imgs = images[:n]
+    x = imgs.astype(np.float32) * np.float32(INPUT_SCALE)
+    out: dict = {}
+
+    def run_qonnx():
+        out["q"] = qonnx_integer_trace(path / "model.qonnx.onnx", x, precision="float32")
+
+    sim.run(imgs[:8], batch_size=bs)
+    qonnx = _best_of(run_qonnx, repeats)
+    same = _best_of(lambda: sim.run(imgs, batch_size=bs), 5)
+    all_nt = _best_of(lambda: sim.run(images, batch_size=bs, trace=False), 3)
+    s = sim.run(imgs, batch_size=bs)
+    be = check_bit_exact({"intsim": {k: v for k, v in s.items() if k != "logits"}, "qonnx_float32": out["q"]})
+    if not be.ok:
+        raise SystemExit(f"groups: the simulator and qonnx (float32) disagree: {be.first_mismatch}")
+    cfg = json.loads((path / "config.json").read_text())
+    q_rate, s_rate, a_rate = n / qonnx[0], n / same[0], len(images) / all_nt[0]
+    return {
+        "build": str(path),
+        "channel_groups": cfg.get("channel_groups"),
+        "images": source,
+        "joins": sum(nd.op_type.startswith("StreamingConcat") for nd in sim.nodes),
+        "simulator_build_s": round(build_s, 3),
+        "n_images_shared": n,
+        "n_images_all": len(images),
+        "qonnx_float32_images_per_s": round(q_rate, 1),
+        "simulator_images_per_s_same_images": round(s_rate, 1),
+        "simulator_images_per_s_all_test_images_logits_only": round(a_rate, 1),
+        "ratio_same_images": round(s_rate / q_rate, 1),
+        "ratio_all_test_images_logits_only": round(a_rate / q_rate, 1),
+        "cpu_time": {
+            "qonnx_float32_images_per_cpu_s": round(n / qonnx[1], 1),
+            "simulator_same_images_per_cpu_s": round(n / same[1], 1),
+            "ratio_same_images": round(qonnx[1] / same[1], 1),
+        },
+        "bit_exact_vs_qonnx_float32": be.ok,
+    }
+
+
+def _resnet_figures(path: Path, n_qonnx: int, n_trace: int, repeats: int, bs) -> dict:
+    """qonnx (execute_onnx float32 logits; the float64 integer trace) against the simulator
+    on a ResNet's FINN build: residual adds, forks, GlobalAccPool."""
+    from fqhw.quant.generic import qonnx_execute, qonnx_integer_trace_generic
+
+    qpath = path / "model.qonnx.onnx"
+    t0 = time.perf_counter()
+    sim = IntegerSimulator.from_finn_result(path / "finn", qpath)
+    build_s = time.perf_counter() - t0
+    shape = (sim.in_shape[3], sim.in_shape[1], sim.in_shape[2])  # the partition reads NHWC
+    images, source = _graph_images(path, shape, 512)
+    n = min(n_qonnx, len(images))
+    nt = min(n_trace, n)
+    imgs = images[:n]
+    x32 = imgs.astype(np.float32) * np.float32(INPUT_SCALE)
+    out: dict = {}
+
+    def run_exec():
+        out["logits"] = np.asarray(qonnx_execute(qpath, x32)).reshape(n, -1)  # one image at a time
+
+    def run_trace():
+        out["trace"] = qonnx_integer_trace_generic(qpath, imgs[:nt].astype(np.float64) * INPUT_SCALE)
+
+    sim.run(imgs[:4], batch_size=bs)
+    execute = _best_of(run_exec, repeats)
+    trace = _best_of(run_trace, 1)
+    same = _best_of(lambda: sim.run(imgs, batch_size=bs), 3)
+    all_nt = _best_of(lambda: sim.run(images, batch_size=bs, trace=False), 3)
+    s = sim.run(imgs, batch_size=bs)
+    mine = {k: v[:nt] for k, v in s.items() if k != "logits"}
+    be = check_bit_exact({"intsim": mine, "qonnx_float64": out["trace"]}, partial=("intsim",))
+    if not be.ok:
+        raise SystemExit(f"resnet: the simulator and qonnx disagree: {be.first_mismatch}")
+    agree = float(np.mean(np.argmax(s["logits"], axis=1) == np.argmax(out["logits"], axis=1)))
+    e_rate, t_rate = n / execute[0], nt / trace[0]
+    s_rate, a_rate = n / same[0], len(images) / all_nt[0]
+    return {
+        "build": str(path),
+        "images": source,
+        "input_shape": list(shape),
+        "residual_adds": sum(nd.op_type.startswith("ElementwiseAdd") for nd in sim.nodes),
+        "simulator_build_s": round(build_s, 3),
+        "n_images_shared": n,
+        "n_images_qonnx_trace": nt,
+        "n_images_all": len(images),
+        "qonnx_execute_float32_images_per_s": round(e_rate, 2),
+        "qonnx_integer_trace_float64_images_per_s": round(t_rate, 2),
+        "simulator_images_per_s_same_images": round(s_rate, 1),
+        "simulator_images_per_s_all_images_logits_only": round(a_rate, 1),
+        "ratio_same_images_vs_qonnx_execute": round(s_rate / e_rate, 1),
+        "ratio_same_images_vs_qonnx_integer_trace": round(s_rate / t_rate, 1),
+        "ratio_all_images_logits_only_vs_qonnx_execute": round(a_rate / e_rate, 1),
+        "cpu_time": {
+            "qonnx_execute_float32_images_per_cpu_s": round(n / execute[1], 2),
+            "qonnx_integer_trace_float64_images_per_cpu_s": round(nt / trace[1], 2),
+            "simulator_same_images_per_cpu_s": round(n / same[1], 1),
+            "ratio_same_images_vs_qonnx_execute": round((n / same[1]) / (n / execute[1]), 1),
+        },
+        "bit_exact_vs_qonnx_integer_trace": be.ok,
+        "argmax_agrees_with_qonnx_execute_float32": agree,
+    }
+
+
 def _best_of(fn, repeats: int) -> tuple[float, float]:
     """(best wall seconds, best CPU seconds) over `repeats` calls."""
     wall = cpu = float("inf")
@@ -142,8 +277,23 @@ def main() -> None:
                     help="an fqhw compile --backend hls4ml output of the same configuration (skipped when absent)")
     ap.add_argument("--n-hls4ml", type=int, default=256, help="images run through the hls4ml C simulation")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "simulator_speed.json")
+    ap.add_argument("--sections", default="base,groups,resnet",
+                    help="comma list of base (with hls4ml), groups, resnet; a build folder that is absent skips its section")
+    ap.add_argument("--groups-build", type=Path, default=Path("/tmp/h3-groups"),
+                    help="an fqhw compile --channel-groups N output folder")
+    ap.add_argument("--resnet-build", type=Path, default=Path("/tmp/h3-resnet"),
+                    help="an fqhw compile --model resnet18 output folder (or model.qonnx.onnx + finn/finn_result.json)")
+    ap.add_argument("--n-resnet", type=int, default=16, help="images run through qonnx's execute_onnx on the ResNet")
+    ap.add_argument("--n-resnet-trace", type=int, default=4, help="of those, through qonnx's float64 integer trace")
     args = ap.parse_args()
     bs = args.batch_size
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"base", "groups", "resnet"}
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}")
+    if "base" not in sections:
+        _graph_sections_only(args, sections, bs)
+        return
 
     load_before = os.getloadavg()
     data = build_test_data(args.build)
@@ -177,6 +327,7 @@ def main() -> None:
         if not np.array_equal(hdata.images, data.images):
             raise SystemExit(f"{args.hls4ml_build} was compiled on other test images than {args.build}")
         hls = _hls4ml_figures(args.hls4ml_build, args.build, data.images, args.n_hls4ml, args.qonnx_repeats, bs)
+    graphs = _graph_sections(args, sections, bs)
     load_after = os.getloadavg()
 
     def rate(count, secs):
@@ -208,6 +359,7 @@ def main() -> None:
         },
         "bit_exact_vs_qonnx_float32": be.ok,
         "hls4ml": hls,
+        **graphs,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -237,7 +389,56 @@ def main() -> None:
         print(f"  simulator, all images, logits only:  {h['simulator_images_per_s_all_test_images_logits_only']:8.1f} images/s  -> "
               f"{h['ratio_simulator_all_logits_only_vs_qonnx']:.1f}x qonnx")
         print(f"  bit-exact simulator / qonnx / hls4ml: {h['bit_exact_simulator_qonnx_float32_hls4ml']}")
+    _print_graphs(graphs)
     print(f"load average {f['machine']['load_average_1min_before_after']}; bit-exact vs qonnx float32 on {n} images: {be.ok}; wrote {args.out}")
+
+
+def _graph_sections(args, sections: set[str], bs) -> dict:
+    """{"groups": ..., "resnet": ...} for the sections asked for whose build folder exists."""
+    out = {}
+    if "groups" in sections and (args.groups_build / "finn" / "finn_build.json").is_file():
+        out["groups"] = _groups_figures(args.groups_build, args.n_qonnx, args.qonnx_repeats, bs)
+    if "resnet" in sections and (args.resnet_build / "finn" / "finn_result.json").is_file():
+        out["resnet"] = _resnet_figures(args.resnet_build, args.n_resnet, args.n_resnet_trace, 1, bs)
+    return out
+
+
+def _graph_sections_only(args, sections: set[str], bs) -> None:
+    """Run only the groups / resnet sections and merge them into the existing --out file,
+    its other fields kept (they were measured in another run: compare ratios, not rates)."""
+    load_before = os.getloadavg()
+    graphs = _graph_sections(args, sections, bs)
+    load_after = os.getloadavg()
+    if not graphs:
+        raise SystemExit("no build folder for the sections asked for: pass --groups-build / --resnet-build")
+    figures = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for name, sec in graphs.items():
+        sec["load_average_1min_before_after"] = [round(load_before[0], 2), round(load_after[0], 2)]
+        figures[name] = sec
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    _print_graphs(graphs)
+    print(f"wrote {', '.join(graphs)} into {args.out}")
+
+
+def _print_graphs(graphs: dict) -> None:
+    g = graphs.get("groups")
+    if g is not None:
+        print(f"channel groups ({g['channel_groups']} per layer, {g['joins']} joins), {g['n_images_shared']} images:")
+        print(f"  qonnx execute_onnx (float32 trace): {g['qonnx_float32_images_per_s']:8.1f} images/s")
+        print(f"  simulator, full trace:              {g['simulator_images_per_s_same_images']:8.1f} images/s  -> {g['ratio_same_images']:.1f}x "
+              f"(CPU time {g['cpu_time']['ratio_same_images']:.1f}x)")
+        print(f"  simulator, {g['n_images_all']} images, logits only: {g['simulator_images_per_s_all_test_images_logits_only']:8.1f} images/s")
+    r = graphs.get("resnet")
+    if r is not None:
+        print(f"ResNet-18 {r['input_shape']} ({r['residual_adds']} residual adds), {r['n_images_shared']} images ({r['images']}):")
+        print(f"  qonnx execute_onnx (float32, logits): {r['qonnx_execute_float32_images_per_s']:8.2f} images/s")
+        print(f"  qonnx integer trace (float64):        {r['qonnx_integer_trace_float64_images_per_s']:8.2f} images/s")
+        print(f"  simulator, full trace:                {r['simulator_images_per_s_same_images']:8.1f} images/s  -> "
+              f"{r['ratio_same_images_vs_qonnx_execute']:.1f}x execute_onnx, {r['ratio_same_images_vs_qonnx_integer_trace']:.1f}x the trace "
+              f"(CPU time {r['cpu_time']['ratio_same_images_vs_qonnx_execute']:.1f}x)")
+        print(f"  simulator, {r['n_images_all']} images, logits only: {r['simulator_images_per_s_all_images_logits_only']:8.1f} images/s; "
+              f"bit-exact vs qonnx trace: {r['bit_exact_vs_qonnx_integer_trace']}")
 
 
 if __name__ == "__main__":

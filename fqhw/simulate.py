@@ -6,7 +6,11 @@ images bit for bit against every other backend present in the compile output fol
 
     finn/       (fqhw compile, the default backend): the simulator is built from FINN's
                 dataflow graph and checked against FINN's Python execution of that graph
-                and qonnx's execution of model.qonnx.onnx;
+                and qonnx's execution of model.qonnx.onnx. finn/finn_build.json is the
+                default CNN's build (with --channel-groups its graph forks and joins the
+                groups' streams); finn/finn_result.json a ResNet's (fqhw.backends.finn_generic:
+                residual adds, forks, global pooling), whose traces are compared on the
+                tensors FINN materialises (a join's operands may not be);
     hls4ml/     (fqhw compile --backend hls4ml): the simulator is built from the
                 power-of-two model.qonnx.onnx (IntegerSimulator.from_qonnx) and checked
                 against qonnx's execution of that file and the hls4ml C simulation.
@@ -72,13 +76,23 @@ class BuildFolder:
     hls4ml/ subfolder."""
 
     root: Path
-    finn_dir: Path | None  # holding finn_build.json
+    finn_dir: Path | None  # holding finn_build.json (default CNN) or finn_result.json (ResNet)
     hls4ml_dir: Path | None  # holding hls4ml_build.json
     qonnx_path: Path | None  # model.qonnx.onnx, when present
+    finn_kind: str | None = None  # "build" (finn_build.json) | "result" (finn_result.json)
 
     @property
     def backends(self) -> list[str]:
         return [b for b, d in (("finn", self.finn_dir), ("hls4ml", self.hls4ml_dir)) if d is not None]
+
+
+def _config_fields(root: Path) -> dict:
+    """config.json of a compile output folder, or {} when it is missing or unreadable (only
+    used to word an error)."""
+    try:
+        return json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def locate_build(build_dir) -> BuildFolder:
@@ -86,17 +100,27 @@ def locate_build(build_dir) -> BuildFolder:
     p = Path(build_dir)
     if not p.is_dir():
         raise FqhwError(f"{p} is not a folder: pass a compile output folder (fqhw compile --out DIR)")
-    if (p / "finn_build.json").is_file() or (p / "hls4ml_build.json").is_file():
+    if any((p / f).is_file() for f in ("finn_build.json", "finn_result.json", "hls4ml_build.json")):
         p = p.parent
-    finn = p / "finn" if (p / "finn" / "finn_build.json").is_file() else None
+    finn, kind = None, None
+    for k, f in (("build", "finn_build.json"), ("result", "finn_result.json")):
+        if finn is None and (p / "finn" / f).is_file():
+            finn, kind = p / "finn", k
     hls = p / "hls4ml" if (p / "hls4ml" / "hls4ml_build.json").is_file() else None
     if finn is None and hls is None:
+        cfg = _config_fields(p)
+        if cfg:  # a compile ran here but built no accelerator the simulator reads
+            raise FqhwError(
+                f"{p} holds no FINN or hls4ml build (model {cfg.get('model', '?')}, target {cfg.get('target', '?')}): "
+                "fqhw simulate runs the accelerator build of an FPGA target, which an ASIC-style target's compile does not write; "
+                "compile for an FPGA target (e.g. --target pynq-z2), or re-run the compile if its finn/ or hls4ml/ folder was removed"
+            )
         raise FqhwError(
-            f"{p} is not a compile output folder: it holds neither finn/finn_build.json nor hls4ml/hls4ml_build.json; "
-            "pass the folder fqhw compile --out wrote"
+            f"{p} is not a compile output folder: it holds neither finn/finn_build.json, finn/finn_result.json "
+            "nor hls4ml/hls4ml_build.json; pass the folder fqhw compile --out wrote"
         )
     q = p / "model.qonnx.onnx"
-    return BuildFolder(p, finn, hls, q if q.is_file() else None)
+    return BuildFolder(p, finn, hls, q if q.is_file() else None, kind)
 
 
 def _simulator(folder: BuildFolder):
@@ -104,6 +128,11 @@ def _simulator(folder: BuildFolder):
     power-of-two QONNX file of an hls4ml build."""
     from fqhw.backends.intsim import IntegerSimulator
 
+    if folder.finn_kind == "result":
+        if folder.qonnx_path is None:
+            raise FqhwError(f"{folder.root / 'model.qonnx.onnx'} is missing: the simulator of a ResNet build finds its MVAUs by "
+                            "the weights in it; re-run fqhw compile")
+        return IntegerSimulator.from_finn_result(folder.finn_dir, folder.qonnx_path), "finn"
     if folder.finn_dir is not None:
         return IntegerSimulator.from_build(folder.finn_dir), "finn"
     if folder.qonnx_path is None:
@@ -161,11 +190,24 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
             if not np.array_equal(full[k], v[:n]):
                 raise RuntimeError(f"the simulator's traced and untraced runs disagree on {k}")
         traces = {"intsim": {k: v for k, v in full.items() if k != "logits"}}
-        if folder.finn_dir is not None:
+        partial: tuple[str, ...] = ()
+        if folder.finn_kind == "result":  # a ResNet: FINN's own execution and the generic QONNX trace
+            from fqhw.backends.finn_generic import FinnResult, finn_dataflow_integer_trace
+
+            res = FinnResult.load(folder.finn_dir)
+            traces["finn"] = finn_dataflow_integer_trace(res, folder.qonnx_path, x, graph="dataflow")
+            if folder.qonnx_path is not None:
+                from fqhw.quant.generic import qonnx_integer_trace_generic
+
+                traces["qonnx"] = qonnx_integer_trace_generic(folder.qonnx_path, x)
+            # FINN adds the operands of a residual join without materialising every one;
+            # the simulator computes what FINN's graph computes
+            partial = ("finn", "intsim")
+        elif folder.finn_dir is not None:
             from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
 
             traces["finn"] = finn_integer_trace(FinnBuild.load(folder.finn_dir), x)
-        if folder.qonnx_path is not None:
+        if folder.qonnx_path is not None and folder.finn_kind != "result":
             from fqhw.backends.qonnx_export import qonnx_integer_trace
 
             traces["qonnx"] = qonnx_integer_trace(folder.qonnx_path, x)
@@ -175,7 +217,7 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
             notes.append("no other backend in the folder to cross-check against")
         else:
             backends = list(traces)
-            bitexact = check_bit_exact(traces)
+            bitexact = check_bit_exact(traces, partial=partial)
     return SimulationResult(str(folder.root), len(data), metrics, pred, seconds, bitexact, backends, source, notes)
 
 

@@ -16,11 +16,20 @@ turns every HW node into a numpy operation that runs a whole batch at once:
                                Pool is fused with it (max / sum of KH*KW strided views, no im2col)
     StreamingMaxPool           max pooling by reshape (NHWC, kernel = stride)
     GlobalAccPool              sum over the pixels
+    DuplicateStreams           a fork: its outputs are aliases of its input (no copy)
+    StreamingConcat            a join: the streams side by side on the channel axis
+    ElementwiseAdd             a join: the integer sum of two streams (a residual add)
+
+The graph is a DAG, run in a topological order: the default CNN's is a chain, with
+`fqhw compile --channel-groups` a grouped layer forks its shared window to one MVAU (+ pool)
+per group and joins them with a StreamingConcat; a ResNet's (`from_finn_result`, the
+finn_result.json of fqhw.backends.finn_generic) forks every block's input to its main
+branch and shortcut and joins them with an ElementwiseAdd followed by Thresholding.
 
 Weights, thresholds and attributes come from the ONNX nodes (qonnx ModelWrapper,
 getCustomOp), never from the Brevitas model, so the simulator checks the build on its own.
 Every value is an integer until the parent graph's output Mul: "logits" = head accumulator times
-that scale, in float64.
+that scale (plus a ResNet's classifier bias, the parent's Add), in float64.
 
 Why it is exact although it computes in floating point. The input pixel codes lie in [0, 255]
 (`run` refuses anything else), so at construction every tensor gets a static integer interval
@@ -43,8 +52,9 @@ power of two), floored. `_threshold_reference` is the plain per-channel binary s
 the fallback and as the tests' reference.
 
 `run` returns the integer tensors `finn_integer_trace` returns ("input", "<layer>.act",
-"<layer>.acc" for an MVAU without activation, i.e. "head.acc"; NCHW codes, int64) plus
-"logits"; `run(..., trace=False)` returns only the output accumulator and "logits", which is
+"<layer>.acc" for an MVAU without activation, i.e. "head.acc"; NCHW codes, int64; channel
+groups' "<layer>:g<k>.act" joined into "<layer>.act") plus "logits" (for a ResNet the keys
+of finn_dataflow_integer_trace: "<block>.out", "<block>.shortcut", "fc.acc"); `run(..., trace=False)` returns only the output accumulator and "logits", which is
 all a whole-data-set accuracy needs and spares writing every feature map out as int64.
 """
 from __future__ import annotations
@@ -317,20 +327,29 @@ def _window_reduce(x: np.ndarray, k, stride, dilation, fn: str, dtype) -> np.nda
 
 @dataclass
 class SimNode:
+    """One step of the simulator: `fn` of the tensors named by `inp` (one name, or a tuple
+    of names for a join: StreamingConcat, ElementwiseAdd) writing the tensor `out`. The
+    nodes are kept in a topological order of the graph, so a run is one pass over them."""
+
     name: str
     op_type: str
-    inp: str
+    inp: str | tuple[str, ...]
     out: str
-    fn: Callable[[np.ndarray], np.ndarray]
+    fn: Callable[..., np.ndarray]
     out_shape: tuple  # the graph's shape of the output, without the batch axis
     interval: tuple = (None, None)  # static (lo, hi) of every output value
     dtype: type = np.int64  # the carrier of the output values
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.inp,) if isinstance(self.inp, str) else tuple(self.inp)
 
 
 class IntegerSimulator:
     """The deployed integer model of one FINN build, vectorised over a batch with numpy."""
 
-    def __init__(self, nodes, in_name, out_name, front, in_shape, record, out_scale, back, build_dir=None, in_dtype=np.int64):
+    def __init__(self, nodes, in_name, out_name, front, in_shape, record, out_scale, back, build_dir=None, in_dtype=np.int64,
+                 key_signs: dict[str, np.ndarray] | None = None):
         self.nodes: list[SimNode] = nodes
         self.in_name = in_name  # the dataflow graph's input tensor
         self.out_name = out_name  # its output (the head accumulator)
@@ -341,34 +360,83 @@ class IntegerSimulator:
         self.back = back  # layout ops after the accelerator, before/after the scale
         self.build_dir = build_dir
         self.in_dtype = in_dtype  # the carrier of the pixel codes
+        # trace key -> int64 +-1 per output column, multiplied into that key's values
+        self.key_signs = {k: np.asarray(v, dtype=np.int64).reshape(-1) for k, v in (key_signs or {}).items()}
 
     # ----------------------------------------------------------------- construction
 
     @classmethod
     def from_build(cls, build_dir) -> "IntegerSimulator":
-        """From a compile output folder (holding finn/) or a FINN build folder (holding
-        finn_build.json)."""
+        """From a compile output folder (holding finn/) or a FINN build folder: the default
+        CNN's (finn_build.json, fqhw.backends.finn_build, with or without channel groups) or
+        a ResNet's (finn_result.json, fqhw.backends.finn_generic; see `from_finn_result`)."""
         from fqhw.backends.finn_build import FinnBuild
 
         build_dir = Path(build_dir)
-        if (build_dir / "finn_build.json").exists():
-            fb = build_dir
-        elif (build_dir / "finn" / "finn_build.json").exists():
-            fb = build_dir / "finn"
-        else:
-            raise FqhwError(f"{build_dir} holds no finn_build.json (nor finn/finn_build.json): pass a compile output folder")
-        build = FinnBuild.load(fb)
-        return cls.from_models(build.dataflow_model, build.parent_model, build.mvau_of_layer, build_dir=str(build_dir))
+        for fb in (build_dir, build_dir / "finn"):
+            if (fb / "finn_build.json").exists():
+                build = FinnBuild.load(fb)
+                return cls.from_models(build.dataflow_model, build.parent_model, build.mvau_of_layer, build_dir=str(build_dir))
+            if (fb / "finn_result.json").exists():
+                return cls.from_finn_result(fb)
+        raise FqhwError(
+            f"{build_dir} holds no finn_build.json or finn_result.json (nor finn/finn_build.json, finn/finn_result.json): "
+            "pass a compile output folder"
+        )
 
     @classmethod
-    def from_models(cls, dataflow, parent, mvau_of_layer: dict[str, str], build_dir=None) -> "IntegerSimulator":
+    def from_finn_result(cls, build_dir, qonnx_path=None) -> "IntegerSimulator":
+        """From a ResNet's FINN build folder (finn_result.json of
+        fqhw.backends.finn_generic.finn_dataflow_resnet with an allocation): its folded,
+        specialised dataflow partition (MVAUs, Thresholding, ElementwiseAdd joins,
+        DuplicateStreams forks, pooling, GlobalAccPool) and dataflow_parent.onnx around it.
+
+        `qonnx_path` (default: model.qonnx.onnx beside the build folder, where fqhw compile
+        writes it) is read for the MVAUs' weight codes only: FINN renames every node, so
+        each MVAU is found by its weights, as finn_dataflow_integer_trace finds it, and the
+        trace keys are that function's ("<layer>.act", "<block>.shortcut", "<block>.out",
+        "fc.acc" with FINN's column signs undone)."""
+        from qonnx.core.modelwrapper import ModelWrapper
+
+        from fqhw.backends.finn_generic import FinnResult, _hw_keys, _match_mvaus, _qonnx_weight_codes
+
+        build_dir = Path(build_dir)
+        res = FinnResult.load(build_dir)
+        if not res.dataflow_model:
+            raise FqhwError(f"{build_dir / 'finn_result.json'} has no dataflow graph (FINN was run without an allocation); re-run fqhw compile")
+        parent = build_dir / "dataflow_parent.onnx"
+        for need in (Path(res.dataflow_model), parent):
+            if not need.is_file():
+                raise FqhwError(f"{need} is missing: the simulator of a ResNet build reads it; re-run fqhw compile")
+        qonnx_path = Path(qonnx_path) if qonnx_path is not None else Path(build_dir).resolve().parent / "model.qonnx.onnx"
+        if not qonnx_path.is_file():
+            raise FqhwError(f"{qonnx_path} is missing: the simulator finds a ResNet build's MVAUs by the weights in it; re-run fqhw compile")
+        df = ModelWrapper(res.dataflow_model)
+        mvau_layer = _match_mvaus(df, _qonnx_weight_codes(qonnx_path))
+        keys = _hw_keys(df, mvau_layer)
+        signs = {keys[node]: sign for node, (_, sign) in mvau_layer.items() if keys[node].endswith(".acc")}
+        mvau_of_layer = {layer: node for node, (layer, _) in mvau_layer.items()}
+        return cls.from_models(df, ModelWrapper(str(parent)), mvau_of_layer, build_dir=str(build_dir), node_keys=keys, key_signs=signs)
+
+    @classmethod
+    def from_models(cls, dataflow, parent, mvau_of_layer: dict[str, str], build_dir=None,
+                    node_keys: dict[str, str] | None = None, key_signs: dict[str, np.ndarray] | None = None) -> "IntegerSimulator":
         """From the dataflow graph and its parent (paths or qonnx ModelWrappers) and the map
-        fqhw layer name -> MVAU node name (FinnBuild.mvau_of_layer)."""
+        fqhw layer name -> MVAU node name (FinnBuild.mvau_of_layer).
+
+        The graph is a DAG, not necessarily a chain: a DuplicateStreams fork makes its
+        outputs aliases of its input (no copy: no simulator node writes into its input),
+        a StreamingConcat / ElementwiseAdd join reads several tensors, and the nodes run in
+        a topological order. `node_keys` (node name -> trace key) names tensors the MVAU
+        rule does not (a ResNet's "<block>.out" Thresholding) or overrides it; `key_signs`
+        (trace key -> +-1 per output column) undoes the column signs FINN moved into an
+        MVAU's weights, for keys that must equal the QONNX trace (a ResNet's "fc.acc")."""
         from qonnx.core.modelwrapper import ModelWrapper
 
         df = dataflow if isinstance(dataflow, ModelWrapper) else ModelWrapper(str(dataflow))
         par = parent if isinstance(parent, ModelWrapper) else ModelWrapper(str(parent))
         layer_of_mvau = {v: k for k, v in mvau_of_layer.items()}
+        node_keys = dict(node_keys or {})
         if len(df.graph.input) != 1 or len(df.graph.output) != 1:
             raise FqhwError("the dataflow graph must have one input and one output")
         in_name, out_name = df.graph.input[0].name, df.graph.output[0].name
@@ -376,27 +444,45 @@ class IntegerSimulator:
         in_dtype = _carrier(max(abs(v) for v in _INPUT_RANGE))
         interval = {in_name: _INPUT_RANGE}
         dtype = {in_name: in_dtype}
+        alias: dict[str, str] = {}  # a DuplicateStreams output -> the tensor it copies
         nodes: list[SimNode] = []
         record: dict[str, str] = {}
-        graph_nodes = list(df.graph.node)
         fused = set()
-        for i, node in enumerate(graph_nodes):
+
+        def stream(node, t):
+            src = alias.get(t, t)
+            if src not in interval:
+                raise FqhwError(f"FINN node {node.name}: its input {t} is not computed by the nodes before it")
+            return src
+
+        for node in _topological(df):
             if node.name in fused:
                 continue
-            src = node.input[0]
-            if src not in interval:
-                raise FqhwError(f"FINN node {node.name}: its input {src} is not computed before it (graph not in order)")
-            pool = _fusable_pool(df, node)
-            if pool is not None:
-                fn, iv, dt = _fused_pool_fn(df, node, pool, interval[src], dtype[src])
-                fused.add(pool.name)
-                out_t, name, op_type = pool.output[0], f"{node.name}+{pool.name}", f"{node.op_type}+{pool.op_type}"
-                key = None
+            op = _base_op(node.op_type)
+            if op == "DuplicateStreams":
+                src = stream(node, node.input[0])
+                for o in node.output:
+                    alias[o] = src
+                continue
+            if op in _JOIN_OPS:
+                srcs = tuple(stream(node, t) for t in node.input if df.get_initializer(t) is None)
+                fn, iv, dt = _join_fn(df, node, [interval[t] for t in srcs], [dtype[t] for t in srcs])
+                out_t, name, op_type, inp, key = node.output[0], node.name, node.op_type, srcs, None
             else:
-                fn, key, iv, dt = _node_fn(df, node, layer_of_mvau, interval[src], dtype[src])
-                out_t, name, op_type = node.output[0], node.name, node.op_type
+                src = stream(node, node.input[0])
+                inp = src
+                pool = _fusable_pool(df, node)
+                if pool is not None:
+                    fn, iv, dt = _fused_pool_fn(df, node, pool, interval[src], dtype[src])
+                    fused.add(pool.name)
+                    out_t, name, op_type = pool.output[0], f"{node.name}+{pool.name}", f"{node.op_type}+{pool.op_type}"
+                    key = None
+                else:
+                    fn, key, iv, dt = _node_fn(df, node, layer_of_mvau, interval[src], dtype[src])
+                    out_t, name, op_type = node.output[0], node.name, node.op_type
+            key = node_keys.get(node.name, key)
             oshape = tuple(df.get_tensor_shape(out_t))[1:]
-            nodes.append(SimNode(name, op_type, src, out_t, fn, oshape, iv, dt))
+            nodes.append(SimNode(name, op_type, inp, out_t, fn, oshape, iv, dt))
             interval[out_t], dtype[out_t] = iv, dt
             if key is not None:
                 record[out_t] = key
@@ -404,6 +490,7 @@ class IntegerSimulator:
         missing = set(mvau_of_layer.values()) - names
         if missing:
             raise FqhwError(f"MVAU nodes {sorted(missing)} of the build are not in its dataflow graph")
+        out_name = alias.get(out_name, out_name)
         if out_name not in interval:
             raise FqhwError(f"the dataflow graph's output {out_name} is not computed by its nodes")
 
@@ -439,6 +526,12 @@ class IntegerSimulator:
                     raise FqhwError(f"unexpected Mul {c.name} behind the accelerator")
                 scale = np.asarray(s, dtype=np.float64)
                 back.append(("S", None))
+            elif c.op_type == "Add" and scale is not None:
+                # the classifier bias a ResNet's float tail adds after the output scale
+                b = par.get_initializer(c.input[1])
+                if b is None:
+                    raise FqhwError(f"unexpected Add {c.name} behind the accelerator: its second operand is not a constant")
+                back.append(("B", np.asarray(b, dtype=np.float64)))
             elif c.op_type in ("Reshape", "Flatten"):
                 back.append(("R", tuple(par.get_tensor_shape(c.output[0]))[1:]))
             else:
@@ -447,7 +540,8 @@ class IntegerSimulator:
         if scale is None:
             scale = np.ones(1, dtype=np.float64)
             back.append(("S", None))
-        return cls(nodes, in_name, out_name, front, df.get_tensor_shape(in_name), record, scale, back, build_dir, in_dtype)
+        return cls(nodes, in_name, out_name, front, df.get_tensor_shape(in_name), record, scale, back, build_dir, in_dtype,
+                   key_signs=key_signs)
 
     @classmethod
     def from_qonnx(cls, path) -> "IntegerSimulator":
@@ -489,6 +583,12 @@ class IntegerSimulator:
         with _blas_threads(blas_threads):
             for i in range(0, n, batch_size):
                 self._run_batch(images[i : i + batch_size], i, n, out, trace)
+        if any(":g" in k for k in out):
+            from fqhw.quant.channel_groups import merge_group_keys
+
+            # channel groups: "<layer>:g<k>.act" joined into "<layer>.act", as FINN's and
+            # qonnx's traces have them
+            out = merge_group_keys(out)
         return out
 
     def _run_batch(self, x: np.ndarray, start: int, total: int, out: dict, trace: bool) -> None:
@@ -520,21 +620,118 @@ class IntegerSimulator:
             put("input", seen)
         ctx = {self.in_name: a}
         for node in self.nodes:
-            r = node.fn(ctx[node.inp])
+            r = node.fn(*[ctx[t] for t in node.inputs])
             if r.size != n * int(np.prod(node.out_shape)):
                 raise FqhwError(f"FINN node {node.name}: {r.shape[1:]} values per image, the graph says {node.out_shape}")
             r = r.reshape((n, *node.out_shape))
             ctx[node.out] = r
             key = self.record.get(node.out)
             if key is not None and (trace or node.out == self.out_name):
+                if key.endswith(".acc") and r.ndim == 4 and r.shape[1:3] == (1, 1):
+                    r = r.reshape(n, -1)  # an accumulator behind a global pool: (N, classes)
+                sign = self.key_signs.get(key)
+                if sign is not None:
+                    r = r.astype(np.int64) * sign  # exact: integers, |values| < 2^62
                 put(key, r.transpose(0, 3, 1, 2) if r.ndim == 4 else r)
         y = ctx[self.out_name]
         for kind, arg in self.back:
             if kind == "R":
                 y = y.reshape((n, *arg))
+            elif kind == "B":
+                y = y + arg
             else:
                 y = y.astype(np.float64) * self.out_scale
-        put("logits", np.asarray(y, dtype=np.float64), np.float64)
+        put("logits", np.asarray(y, dtype=np.float64).reshape(n, -1), np.float64)
+
+
+_JOIN_OPS = ("StreamingConcat", "ElementwiseAdd")
+
+
+def _base_op(op_type: str) -> str:
+    """The generic FINN op of a specialised node type (MVAU_hls -> MVAU)."""
+    for suffix in ("_hls", "_rtl"):
+        if op_type.endswith(suffix):
+            return op_type[: -len(suffix)]
+    return op_type
+
+
+def _topological(df) -> list:
+    """The graph's nodes in a topological order, the graph's own order wherever it already
+    is one (FINN keeps its graphs sorted; a fork's branches may come in any order)."""
+    produced = {o for n in df.graph.node for o in n.output}
+    ready = {i.name for i in df.graph.input}
+    todo, order = list(df.graph.node), []
+    while todo:
+        rest = []
+        for n in todo:
+            if all(t in ready or t not in produced for t in n.input if t):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(todo):
+            raise FqhwError(f"the dataflow graph has a cycle through {', '.join(n.name for n in rest[:3])}")
+        todo = rest
+    return order
+
+
+def _join_fn(df, node, in_ivs: list, in_dtypes: list):
+    """(fn of the stream inputs, output interval, output carrier) of a join node:
+
+    StreamingConcat  the streams side by side on the channel (last) axis, in input order
+    ElementwiseAdd   the integer sum of two streams of one shape (a residual join), or of a
+                     stream and an integer constant broadcast against it
+
+    FINN's Python execution of both is plain numpy (np.concatenate; lhs + rhs in int64), no
+    wrap-around or saturation, so the output interval is the union / the sum of the
+    inputs' and the carrier the narrowest that holds it."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    op = _base_op(node.op_type)
+    what = f"FINN node {node.name} ({node.op_type})"
+    g = getCustomOp(node).get_nodeattr
+    if op == "StreamingConcat":
+        chans = [int(c) for c in g("ChannelsPerStream")]
+        if len(chans) != len(in_ivs) or len(in_ivs) != len(node.input):
+            raise FqhwError(f"{what}: {len(node.input)} inputs ({len(in_ivs)} streams), ChannelsPerStream {chans}")
+        iv = (min(int(v[0]) for v in in_ivs), max(int(v[1]) for v in in_ivs))
+        dt = _carrier(max(abs(iv[0]), abs(iv[1])))
+
+        def concat(*xs):
+            for x, c in zip(xs, chans):
+                if x.shape[-1] != c:
+                    raise FqhwError(f"{what}: a stream of {x.shape[-1]} channels, ChannelsPerStream says {c}")
+            return np.concatenate([x if x.dtype == dt else x.astype(dt) for x in xs], axis=-1)
+
+        return concat, iv, dt
+
+    if op == "ElementwiseAdd":
+        consts = [t for t in node.input if df.get_initializer(t) is not None]
+        if len(node.input) != 2 or len(in_ivs) + len(consts) != 2 or not in_ivs:
+            raise FqhwError(f"{what}: an add of {len(in_ivs)} streams and {len(consts)} constants is not supported")
+        if consts:
+            c = _exact_int_array(df.get_initializer(consts[0]), f"{what} constant")
+            lo = int(in_ivs[0][0]) + int(c.min(initial=0))
+            hi = int(in_ivs[0][1]) + int(c.max(initial=0))
+        else:
+            c = None
+            lo, hi = int(in_ivs[0][0]) + int(in_ivs[1][0]), int(in_ivs[0][1]) + int(in_ivs[1][1])
+        bound = max(abs(lo), abs(hi))
+        if bound >= _THR_CLIP:
+            raise FqhwError(f"{what}: the sum may exceed 2^62 in magnitude")
+        dt = _carrier(bound)
+        cd = None if c is None else c.astype(dt)
+
+        def add(*xs):
+            if cd is not None:
+                return np.add(xs[0], cd, dtype=dt, casting="unsafe")  # integers in range: exact
+            if xs[0].shape != xs[1].shape:
+                raise FqhwError(f"{what}: operands of shapes {xs[0].shape[1:]} and {xs[1].shape[1:]}")
+            return np.add(xs[0], xs[1], dtype=dt, casting="unsafe")
+
+        return add, (lo, hi), dt
+
+    raise FqhwError(f"{what}: the integer simulator does not support this join")
 
 
 def _fusable_pool(df, node):
