@@ -365,7 +365,7 @@ def _fold_mvaus(model, alloc, codes) -> dict:
     from qonnx.custom_op.registry import getCustomOp
 
     folding = {}
-    for node_name, (layer, _) in _match_mvaus(model, codes).items():
+    for node_name, (layer, _) in match_mvaus_by_codes(model, codes).items():
         la = alloc.layer(layer)
         node = next(n for n in model.graph.node if n.name == node_name)
         inst = getCustomOp(node)
@@ -436,7 +436,7 @@ def finn_dataflow_resnet(qonnx_path, build_dir, alloc=None, part: str | None = N
             child = fb._step_specialize_layers(child, part)
             record("specialize_layers", child, t0)
             t0 = time.perf_counter()
-            res.folding = _fold_mvaus(child, alloc, _qonnx_weight_codes(qonnx_path))
+            res.folding = _fold_mvaus(child, alloc, qonnx_weight_codes(qonnx_path))
             child = fb._minimize_bit_width(child)
             record("fold_and_minimize", child, t0)
             t0 = time.perf_counter()
@@ -475,7 +475,7 @@ def require_all_hw(res: FinnResult, what: str = "the model") -> FinnResult:
 # --------------------------------------------------------------------------- execution
 
 
-def _qonnx_weight_codes(qonnx_path) -> dict[str, np.ndarray]:
+def qonnx_weight_codes(qonnx_path) -> dict[str, np.ndarray]:
     """Per allocation layer: its integer weight codes from the QONNX file, laid out as FINN's
     MVAU weight matrix (MW, MH): a conv's (C_out, C_in, kh, kw) as rows (kh, kw, C_in)
     (qonnx LowerConvsToMatMul's im2col order), a Gemm's with its transB undone."""
@@ -509,7 +509,7 @@ def _qonnx_weight_codes(qonnx_path) -> dict[str, np.ndarray]:
     return out
 
 
-def _match_mvaus(model, codes: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+def match_mvaus_by_codes(model, codes: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
     """MVAU node name -> (layer, column signs): the layer whose weight codes the MVAU holds,
     up to a sign per output column (FINN's FactorOutMulSignMagnitude moves a negative
     BatchNorm scale into the weights). Each layer must match exactly one MVAU."""
@@ -538,7 +538,7 @@ def _match_mvaus(model, codes: dict[str, np.ndarray]) -> dict[str, tuple[str, np
     return out
 
 
-def _hw_keys(model, mvau_layer: dict) -> dict[str, str]:
+def hw_keys(model, mvau_layer: dict) -> dict[str, str]:
     """HW node name -> trace key: an MVAU's output is "<layer>.act" (thresholded) or
     "<layer>.acc"; the Thresholding after a residual ElementwiseAdd is "<block>.out", one
     that feeds such an add (an identity shortcut's requantization) "<block>.shortcut",
@@ -603,8 +603,8 @@ def finn_dataflow_integer_trace(res: FinnResult | str, qonnx_path, x, graph: str
         from fqhw.backends.finn_build import _python_exec_model
 
         model = _python_exec_model(model)
-    mvau_layer = _match_mvaus(model, _qonnx_weight_codes(qonnx_path))
-    keys = _hw_keys(model, mvau_layer)
+    mvau_layer = match_mvaus_by_codes(model, qonnx_weight_codes(qonnx_path))
+    keys = hw_keys(model, mvau_layer)
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     codes_f = x.astype(np.float64) / INPUT_SCALE
     codes = np.round(codes_f)

@@ -398,7 +398,7 @@ class IntegerSimulator:
         "fc.acc" with FINN's column signs undone)."""
         from qonnx.core.modelwrapper import ModelWrapper
 
-        from fqhw.backends.finn_generic import FinnResult, _hw_keys, _match_mvaus, _qonnx_weight_codes
+        from fqhw.backends.finn_generic import FinnResult, hw_keys, match_mvaus_by_codes, qonnx_weight_codes
 
         build_dir = Path(build_dir)
         res = FinnResult.load(build_dir)
@@ -412,8 +412,8 @@ class IntegerSimulator:
         if not qonnx_path.is_file():
             raise FqhwError(f"{qonnx_path} is missing: the simulator finds a ResNet build's MVAUs by the weights in it; re-run fqhw compile")
         df = ModelWrapper(res.dataflow_model)
-        mvau_layer = _match_mvaus(df, _qonnx_weight_codes(qonnx_path))
-        keys = _hw_keys(df, mvau_layer)
+        mvau_layer = match_mvaus_by_codes(df, qonnx_weight_codes(qonnx_path))
+        keys = hw_keys(df, mvau_layer)
         signs = {keys[node]: sign for node, (_, sign) in mvau_layer.items() if keys[node].endswith(".acc")}
         mvau_of_layer = {layer: node for node, (layer, _) in mvau_layer.items()}
         return cls.from_models(df, ModelWrapper(str(parent)), mvau_of_layer, build_dir=str(build_dir), node_keys=keys, key_signs=signs)
