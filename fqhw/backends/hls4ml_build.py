@@ -16,6 +16,10 @@ float scales and BatchNorm are not exact in hls4ml: see fqhw/quant/po2.py) and
    build scripts), io_stream (each conv a line-buffered stream: what fits a CNN on the
    xc7z020), ReuseFactor per layer from the allocation's folding
    (MW * MH / (PE * SIMD): as many multipliers as the FINN MVAU would have);
+   Output-channel groups (units "<layer>:g<k>", fqhw.quant.channel_groups): each group is
+   its own Conv2D with its own types; the groups' outputs, which share one activation
+   quantizer, are joined channels-last by hls4ml Concatenate layers (two inputs each) of
+   that activation type, and the stream they all read is copied by a typed Clone;
 4. checks that hls4ml kept the types it was given, writes the project and compiles the C
    simulation with g++ (`compile()`); the library is built with per-layer tracing, which is
    compiled out of synthesis (`#ifndef __SYNTHESIS__`), so one build serves both.
@@ -46,6 +50,7 @@ from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.errors import FqhwError
+from fqhw.quant.channel_groups import merge_group_keys, parse_unit
 
 BOARD = "pynq-z2"
 PART = "xc7z020clg400-1"  # the board's part, as hls4ml's supported_boards.json names it
@@ -69,7 +74,9 @@ class Hls4mlBuild:
     accumulator_bits: layer -> width of its accumulator (the hardware cost of exactness).
     scale_exp: "input" and per layer {"input", "weight", "act"} exponents e (scale 2^e) read
       from the Quant nodes; the C simulation's values over these are the integer codes.
-    hls_layers: "<layer>" / "<layer>.act" -> the hls4ml layer computing it.
+    hls_layers: "<layer>" / "<layer>.act" -> the hls4ml layer computing it (per allocation
+      unit: a channel group "<layer>:g<k>" has its own), "<Concat node>.concat" -> the
+      Concatenate joining a layer's channel groups.
     input_tap: the traced layer holding the input codes and the border to crop, or None.
     traced: hls4ml layer -> output shape, for every layer the C simulation traces.
     reuse_factors: layer -> {"requested" (from PE / SIMD), "used" (what hls4ml accepted)}.
@@ -214,6 +221,27 @@ class _Graph:
             node = self.producer.get(node.input[0])
         return node if node is not None and node.op_type == "Quant" else None
 
+    def source_quants(self, tensor: str) -> list[str]:
+        """The Quant nodes (names, in channel order) whose codes a tensor holds, through ops
+        that keep codes and through Concat (the join of a layer's channel groups, each input
+        followed back in turn); [] where some input does not come from a Quant that way."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in _CODE_PRESERVING:
+            node = self.producer.get(node.input[0])
+        if node is None:
+            return []
+        if node.op_type == "Quant":
+            return [node.name]
+        if node.op_type == "Concat":
+            out: list[str] = []
+            for t in node.input:
+                part = self.source_quants(t)
+                if not part:
+                    return []
+                out += part
+            return out
+        return []
+
     def const_quant(self, tensor: str, what: str) -> tuple[np.ndarray, dict]:
         """(integer codes, quant info) of a constant behind a Quant node."""
         q = self.producer.get(tensor)
@@ -259,10 +287,38 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
     if in_info["signed"]:
         raise FqhwError("the input quantizer must be unsigned (pixel codes)")
     layers: dict[str, dict] = {}
-    cur = {"exp": in_info["exp"], "bits": in_info["bits"], "quant": in_q[0]}
+    # what the next layer reads: the quantized output of the layer before it, i.e. the Quant
+    # nodes of all of its channel groups (concatenated), which must share one type
+    cur = {"exp": in_info["exp"], "bits": in_info["bits"], "quants": [in_q[0].name]}
+    outputs: list[dict] = []  # the activation Quants of the layer being read, one per unit
+    forks: dict[str, dict] = {}  # node whose output several convs read -> its codes' type
+    current = None
+
+    def finish(outs: list[dict], layer: str) -> dict:
+        first = outs[0]
+        if any((o["exp"], o["bits"]) != (first["exp"], first["bits"]) for o in outs[1:]):
+            raise FqhwError(
+                f"{layer}: its channel groups' activation quantizers differ ({[(o['exp'], o['bits']) for o in outs]}); "
+                "they must share one quantizer (fqhw.quant.po2 builds one QuantReLU per layer)"
+            )
+        return {"exp": first["exp"], "bits": first["bits"], "quants": [o["quant"] for o in outs]}
+
     for name, conv in zip(names[:-1], convs):
-        if getattr(g.source_quant(conv.input[0]), "name", None) != cur["quant"].name:
-            raise FqhwError(f"{name}: its input is not the previous layer's quantized output (through pooling only); export a FairCNN")
+        layer = parse_unit(name)[0]
+        if layer != current:  # the first unit of a layer: it reads the previous layer's output
+            if outputs:
+                cur = finish(outputs, current)
+            current, outputs = layer, []
+        if g.source_quants(conv.input[0]) != cur["quants"]:
+            raise FqhwError(
+                f"{name}: its input is not the previous layer's quantized output (through pooling, and a concat of its "
+                "channel groups in order, only); export a FairCNN"
+            )
+        src = g.producer.get(conv.input[0])
+        if src is not None and len(g.consumers.get(conv.input[0], [])) > 1:
+            # the input of a layer in channel groups feeds each group's conv: hls4ml's
+            # io_stream copies it with a Clone layer, whose type is set like any other
+            forks[src.name] = {"exp": cur["exp"], "bits": cur["bits"]}
         w, winfo = g.const_quant(conv.input[1], f"{name} weight")
         bias, binfo = (None, None)
         if len(conv.input) > 2 and conv.input[2]:
@@ -285,6 +341,7 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
         # fan-in of output channel c is everything but axis 0
         flat = w.reshape(w.shape[0], -1)
         layers[name] = {
+            "layer": layer,
             "conv": conv.name,
             "relu": relu[0].name,
             "act_quant": aq[0].name,
@@ -300,10 +357,14 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
             "mw": int(flat.shape[1]),
             "mh": int(flat.shape[0]),
         }
-        cur = {"exp": ainfo["exp"], "bits": ainfo["bits"], "quant": aq[0]}
+        outputs.append({"exp": ainfo["exp"], "bits": ainfo["bits"], "quant": aq[0].name})
+    if outputs:
+        cur = finish(outputs, current)
     head = mms[0]
-    if getattr(g.source_quant(head.input[0]), "name", None) != cur["quant"].name:
-        raise FqhwError("the head's input is not the last activation's quantized output (through pooling / flatten only)")
+    if parse_unit(names[-1])[1] is not None:
+        raise FqhwError("the head is split into channel groups, which this backend does not build; give the head one unit")
+    if g.source_quants(head.input[0]) != cur["quants"]:
+        raise FqhwError("the head's input is not the last activation's quantized output (through pooling / flatten / the concat of its groups only)")
     w, winfo = g.const_quant(head.input[1], "head weight")
     if head.op_type == "Gemm":
         if len(head.input) > 2 and head.input[2] and np.any(g.init.get(head.input[2], np.zeros(1)) != 0):
@@ -312,6 +373,7 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
             w = w.T
     # MatMul weight is (in, out): one row per input
     layers[names[-1]] = {
+        "layer": names[-1],
         "matmul": head.name,
         "in_exp": cur["exp"],
         "in_bits": cur["bits"],
@@ -332,7 +394,18 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
                 f"{name}: the QONNX model has W{st['w_bits']}/A{st['act_bits']}, the allocation W{la.weight_bits}/A{la.act_bits}; "
                 "export the model built from this allocation"
             )
-    return {"input": {"name": iname, "quant": in_q[0].name, **in_info}, "layers": layers, "names": names}
+    # the joins of channel groups: each Concat's inputs are one layer's group outputs, so its
+    # type is that layer's activation type (the unit whose Quant feeds it first)
+    act_of = {st["act_quant"]: name for name, st in layers.items() if "act_quant" in st}
+    concats: dict[str, str] = {}
+    for n in nodes:
+        if n.op_type != "Concat":
+            continue
+        src = g.source_quants(n.output[0])
+        if not src or any(q not in act_of for q in src) or len({layers[act_of[q]]["layer"] for q in src}) != 1:
+            raise FqhwError(f"Concat {n.name} does not join the channel groups of one layer; export a FairCNN")
+        concats[n.name] = act_of[src[0]]
+    return {"input": {"name": iname, "quant": in_q[0].name, **in_info}, "layers": layers, "names": names, "concats": concats, "forks": forks}
 
 
 def _signed_bits(lo: int, hi: int) -> int:
@@ -429,8 +502,13 @@ def clean_for_hls4ml(qonnx_path, out_path) -> Path:
     (input included: hls4ml's layers are channels-last), Gemm -> MatMul, cleanup again.
     The layer-name metadata is carried over."""
     from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.channels_last import (
+        AbsorbChanFirstIntoMatMul,
+        ConvertToChannelsLastAndClean,
+        RemoveConsecutiveChanFirstAndChanLastTrafos,
+    )
     from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.transformation.infer_shapes import InferShapes
     from qonnx.util.cleanup import cleanup_model
 
     src = onnx.load(str(qonnx_path))
@@ -439,6 +517,11 @@ def clean_for_hls4ml(qonnx_path, out_path) -> Path:
         warnings.simplefilter("ignore")
         m = cleanup_model(ModelWrapper(src))
         m = m.transform(ConvertToChannelsLastAndClean(make_input_channels_last=True))
+        if _concat_past_transposes(m):  # channel groups: join them channels-last
+            m = m.transform(RemoveConsecutiveChanFirstAndChanLastTrafos())
+            m = m.transform(AbsorbChanFirstIntoMatMul())
+            m = m.transform(InferShapes())
+        _binary_concats(m)
         m = m.transform(GemmToMatMul())
         m = cleanup_model(m)
     model = m.model
@@ -448,6 +531,73 @@ def clean_for_hls4ml(qonnx_path, out_path) -> Path:
     out_path = Path(out_path)
     out_path.write_bytes(model.SerializeToString(deterministic=True))
     return out_path
+
+
+_TO_CHANNELS_FIRST = [0, 3, 1, 2]  # NHWC -> NCHW, the Transpose qonnx leaves in front of a Concat
+
+
+def _concat_past_transposes(m) -> bool:
+    """Move the NHWC -> NCHW Transposes qonnx leaves on every input of a Concat (the join of a
+    layer's channel groups: Concat is not one of qonnx's channels-last ops) to its output,
+    the Concat's axis mapped to channels-last (C: 1 -> 3). Returns whether anything changed.
+
+    Why: hls4ml then joins the groups along the channels of one stream (its concatenate3d
+    on the last axis: each pixel's channels packed side by side) instead of through
+    transposed tensors, and the Transpose after the join cancels against the next conv's
+    NCHW -> NHWC one or is absorbed into the head's weights like an ungrouped layer's.
+    The arithmetic is unchanged: concat(T(a), T(b), axis) = T(concat(a, b, perm[axis]))."""
+    from onnx import helper
+
+    graph = m.graph
+    changed = False
+    for node in list(graph.node):
+        if node.op_type != "Concat":
+            continue
+        producers = [m.find_producer(t) for t in node.input]
+        if not producers or any(
+            p is None or p.op_type != "Transpose" or list(_attrs(p).get("perm", [])) != _TO_CHANNELS_FIRST or len(m.find_consumers(p.output[0])) != 1
+            for p in producers
+        ):
+            continue
+        axis = int(_attrs(node).get("axis", 0)) % 4
+        inner = m.make_new_valueinfo_name()
+        for p in producers:
+            graph.node.remove(p)
+        node.input[:] = [p.input[0] for p in producers]
+        for a in node.attribute:
+            if a.name == "axis":
+                a.i = _TO_CHANNELS_FIRST[axis]
+        out = node.output[0]
+        node.output[0] = inner
+        shapes = [m.get_tensor_shape(p.input[0]) for p in producers]
+        joined = list(shapes[0])
+        joined[_TO_CHANNELS_FIRST[axis]] = sum(sh[_TO_CHANNELS_FIRST[axis]] for sh in shapes)
+        m.set_tensor_shape(inner, joined)
+        graph.node.insert(list(graph.node).index(node) + 1, helper.make_node("Transpose", [inner], [out], perm=_TO_CHANNELS_FIRST, name=f"{node.name}_to_nchw"))
+        changed = True
+    return changed
+
+
+def _binary_concats(m) -> None:
+    """Rewrite every Concat of more than two inputs as a chain of two-input Concats (same
+    axis, same result): hls4ml 1.3.0's ONNX front end refuses to merge more than two
+    tensors, and a layer in G > 2 channel groups is joined by one G-input Concat."""
+    from onnx import helper
+
+    graph = m.graph
+    for node in list(graph.node):
+        if node.op_type != "Concat" or len(node.input) <= 2:
+            continue
+        axis = int(_attrs(node).get("axis", 0))
+        ins, out, idx = list(node.input), node.output[0], list(graph.node).index(node)
+        graph.node.remove(node)
+        acc = ins[0]
+        for j, t in enumerate(ins[1:], start=1):
+            res = out if j == len(ins) - 1 else m.make_new_valueinfo_name()
+            graph.node.insert(idx, helper.make_node("Concat", [acc, t], [res], axis=axis, name=node.name if j == len(ins) - 1 else f"{node.name}_part{j}"))
+            idx += 1
+            acc = res
+    # the new intermediate tensors get their shapes from the cleanup that follows
 
 
 def reuse_factor(la, mw: int, mh: int) -> int:
@@ -498,6 +648,15 @@ def _hls_config(structure: dict, prec: dict, alloc: Allocation) -> tuple[dict, d
             # so the ReLU's output type becomes the activation quantizer's: checked after
             names[st["relu"]] = {"Precision": {"result": "auto"}, "Trace": True}
             names[st["act_quant"]] = {"Precision": {"result": p["act"]}, "Trace": True}
+    for producer, t in structure.get("forks", {}).items():
+        # hls4ml names the copy of a stream read by several layers "clone_<producer>"; left
+        # at the model's 'auto', the Clone's type is never inferred (hls4ml 1.3.0 sets only
+        # its first output's) and the optimizer flow loops forever
+        names[f"clone_{producer}"] = {"Precision": {"result": _ufixed(t["bits"], t["exp"], quant=True)}}
+    for concat, unit in structure.get("concats", {}).items():
+        # the join of a layer's channel groups holds their codes as they are: its type is
+        # the groups' (shared) activation type, set rather than left to hls4ml's inference
+        names[concat] = {"Precision": {"result": prec[unit]["act"]}, "Trace": True}
     return cfg, rfs, strategies
 
 
@@ -514,6 +673,12 @@ def _find_layers(hm, structure: dict) -> dict[str, str]:
             f"hls4ml made {len(convs)} Conv2D and {len(dense)} Dense layers of a model with {len(names) - 1} convs and a head; "
             "this hls4ml version maps the model differently"
         )
+    # hls4ml 1.3.0 names a conv "Conv2D_<ONNX node name>"
+    by_name = {ly.name.removeprefix("Conv2D_"): ly for ly in convs}
+    if all(structure["layers"][n]["conv"] in by_name for n in names[:-1]):
+        # hls4ml keeps the ONNX node names: the channel groups of a layer, which read the
+        # same input, are then matched to their own convs whatever order hls4ml lists them in
+        convs = [by_name[structure["layers"][n]["conv"]] for n in names[:-1]]
     out: dict[str, str] = {}
     for name, conv in zip(names[:-1], convs):
         out[name] = conv.name
@@ -522,6 +687,11 @@ def _find_layers(hm, structure: dict) -> dict[str, str]:
             raise FqhwError(f"{name}: hls4ml's {conv.name} is not followed by one activation layer")
         out[f"{name}.act"] = nxt[0].name
     out[names[-1]] = dense[0].name
+    for concat in structure.get("concats", {}):
+        found = [ly for ly in layers if ly.name == concat and ly.class_name == "Concatenate"]
+        if len(found) != 1:
+            raise FqhwError(f"hls4ml has no Concatenate layer {concat} (the join of channel groups); this hls4ml version maps the model differently")
+        out[f"{concat}.concat"] = concat
     return out
 
 
@@ -549,6 +719,8 @@ def _check_types(hm, structure: dict, prec: dict, where: dict[str, str]) -> None
         check(where[name], "output", p["result"])
         if f"{name}.act" in where:
             check(where[f"{name}.act"], "output", p["act"])
+    for concat, unit in structure.get("concats", {}).items():
+        check(where[f"{concat}.concat"], "output", prec[unit]["act"])
     if bad:
         raise FqhwError("hls4ml changed fixed-point types the bit-exact build depends on: " + "; ".join(bad))
 
@@ -692,7 +864,7 @@ def _input_layer(hm) -> dict | None:
         if ly.class_name == "ZeroPadding2D":
             crop = [int(ly.get_attr(k, 0)) for k in ("pad_top", "pad_bottom", "pad_left", "pad_right")]
             return {"layer": ly.name, "crop": crop}
-        if ly.class_name not in ("Input", "Reshape", "Transpose"):
+        if ly.class_name not in ("Input", "Reshape", "Transpose", "Clone"):  # Clone: a grouped first conv
             break
     return None
 
@@ -810,7 +982,8 @@ def hls4ml_integer_trace(build: Hls4mlBuild, x) -> dict[str, np.ndarray]:
         out[key] = _nhwc_to_nchw(_to_codes(tr[where[key]], build.scale_exp[name]["act"], key))
     sc = build.scale_exp[head]
     out["head.acc"] = _to_codes(outputs, sc["input"] + sc["weight"], "head output")
-    return out
+    # channel groups: "<layer>:g<k>.act" concatenated into "<layer>.act"
+    return merge_group_keys(out)
 
 
 def hls4ml_predict_codes(build: Hls4mlBuild, x) -> np.ndarray:

@@ -32,6 +32,9 @@ the grouped and the unsplit model, and of every backend, compare key for key.
 features, flatten, head, `layers`: one `QuantLayer` per allocation unit), so calibration,
 QAT, `snap_thresholds`, `integer_trace` and `export_qonnx` take it as they are;
 `fqhw.quant.qmodel.build_quant_model` builds it for an allocation with channel groups.
+The power-of-two scheme of the hls4ml backend (`fqhw.quant.po2.Po2FairCNN`) builds its
+grouped convs from the same pieces (`layer_groups`, `group_conv_geometry`, a
+`GroupedConvBlock` without BatchNorm, which it folds into each group's conv and bias).
 """
 from __future__ import annotations
 
@@ -154,14 +157,33 @@ def layer_groups(alloc: Allocation, layer_names: list[str], out_channels: dict[s
     return out
 
 
+def group_slices(channels: int, groups: int) -> list[slice]:
+    """The output channels of each of `groups` equal groups, in order (k*m .. (k+1)*m)."""
+    if groups < 1 or channels % groups:
+        raise FqhwError(f"{groups} channel groups do not divide {channels} output channels")
+    m = channels // groups
+    return [slice(k * m, (k + 1) * m) for k in range(groups)]
+
+
+def group_conv_geometry(fconv: nn.Conv2d, groups: int) -> nn.Conv2d:
+    """A bias-free float conv with `fconv`'s geometry but 1/`groups` of its output channels:
+    the template each group's quantized conv is built from (`quant_conv_like`)."""
+    m = group_slices(fconv.out_channels, groups)[0].stop
+    return nn.Conv2d(fconv.in_channels, m, fconv.kernel_size, stride=fconv.stride, padding=fconv.padding, groups=fconv.groups, bias=False)
+
+
 class GroupedConvBlock(nn.Module):
     """One FairCNN block whose conv is split into output-channel groups (see the module
     docstring): groups.<k>.conv / groups.<k>.bn per group, one shared `relu`, one `pool`
-    (stateless, applied to each group)."""
+    (stateless, applied to each group). `bns` None: no BatchNorm (the power-of-two scheme,
+    fqhw.quant.po2, folds it into each group's conv and bias), groups.<k>.conv only."""
 
-    def __init__(self, convs: list[nn.Module], bns: list[nn.BatchNorm2d], relu: nn.Module, pool: nn.MaxPool2d):
+    def __init__(self, convs: list[nn.Module], bns: list[nn.BatchNorm2d] | None, relu: nn.Module, pool: nn.MaxPool2d):
         super().__init__()
-        self.groups = nn.ModuleList(nn.Sequential(OrderedDict(conv=c, bn=b)) for c, b in zip(convs, bns))
+        if bns is None:
+            self.groups = nn.ModuleList(nn.Sequential(OrderedDict(conv=c)) for c in convs)
+        else:
+            self.groups = nn.ModuleList(nn.Sequential(OrderedDict(conv=c, bn=b)) for c, b in zip(convs, bns))
         self.relu = relu
         self.pool = pool
 
@@ -220,8 +242,8 @@ class GroupedQuantFairCNN(nn.Module):
                 blocks.append(nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=relu, pool=pool)))
                 units.append(QuantLayer(la.name, f"features.{i}", conv, relu, la.weight_bits, la.act_bits))
                 continue
-            m = fconv.out_channels // len(lg.units)
-            part = nn.Conv2d(fconv.in_channels, m, fconv.kernel_size, stride=fconv.stride, padding=fconv.padding, groups=fconv.groups, bias=False)
+            part = group_conv_geometry(fconv, len(lg.units))
+            m = part.out_channels
             convs = [quant_conv_like(part, la.weight_bits) for la in lg.units]
             bns = [nn.BatchNorm2d(m, **bn_args) for _ in lg.units]
             blocks.append(GroupedConvBlock(convs, bns, relu, pool))

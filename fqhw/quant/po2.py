@@ -103,27 +103,47 @@ class Po2FairCNN(nn.Module):
     """FairCNN with BN folded and power-of-two quantizers (see the module docstring).
 
     Module names follow FairCNN where a module survives (features.<i>.conv / .relu / .pool,
-    flatten, head; no .bn), plus `input_quant`; `layers` maps the allocation's layer names to
+    flatten, head; no .bn), plus `input_quant`; `layers` maps the allocation's units to
     `QuantLayer` in order, like `QuantFairCNN.layers`, so that `export_qonnx` names the
     QONNX layers the same way.
+
+    Output-channel groups (allocation units "<layer>:g<k>", fqhw.quant.channel_groups): a
+    grouped conv becomes a `GroupedConvBlock` without BatchNorm, features.<i>.groups.<k>.conv,
+    one QuantConv2d per group with its own weight width and so its own power-of-two weight
+    scale (per-tensor over the group's channels: that is what one hls4ml weight type per
+    conv holds), its slice of the folded weights and bias, and its own Int32 bias on its own
+    accumulator grid; ONE QuantReLU for the whole layer, so the groups' outputs share one
+    scale and their concatenation is a plain concatenation of codes. A grouped head is
+    refused: its groups' accumulators would sit on different grids, which the single
+    integer output of the hls4ml design does not express (the flow never groups the head).
     """
 
     scheme = SCHEME
 
     def __init__(self, float_model: FairCNN, alloc: Allocation, weight_quant=Po2WeightQuant, act_quant=Po2ActQuant):
+        from fqhw.quant.channel_groups import GroupedConvBlock, group_conv_geometry, layer_groups, parse_unit
+
         super().__init__()
         cfg = float_model.cfg
         self.cfg = cfg
         if alloc.input_bits != 8:
             raise FqhwError(f"only 8-bit inputs are supported (allocation has input_bits={alloc.input_bits}); set input_bits to 8")
         names = [f"features.{i}.conv" for i in range(len(float_model.features))] + ["head"]
-        known = {la.name for la in alloc.layers}
+        known = {parse_unit(la.name)[0] for la in alloc.layers}
         missing = [n for n in names if n not in known]
         extra = sorted(known - set(names))
         if missing or extra:
             raise FqhwError(
                 f"allocation does not match the model: missing {missing}, unknown {extra}; "
-                f"give one entry per layer of {names} (the po2 scheme quantizes whole layers, no channel groups)"
+                f"give one entry per layer of {names}, or its channel groups '<layer>:g<k>'"
+            )
+        out_ch = {f"features.{i}.conv": fb.conv.out_channels for i, fb in enumerate(float_model.features)}
+        out_ch["head"] = float_model.head.out_features
+        self.plan = layer_groups(alloc, names, out_ch)  # groups 0..G-1, contiguous, dividing, one act width
+        if self.plan["head"].grouped:
+            raise FqhwError(
+                "the po2 (hls4ml) scheme does not split the head into channel groups: give the head one unit "
+                "(--channel-groups splits the convs after the first only)"
             )
         for la in alloc.layers:
             if not 2 <= la.weight_bits <= 16:
@@ -132,14 +152,19 @@ class Po2FairCNN(nn.Module):
         blocks = []
         for i, fblock in enumerate(float_model.features):
             name = f"features.{i}.conv"
-            la = alloc.layer(name)
-            if la.act_bits is None or not 2 <= la.act_bits <= 16:
-                raise FqhwError(f"layer {name}: act_bits={la.act_bits}; its ReLU output needs a width in 2..16")
+            lg = self.plan[name]
+            if lg.act_bits is None or not 2 <= lg.act_bits <= 16:
+                raise FqhwError(f"layer {name}: act_bits={lg.act_bits}; its ReLU output needs a width in 2..16")
             fconv: nn.Conv2d = fblock.conv
-            conv = quant_conv_like(fconv, la.weight_bits, weight_quant, bias=True, bias_quant=Po2BiasQuant)
-            relu = QuantReLU(act_quant=act_quant, bit_width=la.act_bits, return_quant_tensor=True)
+            relu = QuantReLU(act_quant=act_quant, bit_width=lg.act_bits, return_quant_tensor=True)
             pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
-            blocks.append(nn.Sequential(OrderedDict(conv=conv, relu=relu, pool=pool)))
+            if lg.grouped:
+                part = group_conv_geometry(fconv, len(lg.units))
+                convs = [quant_conv_like(part, la.weight_bits, weight_quant, bias=True, bias_quant=Po2BiasQuant) for la in lg.units]
+                blocks.append(GroupedConvBlock(convs, None, relu, pool))
+            else:
+                conv = quant_conv_like(fconv, lg.units[0].weight_bits, weight_quant, bias=True, bias_quant=Po2BiasQuant)
+                blocks.append(nn.Sequential(OrderedDict(conv=conv, relu=relu, pool=pool)))
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
         fhead: nn.Linear = float_model.head
@@ -155,28 +180,41 @@ class Po2FairCNN(nn.Module):
             return_quant_tensor=False,
         )
         self._names = names
-        self._alloc_bits = {la.name: (la.weight_bits, la.act_bits) for la in alloc.layers}
         self.load_float_weights(float_model)
 
     @property
     def layers(self) -> "OrderedDict[str, QuantLayer]":
+        """One QuantLayer per allocation unit, in allocation order; a channel group's `act`
+        is its layer's shared QuantReLU and its `group` names the layer."""
         out: OrderedDict[str, QuantLayer] = OrderedDict()
         for i, block in enumerate(self.features):
-            name = f"features.{i}.conv"
-            w, a = self._alloc_bits[name]
-            out[name] = QuantLayer(name, f"features.{i}", block.conv, block.relu, w, a)
-        w, _ = self._alloc_bits["head"]
-        out["head"] = QuantLayer("head", "head", self.head, None, w, None)
+            lg = self.plan[f"features.{i}.conv"]
+            if lg.grouped:
+                for k, (la, g) in enumerate(zip(lg.units, block.groups)):
+                    out[la.name] = QuantLayer(la.name, f"features.{i}.groups.{k}", g.conv, block.relu, la.weight_bits, la.act_bits, group=lg.layer)
+            else:
+                la = lg.units[0]
+                out[la.name] = QuantLayer(la.name, f"features.{i}", block.conv, block.relu, la.weight_bits, la.act_bits)
+        la = self.plan["head"].units[0]
+        out["head"] = QuantLayer("head", "head", self.head, None, la.weight_bits, None)
         return out
 
     def load_float_weights(self, float_model: FairCNN) -> None:
         """Copy the float weights, folding each block's BatchNorm (running statistics) into
-        its conv."""
+        its conv; a grouped conv's groups get their slices of the folded weight and bias
+        (folding is per output channel, so fold-then-slice is slice-then-fold)."""
+        from fqhw.quant.channel_groups import group_slices
+
         with torch.no_grad():
-            for qb, fb in zip(self.features, float_model.features):
+            for i, (qb, fb) in enumerate(zip(self.features, float_model.features)):
                 w, b = fold_bn(fb.conv, fb.bn)
-                qb.conv.weight.copy_(w)
-                qb.conv.bias.copy_(b)
+                if self.plan[f"features.{i}.conv"].grouped:
+                    for g, sl in zip(qb.groups, group_slices(w.shape[0], len(qb.groups))):
+                        g.conv.weight.copy_(w[sl])
+                        g.conv.bias.copy_(b[sl])
+                else:
+                    qb.conv.weight.copy_(w)
+                    qb.conv.bias.copy_(b)
             self.head.weight.copy_(float_model.head.weight)
 
     def forward(self, x):
@@ -203,6 +241,37 @@ def build_po2_model(float_model: FairCNN, alloc: Allocation, weight_quant=Po2Wei
     if scale != INPUT_SCALE:
         raise AssertionError(f"input quantizer scale {scale!r} is not exactly {INPUT_SCALE!r}")
     return qmodel
+
+
+def split_po2_model(qmodel: Po2FairCNN, float_model: FairCNN, alloc: Allocation) -> Po2FairCNN:
+    """The po2 model of `alloc` (whole layers or channel groups) holding the parameters of
+    `qmodel` (a calibrated or trained po2 model, usually of whole layers): each group gets its
+    slice of the folded weights and bias, every activation quantizer's state (its learned
+    scale) is copied. With every group at its layer's widths and its power-of-two weight
+    exponent equal to the layer's (each group's max |w| in the same rounding bucket: the
+    weight scale is per tensor, so a group of small weights gets a finer one), the two
+    compute the same function, the check that splitting by itself changes nothing.
+    `float_model` gives the geometry."""
+    from fqhw.quant.channel_groups import group_slices
+
+    split = build_po2_model(float_model, alloc)
+    with torch.no_grad():
+        for i, (sb, qb) in enumerate(zip(split.features, qmodel.features)):
+            if qmodel.plan[f"features.{i}.conv"].grouped:
+                raise FqhwError(f"features.{i}.conv of the source model is already split; split a model of whole layers")
+            w, b = qb.conv.weight, qb.conv.bias
+            if split.plan[f"features.{i}.conv"].grouped:
+                for g, sl in zip(sb.groups, group_slices(w.shape[0], len(sb.groups))):
+                    g.conv.weight.copy_(w[sl])
+                    g.conv.bias.copy_(b[sl])
+            else:
+                sb.conv.weight.copy_(w)
+                sb.conv.bias.copy_(b)
+            sb.relu.load_state_dict(qb.relu.state_dict())
+        split.input_quant.load_state_dict(qmodel.input_quant.state_dict())
+        split.head.weight.copy_(qmodel.head.weight)
+    split.train(qmodel.training)
+    return split
 
 
 # --------------------------------------------------------------------------- integer view
