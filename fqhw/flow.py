@@ -121,8 +121,8 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     fam.check(cfg.backend, cfg.data.image_size)
     if cfg.channel_groups < 1:
         raise FqhwError(f"--channel-groups {cfg.channel_groups} must be at least 1")
-    if cfg.channel_groups > 1 and (cfg.model != "fqcnn" or cfg.backend != "finn"):
-        raise FqhwError("--channel-groups builds the default CNN with --backend finn only: drop --channel-groups, or use --model fqcnn --backend finn")
+    if cfg.channel_groups > 1 and cfg.model != "fqcnn":
+        raise FqhwError(f"--channel-groups builds the default CNN only, not {cfg.model}: drop --channel-groups, or use --model fqcnn")
     if cfg.channels is not None and family(cfg.model).kind == "transformer":
         raise FqhwError(f"--channels sets the default CNN's or a ResNet's widths, not {cfg.model}'s: pass --model-arg (e.g. embed_dim=96)")
     if cfg.backend == "hls4ml" and cfg.target != "pynq-z2":

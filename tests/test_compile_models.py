@@ -44,7 +44,7 @@ def _cli(*args):
     [
         (dict(model="resnet18", image_size=32), "at least 64 px"),
         (dict(model="resnet18", image_size=64, backend="hls4ml"), "--backend hls4ml builds the default CNN only"),
-        (dict(model="resnet18", image_size=64, channel_groups=2), "--channel-groups builds the default CNN"),
+        (dict(model="resnet18", image_size=64, channel_groups=2), "--channel-groups builds the default CNN only, not resnet18"),
         (dict(channel_groups=0), "--channel-groups 0 must be at least 1"),
         (dict(model="deit_tiny_patch16_224", image_size=32, channels=(8, 8), target="bitfusion"), "--channels sets"),
         (dict(model="vgg16"), "unknown model 'vgg16': known models are fqcnn, resnet18"),
@@ -92,6 +92,19 @@ def test_transformer_compiles_for_an_asic_target_bit_exact(tmp_path):
 # ----------------------------------------------------------------------------- channel groups
 
 
+def test_compile_in_channel_groups_is_bit_exact_through_hls4ml(tmp_path):
+    res = compile(_cfg(tmp_path, channels=(4, 8), channel_groups=2, budget=5, backend="hls4ml"))
+    r = res.report
+    assert [la["name"] for la in r["allocation"]["layers"]] == ["features.0.conv", "features.1.conv:g0", "features.1.conv:g1", "head"]
+    assert r["bit_exact"]["ok"] and r["bit_exact"]["backends"] == ["brevitas", "qonnx", "hls4ml"]
+    assert "features.1.conv.act" in r["bit_exact"]["keys"]
+    by = {la["name"]: la["weight_bits"] for la in r["allocation"]["layers"]}
+    precisions = r["hardware"]["hls4ml"]["precisions"]
+    for unit in ("features.1.conv:g0", "features.1.conv:g1"):  # each group's conv at its own width
+        got = [p for name, p in precisions.items() if unit.replace(":", "_") in name or unit in name]
+        assert got and any(f"<{by[unit]}," in str(v) or f"<{by[unit]}>" in str(v) for v in got[0].values()), (unit, precisions)
+
+
 def test_compile_in_channel_groups_is_bit_exact_through_finn(tmp_path):
     cfg = _cfg(tmp_path, channels=(4, 8), channel_groups=2, budget=5)
     res = compile(cfg)
@@ -117,7 +130,8 @@ def test_compile_in_channel_groups_is_bit_exact_through_finn(tmp_path):
 def test_resnet18_compiles_through_finn_all_hw_and_bit_exact(tmp_path):
     from fqhw.hwmodels import get_cost_model
 
-    cfg = _cfg(tmp_path, model="resnet18", channels=(64, 16, 16, 16), image_size=64, verify_images=2,
+    # (21 layers, joins and the board: CP-SAT needs more than the default 30 s on a busy 2-core machine)
+    cfg = _cfg(tmp_path, model="resnet18", channels=(64, 16, 16, 16), image_size=64, verify_images=2, solver_time_limit_s=180,
                data=SyntheticDermConfig(n_train=128, n_val=64, n_test=64, image_size=64))
     res = compile(cfg)
     r = res.report
