@@ -266,3 +266,30 @@ def test_deit_export_runs_and_finn_refuses(tmp_path):
     msg = str(err)
     assert "\n" not in msg and msg.startswith("FINN cannot build deit_tiny_patch16_224: unsupported ops ")
     assert "MatMul x" in msg and msg.endswith("QONNX export and the ASIC cost models still work")
+
+
+@pytest.mark.slow
+def test_tinyvit_brevitas_equals_qonnx_at_the_integer_level(tmp_path):
+    """TinyViT (window attention, conv + BN stages) quantized, exported and run by qonnx in
+    float64: every quantizer's codes equal Brevitas' (its windows are a batch of images x
+    windows: the traces are compared per image). At 64 px: at 32 px the last stage's map is
+    1 pixel high, which qonnx's Im2Col refuses."""
+    from fqhw.backends.verify import check_bit_exact
+    from fqhw.quant.generic import export_transformer_qonnx, integer_trace, qonnx_integer_trace_transformer, quantize_model
+    from fqhw.quant.qmodel import calibrate
+
+    torch.manual_seed(0)
+    fm = registry.create("tiny_vit_5m_224", 3, 64, embed_dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    net = network_spec(fm, (3, 64, 64))
+    qm = quantize_model(fm, _mixed_allocation(net))
+    x = _images(2, seed=4, size=64)
+    calibrate(qm, [(x,)], batches=1)
+    qm.eval()
+    path = export_transformer_qonnx(qm, (3, 64, 64), tmp_path / "tinyvit.onnx")
+    ref = integer_trace(qm, x[:1])
+    got = qonnx_integer_trace_transformer(path, x[:1])
+    assert set(ref) == set(got) and len(ref) == 30
+    assert any(v.ndim >= 3 and v.shape[1] > 1 for k, v in ref.items() if ".attn." in k)  # windows kept per image
+    res = check_bit_exact({"brevitas": ref, "qonnx": got})
+    assert res.ok, res.first_mismatch
+    assert sum(v.size for v in ref.values()) > 50_000

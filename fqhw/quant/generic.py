@@ -504,7 +504,7 @@ def integer_trace(qmodel: nn.Module, x: torch.Tensor, precision: str = "float64"
         head = model.head_accumulator(None if head_in is None else head_in[1], out)
     if head is not None:
         trace[head[0]] = head[1]
-    return trace
+    return per_image(trace, x.shape[0]) if isinstance(qmodel, QuantTransformer) else trace
 
 
 def _head_check(out: np.ndarray, acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, what: str) -> None:
@@ -907,6 +907,20 @@ def export_transformer_qonnx(qmodel: QuantTransformer, input_shape, path, opset:
     return path
 
 
+def per_image(trace: "OrderedDict[str, np.ndarray]", n: int) -> "OrderedDict[str, np.ndarray]":
+    """Each tensor with `n` images on its first axis. Window attention (TinyViT) runs its
+    windows as a batch of n x windows, image-major in both torch and the exported graph: those
+    tensors become (n, windows, ...), so that traces compare image by image."""
+    out = OrderedDict()
+    for k, v in trace.items():
+        if v.ndim and v.shape[0] != n:
+            if v.shape[0] % n:
+                raise ValueError(f"{k}: first axis {v.shape[0]} is not a multiple of the {n} images")
+            v = v.reshape(n, v.shape[0] // n, *v.shape[1:])
+        out[k] = v
+    return out
+
+
 def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
     """The integer codes a QONNX file exported by `export_transformer_qonnx` computes on `x`
     (N, C, H, W floats = pixel/256), under `integer_trace`'s transformer keys: "input" and
@@ -959,7 +973,7 @@ def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
         for key, q in keys.items():
             _s, z = _quant_params(ctx, model, q)
             per_key.setdefault(key, []).append(_to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, key))
-    return OrderedDict((k, np.concatenate(v, axis=0)) for k, v in per_key.items())
+    return per_image(OrderedDict((k, np.concatenate(v, axis=0)) for k, v in per_key.items()), x.shape[0])
 
 
 def qonnx_execute(path, x) -> np.ndarray:
