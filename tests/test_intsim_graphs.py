@@ -15,7 +15,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.backends.intsim import IntegerSimulator
@@ -23,6 +22,7 @@ from fqhw.backends.verify import check_bit_exact
 from fqhw.data.dataset import INPUT_SCALE, GroupedImages
 from fqhw.errors import FqhwError
 from fqhw.simulate import locate_build, simulate
+from test_models_timm import _randomise_bn  # the same non-trivial BatchNorm statistics
 
 
 def _pixels(n: int, shape, seed: int) -> np.ndarray:
@@ -122,18 +122,6 @@ def test_simulate_grouped_build_cross_checks_finn_and_qonnx(grouped):
 # --------------------------------------------------------------------------- ResNet-18
 
 RESNET_SIZE = 64
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-                m.weight.copy_(3 * torch.rand(c, generator=g) - 1.5)
-                m.bias.copy_(0.6 * torch.rand(c, generator=g) - 0.3)
 
 
 def _resnet_allocation(net) -> Allocation:

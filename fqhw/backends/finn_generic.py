@@ -160,15 +160,20 @@ def _signature(model) -> tuple:
     return tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
 
 
-def _until_fixed(model, transforms, max_rounds: int = 12):
-    """Apply `transforms` in turn, then tidy, until a round changes nothing."""
+def until_fixed(model, transforms, max_rounds: int = 12, tidy: bool = True, unsettled: str | None = None):
+    """Apply `transforms` in turn (then tidy, unless `tidy` is False) until a round changes
+    nothing. After `max_rounds` the model as it is, or, given `unsettled`, an FqhwError
+    with that message."""
     for _ in range(max_rounds):
         before = _signature(model)
         for t in transforms:
             model = model.transform(t)
-        model = _tidy(model)
+        if tidy:
+            model = _tidy(model)
         if _signature(model) == before:
             return model
+    if unsettled is not None:
+        raise FqhwError(unsettled)
     return model
 
 
@@ -260,11 +265,11 @@ def _step_streamline_residual(model):
         absorb.Absorb1BitMulIntoConv(),
         absorb.AbsorbSignBiasIntoMultiThreshold(),
     ]
-    model = _until_fixed(model, residual)
+    model = until_fixed(model, residual)
     if model.get_nodes_by_op_type("Conv"):
         model = _tidy(model.transform(LowerConvsToMatMul()))
         model, _ = _merge_forked_transposes_after_maxpool(model)
-        model = _until_fixed(
+        model = until_fixed(
             model,
             [
                 reorder.MakeMaxPoolNHWC(),
@@ -278,7 +283,7 @@ def _step_streamline_residual(model):
         # the pool becomes an integer sum (GlobalAccPool) and a Mul by 1/N, which moves
         # through the classifier into the float output scale
         model = _tidy(model.transform(InferGlobalAccPoolLayer()))
-        model = _until_fixed(
+        model = until_fixed(
             model,
             [
                 reorder.MoveScalarLinearPastInvariants(),

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from fqhw.backends.finn_generic import until_fixed
 from fqhw.errors import FqhwError
 from fqhw.quant.channel_groups import parse_unit
 
@@ -45,18 +46,8 @@ def is_grouped_graph(model) -> bool:
     return any(n.op_type == "Concat" for n in model.graph.node)
 
 
-def _signature(model) -> tuple:
-    return tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
-
-
-def _until_fixed(model, transforms, max_rounds: int = 12):
-    for _ in range(max_rounds):
-        before = _signature(model)
-        for t in transforms:
-            model = model.transform(t)
-        if _signature(model) == before:
-            return model
-    raise FqhwError("FINN's streamlining of the channel groups did not settle")
+def _until_fixed(model, transforms):
+    return until_fixed(model, transforms, tidy=False, unsettled="FINN's streamlining of the channel groups did not settle")
 
 
 def streamline_groups(model):
