@@ -10,7 +10,6 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.backends.hls4ml_build import _parse, hls4ml_build, hls4ml_integer_trace
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
@@ -18,6 +17,7 @@ from fqhw.errors import FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.quant.po2 import build_po2_model, po2_integer_trace, scales, split_po2_model
 from fqhw.quant.qmodel import calibrate
+from test_channel_groups import _alloc, _images  # the same 8 x 8 inputs and allocations
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)
 SHAPE = (CFG.in_channels, CFG.image_size, CFG.image_size)
@@ -30,15 +30,6 @@ UNITS = [
     ("head", 4, None, 3, 4),
 ]
 N_VERIFY = 16
-
-
-def _alloc(units) -> Allocation:
-    return Allocation("pynq-z2", [LayerAllocation(*u) for u in units])
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, *SHAPE), generator=g).float() / 256
 
 
 def _float_model() -> FairCNN:

@@ -173,6 +173,12 @@ class GenericLayer:
     act_bits: int | None
 
 
+def _generic_layers(names, alloc_bits: dict, compute_of: Callable[[str], nn.Module]) -> "OrderedDict[str, GenericLayer]":
+    """The allocation layers of a generic quant model, in `names` order, each with its widths
+    and its quantized compute module (`compute_of(name)`)."""
+    return OrderedDict((n, GenericLayer(n, compute_of(n), *alloc_bits[n])) for n in names)
+
+
 class QuantResNet(nn.Module):
     """A timm ResNet (BasicBlock or Bottleneck, conv + BN downsample, plain stem) quantized
     as the module docstring says. Module names follow timm's (conv1, layer1.0.conv1, ...,
@@ -225,11 +231,7 @@ class QuantResNet(nn.Module):
 
     @property
     def layers(self) -> "OrderedDict[str, GenericLayer]":
-        out: OrderedDict[str, GenericLayer] = OrderedDict()
-        for n in self._names:
-            w, a = self._alloc_bits[n]
-            out[n] = GenericLayer(n, self.get_submodule(n), w, a)
-        return out
+        return _generic_layers(self._names, self._alloc_bits, self.get_submodule)
 
     def blocks(self) -> list[QuantResBlock]:
         return [b for s in self.stage_names for b in getattr(self, s)]
@@ -832,11 +834,7 @@ class QuantTransformer(nn.Module):
 
     @property
     def layers(self) -> "OrderedDict[str, GenericLayer]":
-        out: OrderedDict[str, GenericLayer] = OrderedDict()
-        for n in self._names:
-            w, a = self._alloc_bits[n]
-            out[n] = GenericLayer(n, self._wrappers[n].compute, w, a)
-        return out
+        return _generic_layers(self._names, self._alloc_bits, lambda n: self._wrappers[n].compute)
 
     def set_recorder(self, rec: Callable | None) -> None:
         self.record = rec
