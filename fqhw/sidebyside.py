@@ -161,7 +161,7 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
     """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
     from fqhw.flow import _pinned, _quantize
     from fqhw.hwmodels import get_cost_model
-    from fqhw.quant.qat import evaluate_groups
+    from fqhw.quant.qat import evaluate_groups, predict
 
     t0 = time.perf_counter()
     alloc = _allocation(cfg, method, fm, splits, sens, found)
@@ -182,6 +182,7 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         alloc = res.allocation
         start = dataclasses.replace(fm, model=res.float_model(fm.model))
     qm = _quantize(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
+    test_pred = predict(qm.model, splits.test)
     return {
         "method": method.name,
         "seed": cfg.seed,
@@ -189,6 +190,9 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         "weight_bits": {la.name: la.weight_bits for la in alloc.layers},
         "act_bits": {la.name: la.act_bits for la in alloc.layers},
         "test": qm.test_metrics,
+        # every test image's predicted class, in the split's order (the paired tests compare
+        # methods image by image: the test split is the same for every seed and method)
+        "test_pred": test_pred.astype(int).tolist(),
         "val": evaluate_groups(qm.model, splits.val),
         "qat_selected_epoch": qm.qat.get("best_epoch"),
         "qat_selected": {"fairness_lambda": qm.qat.get("fairness_lambda"), "lr": qm.qat.get("lr")},
@@ -237,10 +241,13 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
             if cfg.progress:
                 print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
             inputs = {
-                "float": fm.key, "method": asdict(method), "budget": cfg.budget, "target": cfg.target, "edge_bits": cfg.edge_bits,
-                "qat": _qat_inputs(cfg), "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+                "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": _qat_inputs(cfg),
+                # a uniform allocation reads neither the budget nor the target: one entry serves every budget
+                **({} if method.allocator == "uniform" else {
+                    "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+                }),
                 **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
-                "version": 1,
+                "version": 2,  # 2: the record keeps every test prediction
             }
             got = cache.run(
                 "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, sens, sc, found),

@@ -45,7 +45,7 @@ from torch import nn
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
-from fqhw.models.cnn import FairCNN
+from fqhw.models.cnn import FairCNN, copy_pool
 
 INT_TOL = 1e-3  # a float that should be an integer must be this close to it
 
@@ -121,7 +121,7 @@ class QuantFairCNN(nn.Module):
             conv = quant_conv_like(fconv, la.weight_bits)
             bn = nn.BatchNorm2d(fblock.bn.num_features, eps=fblock.bn.eps, momentum=fblock.bn.momentum)
             relu = QuantReLU(act_quant=ActQuant, bit_width=la.act_bits, return_quant_tensor=True)
-            pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
+            pool = copy_pool(fblock.pool)
             blocks.append(nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=relu, pool=pool)))
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
