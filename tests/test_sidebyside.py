@@ -37,6 +37,18 @@ def test_methods_at_one_budget_and_resume(compiled, tmp_path, capsys):
     fq_warm = next(r for r in res["runs"] if r["method"] == "fq_baq" and r["seed"] == 0)["baq"]["warm_start"]
     assert set(fq_warm) == set(res["runs"][0]["weight_bits"])
 
+    # every test prediction is kept, and fqhw is compared with each other method on them
+    n_test = res["runs"][0]["test"]["n"]
+    assert all(len(r["test_pred"]) == n_test for r in res["runs"])
+    assert res["reference"] == "fqhw" and sorted(res["comparisons"]) == ["fairquantize", "fq_baq", "uniform4"]
+    assert sum(res["test_counts"].values()) == n_test
+    fq_worst = [r["test"]["worst_group_acc"] for r in res["runs"] if r["method"] == "fqhw"]
+    for m, c in res["comparisons"].items():
+        assert c["worst_group_ref"] == pytest.approx(sum(fq_worst) / len(fq_worst))
+        assert c["worst_group_method"] == pytest.approx(res["summary"][m]["worst_group_acc"]["mean"])
+        assert c["diff_ci"][0] <= c["diff"] <= c["diff_ci"][1] and 0 <= c["p_mcnemar"] <= c["p_holm"] <= 1
+    assert "Paired against" in md and set(res["group_ci"]) == set(methods.split(","))
+
     # a rerun reuses every (seed, method) result
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "again")]) == 0
