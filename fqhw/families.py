@@ -39,7 +39,7 @@ class Family:
 
     def check(self, backend: str, image_size: int) -> None:
         """Refuse, before any training, what this family cannot build."""
-        if backend not in BACKENDS_OF[self.kind]:
+        if backend not in BACKENDS_OF[self.kind] or (backend == "hls4ml" and self.model != "fqcnn"):
             raise FqhwError(f"--backend {backend} builds the default CNN only, not {self.model}: use --backend finn")
         if self.kind == "resnet" and image_size < 64:
             raise FqhwError(
