@@ -10,6 +10,7 @@ the previous one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -37,7 +38,7 @@ from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
 from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json
-from fqhw.stepcache import StepCache, file_digest, input_key
+from fqhw.stepcache import StepCache, check_cache_writable, file_digest, input_key
 
 BIT_RANGE = (2, 8)
 BACKENDS = ("finn", "hls4ml")
@@ -137,6 +138,8 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir, markers)
+    if cfg.cache_dir is not None:
+        check_cache_writable(cfg.cache_dir)
     if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
         from fqhw.backends.finn_build import check_synth_tools
 
@@ -649,15 +652,18 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         key = result = None
         if inputs is not None:
             key = cache.key(name, inputs)
-            result = cache.get(name, key, load)
-        reused = result is not None
-        if ranks == "all" and dist.from_main(reused) != reused:
-            raise FqhwError(f"rank {dist.rank()} and rank 0 disagree on reusing step {name}: give every rank the same --cache-dir")
-        _progress(cfg, len(timings), name, reused or stored)
-        if not reused:
-            result = fn(*args)
-            if key is not None and dist.is_main():
-                cache.put(name, key, inputs, lambda folder: write(result, folder))
+        # another run on the same cache computing this entry: wait for it, then reuse it
+        with cache.lock(name, key) if key is not None and dist.is_main() else contextlib.nullcontext():
+            if key is not None:
+                result = cache.get(name, key, load)
+            reused = result is not None
+            if ranks == "all" and dist.from_main(reused) != reused:
+                raise FqhwError(f"rank {dist.rank()} and rank 0 disagree on reusing step {name}: give every rank the same --cache-dir")
+            _progress(cfg, len(timings), name, reused or stored)
+            if not reused:
+                result = fn(*args)
+                if key is not None and dist.is_main():
+                    cache.put(name, key, inputs, lambda folder: write(result, folder))
         timings[name] = round(time.perf_counter() - t0, 3)
         steps[name] = {"seconds": timings[name], "reused": reused, "key": key}
         if cfg.verbose:
