@@ -37,7 +37,7 @@ from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
-from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json
+from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, write_manifest
 from fqhw.stepcache import StepCache, check_cache_writable, file_digest, input_key
 
 BIT_RANGE = (2, 8)
@@ -769,6 +769,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps, baq=None if baq is None else baq.summary,
         )
         write_report(report, work)
+        write_manifest(work)  # last: what fqhw simulate checks the folder against
         swap_in(work, out_dir)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)

@@ -62,6 +62,47 @@ def save_tensors(state: dict, path: Path) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file
 
 
+MANIFEST = "manifest.json"
+# what `fqhw simulate` and a later build read; not the hls4ml C simulation's library and
+# objects, which simulate rebuilds for a moved folder, nor the report's pictures
+_MANIFEST_SUFFIXES = {".json", ".onnx", ".pt", ".npy", ".npz", ".txt", ".h", ".cpp", ".sh", ".tcl"}
+
+
+def write_manifest(folder: Path) -> None:
+    """folder/manifest.json: the sha256 of each file of the finished output folder that a
+    later command reads, so that a missing, truncated or edited file is found (check_manifest)."""
+    from fqhw.stepcache import file_digest
+
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and not p.is_symlink() and p.suffix in _MANIFEST_SUFFIXES and p.name != MANIFEST}
+    write_json(folder / MANIFEST, {"sha256": files})
+
+
+def check_manifest(folder: Path) -> bool:
+    """FqhwError naming the first file of folder/manifest.json that is missing or changed
+    since the compile; True when all match, False when the folder has no manifest (written
+    by an older fqhw)."""
+    from fqhw.errors import FqhwError
+    from fqhw.stepcache import file_digest
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return False
+    fix = f"re-run fqhw compile (or delete {path} to use an edited folder anyway)"
+    try:
+        files = json.loads(path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FqhwError(f"{path} cannot be read ({type(e).__name__}): {fix}") from None
+    for name, digest in files.items():
+        f = Path(folder) / name
+        if not f.is_file():
+            raise FqhwError(f"{f} is missing from the compile output folder: {fix}")
+        if file_digest(f) != digest:
+            raise FqhwError(f"{f} was changed or truncated after the compile (its sha256 is not the one in {MANIFEST}): {fix}")
+    return True
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
