@@ -222,10 +222,17 @@ def _allocation_net(cfg: CompileConfig, net: NetworkSpec) -> NetworkSpec:
     return split_channel_groups(net, {s.name: cfg.channel_groups for s in net.layers[1:] if s.kind == "conv"})
 
 
+def out_folder(out_dir) -> Path:
+    """The folder --out names, absolute; a symlink's target (the link stays, the target is
+    replaced: the staging folder is made beside it, on its file system)."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.resolve() if out_dir.is_symlink() else out_dir
+
+
 def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -> None:
     """The folder can be written and may be replaced: it is absent, empty, or an earlier
     output of the same command (it holds one of `markers`)."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = out_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
     parent = out_dir.parent
@@ -627,7 +634,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
     if not dist.is_main():  # under torchrun: the other ranks train with rank 0 and write nothing
         cfg = dataclasses.replace(cfg, progress=False, verbose=False)
     validate(cfg)
-    out_dir = Path(cfg.out_dir).absolute()
+    out_dir = out_folder(cfg.out_dir)
     try:
         work = staging_folder(out_dir) if dist.is_main() else Path(tempfile.mkdtemp(prefix="fqhw-rank"))
     except OSError as e:
