@@ -38,7 +38,7 @@ from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
 from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, write_manifest
-from fqhw.stepcache import StepCache, check_cache_writable, file_digest, input_key
+from fqhw.stepcache import StepCache, check_cache_writable, check_folder_writable, file_digest, input_key
 
 BIT_RANGE = (2, 8)
 BACKENDS = ("finn", "hls4ml")
@@ -235,13 +235,7 @@ def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -
     out_dir = out_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
-    parent = out_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is a file, not a folder): choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is not writable): choose another --out")
+    check_folder_writable(out_dir, out_dir.parent, "output folder", "--out")
     if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
         raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
     # A successful compile replaces the output folder whole: only ever replace an earlier
@@ -264,7 +258,12 @@ class FloatModel:
     key: str = ""  # hash of everything the weights depend on (data, model, training, file)
 
 def step_data(cfg: CompileConfig) -> DataSplits:
-    return load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
+    from fqhw.data.images import require_coverage
+
+    splits = load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
+    if cfg.data_spec != "builtin":  # the built-in set covers every group and class by construction
+        require_coverage(splits, cfg.data_spec.partition(":")[0].strip().lower())
+    return splits
 
 def _data_fingerprint(spec: str) -> list:
     """Absolute paths, sizes and modification times of the files a real data spec names, so

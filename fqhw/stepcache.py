@@ -166,13 +166,19 @@ def check_cache_writable(root) -> None:
     """FqhwError, before any work, when the cache folder (or the folder it would be made in)
     cannot be written: every step stores its entry, and its lock, there."""
     root = Path(root).absolute()
-    p = root
+    check_folder_writable(root, root, "cache folder", "--cache-dir")
+
+
+def check_folder_writable(path: Path, start: Path, what: str, flag: str) -> None:
+    """FqhwError naming `path` unless `start`, or the nearest folder above it that exists, is a
+    folder this process may write (`flag`: the option that names another place)."""
+    p = start
     while not p.exists():
         p = p.parent
     if not p.is_dir():
-        raise FqhwError(f"cache folder {root} cannot be made ({p} is a file, not a folder): choose another --cache-dir")
+        raise FqhwError(f"{what} {path} cannot be written ({p} is a file, not a folder): choose another {flag}")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise FqhwError(f"cache folder {root} cannot be written ({p} is not writable): make it writable or choose another --cache-dir")
+        raise FqhwError(f"{what} {path} cannot be written ({p} is not writable): choose another {flag}")
 
 
 def _sweep_dead(folder: Path) -> None:

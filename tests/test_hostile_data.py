@@ -193,7 +193,7 @@ def test_label_never_seen_in_training(tmp_path, capsys):
     rows = [f"img{i}.png,{','.join(_labels(i))},{('train', 'val', 'test')[(i // 4) % 3]}" for i in range(ROWS)]
     rows.append(f"img{ROWS}.png,scar,f,test")
     csv_path = make_csv(tmp_path / "in", rows=rows, header=header, n=ROWS + 1)
-    csv_fails(capsys, tmp_path, csv_path, "class 'scar' has no rows in the train split (1 in val/test)", "move rows into that split")
+    csv_fails(capsys, tmp_path, csv_path, "class 'scar' has no rows in the train split (1 in val/test)", "assign the rows in a split column")
 
 
 def test_group_without_test_images(tmp_path, capsys):
@@ -207,7 +207,7 @@ def test_group_without_test_images(tmp_path, capsys):
 def test_rare_group_missing_from_a_random_split(tmp_path, capsys):
     rows = [f"img{i}.png,{_labels(i)[0]},{'x' if i == 0 else 'f'}" for i in range(ROWS)]  # one row of group x
     csv_path = make_csv(tmp_path / "in", rows=rows)
-    csv_fails(capsys, tmp_path, csv_path, "group 'x' has no rows in the ", "(1 rows in all)", "give the split in a split column")
+    csv_fails(capsys, tmp_path, csv_path, "group 'x' has no rows in the ", "(1 rows in all)", "add rows of it")
 
 
 def test_empty_csv_and_header_only(tmp_path, capsys):

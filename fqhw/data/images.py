@@ -247,9 +247,7 @@ def build_splits(
 
     class_order / group_order list the names in index order; names absent from the kept rows
     are dropped (and listed in info). `assigned` (one of train/val/test per row) replaces
-    the random split. `rows`: where each row is ("CSV line N"), for the errors. Every class
-    must have training rows (a class the model never sees cannot be learnt) and every group
-    rows in each split (its accuracy, importance and fine-tuning need them).
+    the random split. `rows`: where each row is ("CSV line N"), for the image errors.
     """
     info = dict(info or {})
     keep = subsample(len(paths), limit, seed)
@@ -296,7 +294,6 @@ def build_splits(
             fail(source, f"only {len(paths)} rows left: a train/val/test split needs at least 3")
         parts = stratified_split(g * len(class_names) + y, fractions, seed)
         info["split"] = f"seeded random {'/'.join(f'{f:g}' for f in fractions)}, stratified by group x class (seed {seed})"
-    _require_coverage(source, parts, y, g, class_names, group_names, assigned is not None)
 
     images = read_images(paths, image_size, source, rows)
     info.update(n_used=len(paths), group_names=group_names, class_names=class_names, image_size=image_size)
@@ -304,20 +301,25 @@ def build_splits(
     return RealDataSplits(train=sets[0], val=sets[1], test=sets[2], name=name, info=info)
 
 
-def _require_coverage(source, parts, y, g, class_names, group_names, from_column: bool) -> None:
-    """Every class in the train split, every group in every split; else one line saying so."""
-    fix = "move rows into that split in the split column" if from_column else "add rows, or give the split in a split column"
-    seen = set(y[parts[0]].tolist())
-    for c, name in enumerate(class_names):
-        if c not in seen:
-            fail(source, f"class {name!r} has no rows in the train split ({int((y == c).sum())} in val/test): the model "
-                         f"would never learn it; {fix}, or remove its rows")
-    for s, p in zip(SPLIT_NAMES, parts):
-        present = set(g[p].tolist())
-        for k, name in enumerate(group_names):
-            if k not in present:
-                fail(source, f"group {name!r} has no rows in the {s} split ({int((g == k).sum())} rows in all): its accuracy "
-                             f"and fairness terms need rows in train, val and test; {fix}")
+def require_coverage(splits: DataSplits, source: str) -> None:
+    """Every class in the train split (a class the model never sees cannot be learnt) and
+    every group in every split (its accuracy, importance and fine-tuning need rows): else one
+    line saying which. The compile asks this of a real data set; the loaders do not, so that
+    a small set can still be loaded and looked at."""
+    fix = "add rows of it, or assign the rows in a split column"
+    train = splits.train
+    for c, name in enumerate(train.class_names):
+        if not (train.labels == c).any():
+            n = sum(int((getattr(splits, s).labels == c).sum()) for s in SPLIT_NAMES)
+            fail(source, f"class {name!r} has no rows in the train split ({n} in val/test): the model would never learn it; "
+                         f"{fix}, or remove its rows")
+    for s in SPLIT_NAMES:
+        part = getattr(splits, s)
+        for k, name in enumerate(part.group_names):
+            if not (part.groups == k).any():
+                n = sum(int((getattr(splits, t).groups == k).sum()) for t in SPLIT_NAMES)
+                fail(source, f"group {name!r} has no rows in the {s} split ({n} rows in all): its accuracy and fairness terms "
+                             f"need rows in train, val and test; {fix}")
 
 
 def require_folder(path: Path, source: str, what: str, fix: str = "") -> Path:
