@@ -129,6 +129,12 @@ def _check(sc: SideBySideConfig) -> None:
         raise FqhwError(f"unknown method(s) {', '.join(unknown)}: known methods are {', '.join(METHODS)}")
     if not sc.seeds:
         raise FqhwError("--seeds is empty: pass e.g. --seeds 0,1,2")
+    if not sc.methods:
+        raise FqhwError(f"--methods is empty: pass some of {', '.join(METHODS)}")
+    for what, values in (("seed", sc.seeds), ("method", sc.methods)):  # a repeat would count twice in the mean
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            raise FqhwError(f"{what} {', '.join(twice)} is given twice: list each {what} once")
     if sc.baq_epochs < 1:
         raise FqhwError("--baq-epochs must be at least 1")
     if sc.reference is not None and sc.reference not in sc.methods:
