@@ -263,7 +263,13 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
             first_test = splits.test
         same_test = same_test and _same_split(first_test, splits.test)
         fm = step_float_model(cfg, splits)
-        sens = step_importance(cfg, fm, splits) if any(METHODS[m].allocator == "solver" for m in sc.methods) else None
+        sens: list = []  # the importance, computed when a solver method first needs it (not when every run is cached)
+
+        def importance(cfg=cfg, fm=fm, splits=splits, sens=sens):
+            if not sens:
+                sens.append(step_importance(cfg, fm, splits))
+            return sens[0]
+
         found: dict = {}
         for name in order:
             method = METHODS[name]
@@ -279,7 +285,7 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
                 "version": 2,  # 2: the record keeps every test prediction
             }
             got = cache.run(
-                "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, sens, sc, found),
+                "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
                 lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
                 lambda folder: json.loads((folder / "run.json").read_text()),
             )
