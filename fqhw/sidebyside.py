@@ -243,8 +243,23 @@ def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
     return out
 
 
+def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
+    """What one (seed, method) record depends on: its step-cache key."""
+    from fqhw.flow import _qat_inputs
+
+    return {
+        "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": _qat_inputs(cfg),
+        # a uniform allocation reads neither the budget nor the target: one entry serves every budget
+        **({} if method.allocator == "uniform" else {
+            "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+        }),
+        **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
+        "version": 2,  # 2: the record keeps every test prediction
+    }
+
+
 def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
-    from fqhw.flow import _qat_inputs, step_data, step_float_model, step_importance, validate
+    from fqhw.flow import step_data, step_float_model, step_importance, validate
     from fqhw.stepcache import StepCache
 
     _check(sc)
@@ -275,15 +290,7 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
             method = METHODS[name]
             if cfg.progress:
                 print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
-            inputs = {
-                "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": _qat_inputs(cfg),
-                # a uniform allocation reads neither the budget nor the target: one entry serves every budget
-                **({} if method.allocator == "uniform" else {
-                    "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
-                }),
-                **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
-                "version": 2,  # 2: the record keeps every test prediction
-            }
+            inputs = run_inputs(cfg, method, fm, sc)
             got = cache.run(
                 "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
                 lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
