@@ -2,162 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 
+from fqhw.cliargs import add_common, add_data_flags, compile_config, data_config, edge_bits
 from fqhw.errors import FqhwError
-
-
-def _parse_tuple(kind):
-    def parse(text: str):
-        try:
-            return tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
-
-    return parse
-
-
-def _edge_bits(text: str):
-    if text == "none":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a bit width (2..8) or 'none', got {text!r}")
-
-
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per knob of the built-in data set: --data-<field>."""
-    from fqhw.data.synthetic import SyntheticDermConfig
-
-    g = p.add_argument_group("built-in data set (synthetic dermatology)")
-    hints = typing.get_type_hints(SyntheticDermConfig)
-    for f in dataclasses.fields(SyntheticDermConfig):
-        hint = hints[f.name]
-        args_ = [a for a in typing.get_args(hint) if a is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args_) == 1:
-            hint = args_[0]  # an optional knob: the flag sets it
-        origin = typing.get_origin(hint)
-        if origin is tuple:
-            inner = typing.get_args(hint)[0]
-            kind, metavar = _parse_tuple(inner), "V1,V2,..."
-        elif hint in (int, float, str):
-            kind, metavar = hint, hint.__name__.upper()
-        elif hint is bool:
-            kind, metavar = (lambda s: s.lower() in ("1", "true", "yes")), "BOOL"
-        else:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        g.add_argument(f"--data-{f.name.replace('_', '-')}", dest=f"data_{f.name}", type=kind, metavar=metavar,
-                       default=None, help=f"default {default}")
-
-
-def _data_config(args):
-    from fqhw.data.synthetic import SyntheticDermConfig
-
-    overrides = {
-        f.name: getattr(args, f"data_{f.name}")
-        for f in dataclasses.fields(SyntheticDermConfig)
-        if getattr(args, f"data_{f.name}", None) is not None
-    }
-    return SyntheticDermConfig(**overrides)
-
-
-def _model_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. depth=1)")
-    for kind in (int, float):
-        try:
-            return key, kind(value)
-        except ValueError:
-            pass
-    if "," in value:
-        try:
-            return key, tuple(int(v) for v in value.split(","))
-        except ValueError:
-            pass
-    return key, value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", dest="data_spec", default="builtin", metavar="SPEC",
-                   help="builtin | fitzpatrick17k:PATH | isic2019:PATH | csv:CSV[,IMAGE_DIR]; loader options as ;key=value "
-                        "(e.g. fitzpatrick17k:/data/f17k;groups=light-dark)")
-    p.add_argument("--seed", type=int, default=0, help="seed for training, QAT and the solver")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="model from the registry: fqcnn (default), cnv (FINN's CNV; --model-arg width=0.25), resnet18, resnet50, deit_tiny_patch16_224, tiny_vit_5m_224")
-    p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the model (repeatable), e.g. depth=1 or embed_dim=64; integers, floats, "
-                        "comma-separated integer tuples")
-    p.add_argument("--channels", type=_parse_tuple(int), default=None,
-                   help="channels of the default CNN's blocks (e.g. 16,32,64) or a ResNet's stages (e.g. 64,16,16,16)")
-    p.add_argument("--epochs", type=int, default=None, help="float training epochs")
-    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
-                   help="load the float model's weights from this file (torch.save(model.state_dict(), PATH)) instead of training")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
-    p.add_argument("--verbose", action="store_true", help="print each step's result")
-    _add_data_flags(p)
-
-
-def _compile_config(args):
-    from fqhw.flow import CompileConfig
-
-    cfg = CompileConfig(data=_data_config(args), data_spec=args.data_spec, seed=args.seed, progress=not args.quiet, verbose=args.verbose and not args.quiet)
-    updates = {}
-    if getattr(args, "target", None) is not None:
-        updates["target"] = args.target
-    if getattr(args, "budget", None) is not None:
-        updates["budget"] = args.budget
-    if getattr(args, "out", None) is not None:
-        updates["out_dir"] = args.out
-    if args.cache_dir is not None:
-        updates["cache_dir"] = args.cache_dir
-    if args.channels is not None:
-        updates["channels"] = args.channels
-    if args.model is not None:
-        updates["model"] = args.model
-    if args.model_args:
-        updates["model_kwargs"] = dict(args.model_args)
-    if args.epochs is not None:
-        updates["float_epochs"] = args.epochs
-    if args.checkpoint is not None:
-        updates["checkpoint"] = args.checkpoint
-    for flag, field_name in (
-        ("qat_epochs", "qat_epochs"),
-        ("fairness_lambda", "fairness_lambda"),
-        ("min_fps", "min_fps"),
-        ("verify_images", "verify_images"),
-        ("time_limit", "solver_time_limit_s"),
-        ("baq_epochs", "baq_epochs"),
-        ("channel_groups", "channel_groups"),
-    ):
-        if getattr(args, flag, None) is not None:
-            updates[field_name] = getattr(args, flag)
-    if getattr(args, "backend", None) is not None:
-        updates["backend"] = args.backend
-    if getattr(args, "synth", False):
-        updates["synth"] = True
-    if getattr(args, "tune", False):
-        from fqhw.quant.qat import DEFAULT_GRID
-
-        updates["qat_grid"] = DEFAULT_GRID
-    if getattr(args, "edge_bits", None) is not None:
-        updates["edge_bits"] = None if args.edge_bits == "none" else args.edge_bits
-    return dataclasses.replace(cfg, **updates)
 
 
 def cmd_compile(args) -> int:
     from fqhw.flow import compile as run_compile
 
-    res = run_compile(_compile_config(args))
+    res = run_compile(compile_config(args))
     if res is None:  # a torchrun rank other than 0: it trained, rank 0 reports
         return 0
     r = res.report
@@ -179,7 +36,7 @@ def cmd_train(args) -> int:
     from fqhw.flow import step_data, step_float_model
     from fqhw.quant.qat import evaluate_groups
 
-    cfg = _compile_config(args)
+    cfg = compile_config(args)
     splits = step_data(cfg)
     fm = step_float_model(cfg, splits)
     from fqhw.models import distributed as dist
@@ -197,7 +54,7 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from fqhw.data.synthetic import describe, generate
 
-    print(json.dumps(describe(generate(_data_config(args))), indent=2))
+    print(json.dumps(describe(generate(data_config(args))), indent=2))
     return 0
 
 
@@ -214,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", type=Path, default=None, help=f"output folder (default {d.out_dir})")
     pc.add_argument("--qat-epochs", type=int, default=None, help=f"fine-tuning epochs (default {d.qat_epochs})")
     pc.add_argument("--fairness-lambda", type=float, default=None, help=f"weight of max-min group loss (default {d.fairness_lambda})")
-    pc.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
+    pc.add_argument("--edge-bits", default=None, type=edge_bits, metavar="BITS|none", help=f"pin first/last layer weight bits; 'none' to let the solver choose (default {d.edge_bits})")
     pc.add_argument("--min-fps", type=float, default=None, help="require at least this many images/s")
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
@@ -227,15 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="choose QAT's fairness weight and learning rate on the validation split (4 runs per QAT: lambda 0.5/1, lr 5e-4/1e-3)")
     pc.add_argument("--synth", action="store_true", help="also run FINN's remaining steps to a bitfile (needs Vivado and Vitis HLS)")
     pc.add_argument("--time-limit", type=float, default=None, help=f"solver time limit in s (default {d.solver_time_limit_s:g})")
-    _add_common(pc)
+    add_common(pc)
     pc.set_defaults(func=cmd_compile)
 
     pt = sub.add_parser("train", help="train (or load from cache) the float model on the built-in data")
-    _add_common(pt)
+    add_common(pt)
     pt.set_defaults(func=cmd_train)
 
     pd = sub.add_parser("data", help="generate the built-in data set and print its group and class counts")
-    _add_data_flags(pd)
+    add_data_flags(pd)
     pd.set_defaults(func=cmd_data)
 
     from fqhw.compare import add_compare_parser

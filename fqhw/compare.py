@@ -586,7 +586,7 @@ def _floats(text: str) -> list[float]:
 
 def add_compare_parser(subparsers) -> None:
     """Register `fqhw compare` on the CLI's subparsers."""
-    from fqhw.cli import _add_common
+    from fqhw.cliargs import add_common
 
     p = subparsers.add_parser(
         "compare",
@@ -604,18 +604,18 @@ def add_compare_parser(subparsers) -> None:
     p.add_argument("--sensitivity", type=Path, default=None, help="sensitivity.json of a compile output folder (with --network)")
     p.add_argument("--out", type=Path, default=Path("fqhw-compare"), help="output folder (default fqhw-compare)")
     p.add_argument("--time-limit", type=float, default=30.0, help="solver time limit per allocation in s (default 30)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
-    from fqhw.cli import _compile_config
+    from fqhw.cliargs import compile_config
 
     if args.budget is not None and args.budgets is not None:
         raise FqhwError("pass --budget (a cross table) or --budgets (a Pareto front), not both")
     edge = None if str(args.edge_bits).lower() == "none" else _int_flag(args.edge_bits, "--edge-bits")
     _check_budgets(args.budgets, _resolve_targets(args.targets))  # before load_inputs, which may train
-    cfg = _compile_config(args) if args.network is None else None
+    cfg = compile_config(args) if args.network is None else None
     net, sens, source = load_inputs(args.network, args.sensitivity, cfg)
     res = compare(
         net, sens, args.targets, 4.0 if args.budget is None else args.budget, budgets=args.budgets, objective=args.objective,

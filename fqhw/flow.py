@@ -714,7 +714,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             )
         alloc.save(work / "allocation.json")
         if alloc.solver.get("status") != "OPTIMAL" and cfg.progress:
-            from fqhw.report.report import solver_line
+            from fqhw.report.cells import solver_line
 
             print(f"fqhw: note: {solver_line(alloc.solver)} (raise --time-limit to search longer)", file=sys.stderr, flush=True)
         start, baq = fm, None

@@ -433,29 +433,29 @@ def write_outputs(res: SideBySideResult, out_dir: Path) -> Path:
 
 
 def add_sidebyside_parser(subparsers) -> None:
-    from fqhw.cli import _add_common, _edge_bits, _parse_tuple
+    from fqhw.cliargs import add_common, edge_bits, parse_tuple
 
     p = subparsers.add_parser("sidebyside", help="every method (uniform, FairGRAPE, FairQuantize, HAWQ, FairQuant QAT/BAQ, fqhw) at one budget over seeds")
     p.add_argument("--target", default=None, help="hardware target for fqhw's allocation and the projections (default pynq-z2)")
     p.add_argument("--budget", type=float, default=None, help="average weight bits, parameter-weighted (default 4)")
-    p.add_argument("--seeds", type=_parse_tuple(int), default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--methods", type=_parse_tuple(str), default=tuple(METHODS), help=f"comma-separated, from {','.join(METHODS)} (default all)")
+    p.add_argument("--seeds", type=parse_tuple(int), default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--methods", type=parse_tuple(str), default=tuple(METHODS), help=f"comma-separated, from {','.join(METHODS)} (default all)")
     p.add_argument("--out", type=Path, default=Path("fqhw-sidebyside"), help="output folder (default fqhw-sidebyside)")
     p.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs for every method")
     p.add_argument("--baq-epochs", type=int, default=3, help="BAQ epochs (default 3)")
     p.add_argument("--fairness-lambda", type=float, default=None, help="weight of max-min group loss in QAT and BAQ")
-    p.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
+    p.add_argument("--edge-bits", default=None, type=edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
     p.add_argument("--reference", default=None, help="the method every other is compared with, image by image (default fqhw_qat, what fqhw compile deploys; else fqhw)")
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_sidebyside, tune=True)
 
 
 def cmd_sidebyside(args) -> int:
-    from fqhw.cli import _compile_config
+    from fqhw.cliargs import compile_config
 
-    cfg = _compile_config(args)
+    cfg = compile_config(args)
     sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs,
                           reference=args.reference)
     res = side_by_side(sc)

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from fqhw.report import plots
-from fqhw.report.report import MODEL_ROWS, group_cell, solver_line
+from fqhw.report.cells import MODEL_ROWS, group_cell, solver_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fqhw.report.report import MODEL_ROWS  # noqa: E402
+from fqhw.report.cells import MODEL_ROWS  # noqa: E402
 
 
 def _png(fig) -> bytes:
