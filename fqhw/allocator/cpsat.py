@@ -631,16 +631,11 @@ def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], 
     lo = hi = 0
     exprs = []
     for g in range(len(p.groups)):
-        terms, glo, ghi = [], 0, 0
-        for i, L in enumerate(p.layers):
-            vals = [int(p.tw[i][b][g]) for b in L.w_vals]
-            terms += [v * xw[i][b] for v, b in zip(vals, L.w_vals)]
-            glo, ghi = glo + min(vals), ghi + max(vals)
-        for k, slot in enumerate(p.slots):
-            vals = [int(p.ta[k][b][g]) for b in slot.a_vals]
-            terms += [v * xa[k][b] for v, b in zip(vals, slot.a_vals)]
-            glo, ghi = glo + min(vals), ghi + max(vals)
-        exprs.append(sum(terms))
+        glo = sum(min(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
+        glo += sum(min(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
+        ghi = sum(max(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
+        ghi += sum(max(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
+        exprs.append(_group_terms(p, xw, xa, g))
         lo, hi = min(lo, glo), max(hi, ghi)
     z = m.NewIntVar(lo, hi, "z_worst_group_loss")
     for e in exprs:
@@ -648,6 +643,16 @@ def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], 
     if z_max is not None:
         m.Add(z <= z_max)
     return z
+
+
+def _group_terms(p: _Problem, xw: list[dict], xa: list[dict], g: int):
+    """Group g's integer loss total as a linear expression of the width booleans."""
+    terms = []
+    for i, L in enumerate(p.layers):
+        terms += [int(p.tw[i][b][g]) * xw[i][b] for b in L.w_vals]
+    for k, slot in enumerate(p.slots):
+        terms += [int(p.ta[k][b][g]) * xa[k][b] for b in slot.a_vals]
+    return sum(terms)
 
 
 def _build_widths_only(p: _Problem, *, budget: bool = True, z_max: int | None = None) -> _Model:
@@ -1117,6 +1122,105 @@ def allocate(
         alloc.solver[ENERGY] = float(priced["total"][ENERGY])
     if pinned_act:
         alloc.solver["pinned_act"] = dict(pinned_act)
+    return alloc
+
+
+class _NoHardware:
+    """A target with nothing to price: one folding (1, 1), no cycles, no resources, no caps.
+    What allocate_widths gives the problem builder, so that no tables are priced."""
+
+    schedule = "dataflow"
+    prices_by_shape = True
+
+    def __init__(self) -> None:
+        from fqhw.hwmodels.base import TargetLimits
+
+        self.limits = TargetLimits(name="widths-only", part="", clock_hz=1.0, totals={}, utilisation={})
+
+    def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
+        return [(1, 1)]
+
+    def layer_cost(self, layer, weight_bits, in_bits, out_bits, pe, simd) -> LayerCost:
+        return LayerCost(cycles=1)
+
+
+def allocate_widths(
+    net: NetworkSpec,
+    sens: Sensitivity,
+    budget: float,
+    bits=range(2, 9),
+    act_bits=range(2, 9),
+    pinned: dict[str, int] | None = None,
+    time_limit_s: float = 30,
+    workers: int = 2,
+    seed: int = 0,
+    input_bits: int = 8,
+    *,
+    pinned_act: dict[str, int] | None = None,
+    tie_break: str | None = "mean",
+    target: str = "widths-only",
+) -> Allocation:
+    """Widths only, no hardware terms (the bit-rate-only practice, as HAWQ-V3's ILP): the
+    weight and activation widths that minimise the worst group's predicted loss under the
+    budget, the same stage 1 as `allocate` without the target. Among the widths that reach
+    that loss, tie_break "mean" takes those with the least loss summed over the groups (an
+    accuracy-only tie-break: it knows nothing of any hardware); None returns stage 1's
+    solution as CP-SAT found it. Every unit gets folding PE = SIMD = 1 (a folding is for a
+    separate tool, e.g. FINN's SetFolding, to choose)."""
+    t_start = time.perf_counter()
+    if tie_break not in (None, "mean"):
+        raise FqhwError(f"tie_break {tie_break!r} must be 'mean' or None")
+    p = _problem(net, sens, _NoHardware(), budget, bits, act_bits, pinned, None, input_bits, pinned_act, None)
+    _precheck_budget(p, budget)
+    deadline = t_start + float(time_limit_s)
+    mod = _build(p, None, hardware=False)
+    s1 = _solve(mod, mod.z, "min_worst_group_loss", max(0.1, (deadline - time.perf_counter()) * 0.6), workers, seed)
+    if s1.choice is None:
+        if s1.status == "INFEASIBLE":
+            _precheck_budget(p, budget)  # pragma: no cover - the precheck is exact for widths only
+        raise FqhwError(f"no width allocation found within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time")
+    stages, final = [s1], s1
+    if tie_break == "mean":
+        z_star = int(round(s1.objective))
+        mod2 = _build(p, None, hardware=False, z_max=z_star)
+        total = sum(_group_terms(p, mod2.xw, mod2.xa, g) for g in range(len(p.groups)))
+        s2 = _solve(mod2, total, "min_total_group_loss", max(0.1, deadline - time.perf_counter()), workers, seed, _bits_hint(s1, mod2))
+        stages.append(s2)
+        if s2.choice is not None:
+            final = s2
+    c = final.choice
+    layers = []
+    for i, L in enumerate(p.layers):
+        a = None if L.out_slot is None else int(c.a[L.out_slot])
+        layers.append(LayerAllocation(L.spec.name, int(c.w[i]), a, 1, 1))
+    alloc = Allocation(target=target, layers=layers, input_bits=input_bits)
+    pred = alloc.predicted_loss(net, sens)
+    alloc.solver = {
+        "solver": "cp-sat",
+        "ortools": _ortools_version(),
+        "status": "OPTIMAL" if all(s.status == "OPTIMAL" for s in stages) else "FEASIBLE",
+        "wall_time_s": round(time.perf_counter() - t_start, 3),
+        "objective": float(s1.objective / p.scale),
+        "bound": float(s1.bound / p.scale),
+        "objective_exact": float(np.max(pred)),
+        "predicted_group_loss": dict(zip(p.groups, [float(v) for v in pred])),
+        "worst_group": p.groups[int(np.argmax(pred))],
+        "loss_rounding_error": float(0.5 * (len(p.layers) + len(p.slots)) / p.scale),
+        "hardware_objective": None,
+        "tie_break": tie_break,
+        "budget": float(budget),
+        "avg_weight_bits": float(alloc.avg_weight_bits(net)),
+        "pinned": dict(pinned or {}),
+        "stages": [
+            {"name": s.name, "status": s.status, "objective": None if s.objective is None else s.objective / p.scale,
+             "bound": None if s.bound is None else s.bound / p.scale, "wall_time_s": round(s.wall_time_s, 3)}
+            for s in stages
+        ],
+        "tables_s": p.timings.get("tables_s"),
+        "workers": workers,
+        "seed": seed,
+        "time_limit_s": time_limit_s,
+    }
     return alloc
 
 
