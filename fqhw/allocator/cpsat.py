@@ -63,6 +63,7 @@ Allocation.solver["loss_rounding_error"] (in the sensitivity's own units).
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import time
@@ -85,6 +86,7 @@ RESOURCE_ORDER = ("LUT", "BRAM_18K", "URAM", "DSP")
 NO_ACT = -1  # a_out column of a layer without an output activation
 ENERGY = "energy_pJ"
 OBJECTIVES = ("throughput", "resources", "latency", "energy")
+SOLVER_PARAMETERS: dict = {}  # CP-SAT parameters set on every solve (after the ones above)
 
 
 # ------------------------------------------------------------------ the problem data
@@ -142,11 +144,29 @@ class _Layer:
         with cycles <= cmax that no other such row beats or matches in every resource (ties
         go to the fastest, then the first folding), as `_prune_on_resources` would give."""
         if cmax not in self._rows:
+            self._rows[cmax] = [tuple(r) for r in self.array(cmax).tolist()]
+        return self._rows[cmax]
+
+    def array(self, cmax: int | None) -> np.ndarray:
+        """rows(cmax) as one int64 array, in the same order."""
+        key = ("array", cmax)
+        if key not in self._rows:
             death = self.death()
             cyc = self.cand[:, 4]
             keep = death == _NEVER if cmax is None else (cyc <= cmax) & (death > cmax)
-            self._rows[cmax] = [tuple(r) for r in self.cand[keep].tolist()]
-        return self._rows[cmax]
+            self._rows[key] = self.cand[keep]
+        return self._rows[key]
+
+    def table(self, cmax: int | None, keep: tuple[int, ...]) -> tuple[list, list]:
+        """(domains, tuples) for the model at cap cmax: the sorted distinct values of each
+        column from 3 on (folding, cycles, every resource and metric), and the sorted
+        distinct rows of the columns `keep`."""
+        key = ("table", cmax, keep)
+        if key not in self._rows:
+            arr = self.array(cmax)
+            doms = [np.unique(arr[:, k]).tolist() for k in range(3, arr.shape[1])]
+            self._rows[key] = (doms, np.unique(arr[:, list(keep)], axis=0).tolist())
+        return self._rows[key]
 
     def death(self) -> np.ndarray:
         """Per row, the least cycle cap at which another row of its choice dominates it in
@@ -366,7 +386,7 @@ def _check_pins(pins: dict, names: list[str], what: str) -> None:
 
 
 def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act=None, objective=None) -> _Problem:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if not net.layers:
         raise FqhwError("the network has no conv or linear layers to allocate")
     bits = sorted(set(int(b) for b in bits))
@@ -486,6 +506,7 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
         tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], schedule=schedule, objective=objective, candidates=n_cand,
     )
     prob.timings["tables_s"] = round(time.perf_counter() - t0, 3)
+    prob.timings["tables_cpu_s"] = round(time.process_time() - c0, 3)
     return prob
 
 
@@ -541,14 +562,15 @@ def _build(
     widths, the budget and the loss, a relaxation of the problem."""
     if not hardware:
         return _build_widths_only(p, budget=budget, z_max=z_max)
-    tables = [L.rows(cmax) for L in p.layers]
-    if any(not t for t in tables):
+    tables = [L.array(cmax) for L in p.layers]
+    if any(not len(t) for t in tables):
         return None
     ext_index = [k for k, e in enumerate(p.extras) if cmax is None or e.cycles <= cmax]
     if p.extras and not ext_index:
         return None
     m = cp_model.CpModel()
     xw, xa, W, A, F, CYC, RES, decision = [], [None] * len(p.slots), [], [None] * len(p.slots), [], [], [], []
+    fold_doms: list[set] = []
     ncol = 5 + len(p.columns)
     for i, (L, rows) in enumerate(zip(p.layers, tables)):
         name = L.spec.name
@@ -562,27 +584,24 @@ def _build(
             xa[L.out_slot] = ba
             A[L.out_slot] = a
             decision += list(ba.values())
-        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[3] for r in rows})), f"fold[{name}]")
-        cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[4] for r in rows})), f"cycles[{name}]")
-        res = {
-            r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({row[5 + k] for row in rows})), f"{r}[{name}]")
-            for k, r in enumerate(p.columns)
-        }
+        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
+        keep = (0, *((1,) if L.in_slot >= 0 else ()), *((2,) if L.out_slot is not None else ()), *range(3, ncol))
+        doms, tuples = L.table(cmax, keep)
+        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[0]), f"fold[{name}]")
+        cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[1]), f"cycles[{name}]")
+        res = {r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[2 + k]), f"{r}[{name}]") for k, r in enumerate(p.columns)}
         F.append(f)
         CYC.append(cyc)
         RES.append(res)
+        fold_doms.append(set(doms[0]))
         decision.append(f)
-        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
-        cols, keep = [w], [0]
+        cols = [w]
         if L.in_slot >= 0:
             cols.append(A[L.in_slot])
-            keep.append(1)
         if L.out_slot is not None:
             cols.append(A[L.out_slot])
-            keep.append(2)
         cols += [f, cyc, *res.values()]
-        keep += list(range(3, ncol))
-        m.AddAllowedAssignments(cols, sorted({tuple(r[k] for k in keep) for r in rows}))
+        m.AddAllowedAssignments(cols, tuples)
 
     # units outside the layers (FINN: the input thresholding), one folding option each
     ext = [m.NewBoolVar(f"extras[{k}]") for k in ext_index]
@@ -592,7 +611,7 @@ def _build(
     ext_cycles = [p.extras[k].cycles for k in ext_index]
     ext_cyc_expr = sum(c * x for c, x in zip(ext_cycles, ext)) if ext else 0
 
-    top = max([max(r[4] for r in t) for t in tables] + ext_cycles)
+    top = max([int(t[:, 4].max()) for t in tables] + ext_cycles)
     bottleneck = m.NewIntVar(0, top, "bottleneck_cycles")
     for cyc in CYC:
         m.Add(bottleneck >= cyc)
@@ -622,7 +641,7 @@ def _build(
     return _Model(
         m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, latency, res_total.get("LUT"), avg_num,
         res_total, weighted, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
-        [{r[3] for r in t} for t in tables],
+        fold_doms,
     )
 
 
@@ -704,6 +723,7 @@ class _Stage:
     steps: int = 1
     choice: _Choice | None = None
     solver_steps: int | None = None  # bisection: the steps that needed the solver
+    cpu_time_s: float | None = None  # process CPU time (every CP-SAT worker thread)
 
 
 def _solve(
@@ -729,14 +749,16 @@ def _solve(
     solver.parameters.random_seed = int(seed)
     if rel_gap > 0 and objective is not None:
         solver.parameters.relative_gap_limit = float(rel_gap)
-    t0 = time.perf_counter()
+    for k, v in SOLVER_PARAMETERS.items():
+        setattr(solver.parameters, k, v)
+    t0, c0 = time.perf_counter(), time.process_time()
     status = solver.Solve(m)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     sname = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if status == cp_model.MODEL_INVALID:
             raise RuntimeError(f"CP-SAT model invalid: {m.Validate()}")
-        return _Stage(name, sname, None, None, wall, model=mod)
+        return _Stage(name, sname, None, None, wall, model=mod, cpu_time_s=cpu)
     values = {v.Index(): solver.Value(v) for v in mod.decision}
     for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values())]:
         values[v.Index()] = solver.Value(v)
@@ -760,7 +782,7 @@ def _solve(
         cycles=[int(values[v.Index()]) for v in mod.cyc] if mod.cyc else None,
         ext=next((mod.ext_index[k] for k, x in enumerate(mod.ext) if values[x.Index()]), None),
     )
-    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice)
+    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice, cpu_time_s=cpu)
 
 
 def _bits_hint(st: _Stage, mod: _Model, folds: bool = False) -> list:
@@ -781,18 +803,17 @@ def _least_rows(p: _Problem, cmax: int | None, c: _Choice) -> list[tuple] | None
     """Per unit, the row of its table at cap cmax for the widths of `c` with the least
     resources (lexicographically, then the fewest cycles); None when a unit has none."""
     out = []
+    nres = len(p.resources)
     for L, w in zip(p.layers, c.w):
         ai = p.input_bits if L.in_slot < 0 else c.a[L.in_slot]
         ao = NO_ACT if L.out_slot is None else c.a[L.out_slot]
-        best = None
-        for r in L.rows(cmax):
-            if r[0] == w and r[1] == ai and r[2] == ao:
-                key = (*r[5:5 + len(p.resources)], r[4], r[3])
-                if best is None or key < best[0]:
-                    best = (key, r)
-        if best is None:
+        arr = L.array(cmax)
+        sub = arr[(arr[:, 0] == w) & (arr[:, 1] == ai) & (arr[:, 2] == ao)]
+        if not len(sub):
             return None
-        out.append(best[1])
+        # the lexicographic least (resources in order, then cycles, then folding)
+        order = np.lexsort((sub[:, 3], sub[:, 4], *(sub[:, 5 + k] for k in reversed(range(nres)))))
+        out.append(tuple(sub[order[0]].tolist()))
     return out
 
 
@@ -822,7 +843,7 @@ def _caps_exceeded(p: _Problem, cmax: int, z_max: int | None = None) -> bool:
     allowed_w, allowed_a = _loss_widths(p, z_max)
     need = np.zeros(len(p.resources), dtype=np.int64)
     for i, L in enumerate(p.layers):
-        rows = np.asarray(L.rows(cmax), dtype=np.int64)
+        rows = L.array(cmax)
         if len(rows):
             ok = np.isin(rows[:, 0], allowed_w[i])
             if L.in_slot >= 0:
@@ -878,8 +899,36 @@ def _min_bottleneck(
     exact, steps = True, 0
     caps = build.get("caps", True)
     solver_steps = 0
+    z_lim = build.get("z_max") if build.get("loss", True) else None
+    # Without the solver first: the least cap at which the widths of `start`, refolded,
+    # fit (feasible from there up), and the least cap the resources do not rule out
+    # (infeasible below it); both tests are monotone in the cap.
+    a, b = lo, hi
+    while a < b:
+        mid = (a + b) // 2
+        steps += 1
+        cert = _certificate(p, cands[mid], best.choice, caps)
+        if cert is not None:
+            b, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
+        else:
+            a = mid + 1
+    hi = b
+    if caps:
+        a, b = lo, hi
+        while a < b:
+            mid = (a + b) // 2
+            steps += 1
+            if _caps_exceeded(p, cands[mid], z_lim):
+                a = mid + 1
+            else:
+                b = mid
+        lo = a
+    # Then the solver, first at the cap just below the feasible one (where the certificate
+    # is usually the optimum: one infeasible solve proves it), then by bisection.
+    first = True
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = hi - 1 if first else (lo + hi) // 2
+        first = False
         steps += 1
         # without the solver where possible: the current widths refolded fit (feasible), or
         # the least resources at this cap exceed a cap whatever the widths (infeasible)
@@ -887,7 +936,7 @@ def _min_bottleneck(
         if cert is not None:
             hi, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
             continue
-        if caps and _caps_exceeded(p, cands[mid], build.get("z_max") if build.get("loss", True) else None):
+        if caps and _caps_exceeded(p, cands[mid], z_lim):
             lo = mid + 1
             continue
         solver_steps += 1
@@ -895,9 +944,11 @@ def _min_bottleneck(
         est_steps = max(1, math.ceil(math.log2(hi - lo + 1)))
         mod = _build(p, cands[mid], **build)
         hint = _bits_hint(best, mod) if mod is not None else None
-        st = _solve(mod, None, name, max(0.2, remaining / (2 * est_steps)), workers, seed, hint)
+        share = 0.5 if mid == hi - 1 else 1 / (2 * est_steps)  # the probe below the best cap decides most runs
+        st = _solve(mod, None, name, max(0.2, remaining * share), workers, seed, hint)
         if st.values is not None:
-            hi, best = mid, st
+            # the solution's own bottleneck may lie below the cap it was asked for
+            hi, best = min(mid, bisect.bisect_left(cands, st.choice.max_cycles)), st
         else:
             if st.status != "INFEASIBLE":
                 exact = False
