@@ -303,3 +303,20 @@ def test_widths_only_against_brute_force(tiny):
     assert sum(got) == pytest.approx(total, abs=len(sens.groups) * tol)
     # activations cost no budget: with no hardware they take the least-loss width
     assert all(la.act_bits == 8 for la in alloc.layers if la.act_bits is not None)
+
+
+def test_stage_three_beside_the_probe_gives_the_same_design(faircnn, pynq):
+    """With two workers, stage 3 runs in a thread beside stage 2's last probe (one worker
+    each); the design it gives has the loss, bottleneck and LUTs of the one-worker run,
+    which solves the stages one after another."""
+    sens = synthetic_sensitivity(faircnn, seed=7)
+    two = allocate(faircnn, sens, pynq, 4.0, workers=2, time_limit_s=30)
+    one = allocate(faircnn, sens, pynq, 4.0, workers=1, time_limit_s=30)
+    for a in (two, one):
+        check_hard_constraints(faircnn, a, pynq, 4.0)
+        assert a.solver["status"] == "OPTIMAL"
+    assert two.solver["stages"][1]["solver_steps"] >= 1  # the probe ran
+    assert two.solver["stages"][2].get("overlapped_with_previous_stage") is True
+    assert "overlapped_with_previous_stage" not in one.solver["stages"][2]
+    for k in ("objective", "bottleneck_cycles", "resources"):
+        assert two.solver[k] == one.solver[k], k

@@ -66,6 +66,7 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -729,11 +730,15 @@ class _Stage:
     choice: _Choice | None = None
     solver_steps: int | None = None  # bisection: the steps that needed the solver
     cpu_time_s: float | None = None  # process CPU time (every CP-SAT worker thread)
+    overlapped: bool = False  # solved in a thread beside the stage before it (its times are the wait after it)
 
 
 def _solve(
-    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0
+    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0,
+    holder: list | None = None,
 ) -> _Stage:
+    """One CP-SAT solve of `mod`; `holder`, when given, receives the CpSolver before it
+    starts (so that another thread may stop it)."""
     if mod is None:
         return _Stage(name, "INFEASIBLE", None, None, 0.0)
     m = mod.m
@@ -756,6 +761,8 @@ def _solve(
         solver.parameters.relative_gap_limit = float(rel_gap)
     for k, v in SOLVER_PARAMETERS.items():
         setattr(solver.parameters, k, v)
+    if holder is not None:
+        holder.append(solver)
     t0, c0 = time.perf_counter(), time.process_time()
     status = solver.Solve(m)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -882,7 +889,7 @@ def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[
 
 
 def _min_bottleneck(
-    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, **build
+    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, on_probe=None, **build
 ) -> tuple[_Stage, bool]:
     """Smallest cycle cap C at which the model (with `build` options) is feasible, by
     bisection over the cycle counts in the tables between the largest per-layer minimum
@@ -931,8 +938,12 @@ def _min_bottleneck(
     # Then the solver, first at the cap just below the feasible one (where the certificate
     # is usually the optimum: one infeasible solve proves it), then by bisection.
     first = True
+    probe_workers = workers
     while lo < hi:
         mid = hi - 1 if first else (lo + hi) // 2
+        if first and on_probe is not None and on_probe(best, cands[hi]):
+            # the caller now solves the next stage at cands[hi] beside this probe: share the cores
+            probe_workers = max(1, workers - 1)
         first = False
         steps += 1
         # without the solver where possible: the current widths refolded fit (feasible), or
@@ -950,7 +961,8 @@ def _min_bottleneck(
         mod = _build(p, cands[mid], **build)
         hint = _bits_hint(best, mod) if mod is not None else None
         share = 0.5 if mid == hi - 1 else 1 / (2 * est_steps)  # the probe below the best cap decides most runs
-        st = _solve(mod, None, name, max(0.2, remaining * share), workers, seed, hint)
+        st = _solve(mod, None, name, max(0.2, remaining * share), probe_workers, seed, hint)
+        probe_workers = workers
         if st.values is not None:
             # the solution's own bottleneck may lie below the cap it was asked for
             hi, best = min(mid, bisect.bisect_left(cands, st.choice.max_cycles)), st
@@ -1073,13 +1085,47 @@ def allocate(
 
     if p.objective == "throughput":
         # stage 2: the bottleneck, with the loss held at z_max
-        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed, z_max=z_max)
+        # With two or more workers, stage 3 at the cap stage 2 expects (the refolded widths')
+        # runs in a thread beside stage 2's probe just below it, one worker each: when the
+        # probe proves that cap optimal, as it mostly does, stage 3 is already done (its
+        # model and hint are those the sequential order would give it); else it is stopped.
+        spec: dict = {}
+
+        def speculate(best: _Stage, cap: int) -> bool:
+            if workers < 2 or best.choice is None:
+                return False
+            mod = _build(p, cap, z_max=z_max)
+            if mod is None or mod.lut_total is None:
+                return False
+            holder: list = []
+
+            def run():
+                spec["stage"] = _solve(mod, mod.lut_total, "min_luts", left(1.0), max(1, workers // 2), seed,
+                                       _bits_hint(best, mod, folds=True), rel_gap, holder)
+
+            spec.update(cap=cap, holder=holder, thread=threading.Thread(target=run, daemon=True))
+            spec["thread"].start()
+            return True
+
+        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed,
+                                on_probe=speculate, z_max=z_max)
         c_star = int(s2.objective)
         better(s2)
         # stage 3: the fewest LUTs at that throughput
-        mod3 = _build(p, c_star, z_max=z_max)
-        if mod3 is not None and mod3.lut_total is not None:
-            better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
+        if spec and spec["cap"] == c_star:
+            spec["thread"].join()
+            s3 = spec["stage"]
+            s3.overlapped = True
+            better(s3)
+        else:
+            if spec:
+                while spec["thread"].is_alive():
+                    for solver in spec["holder"]:
+                        solver.StopSearch()
+                    spec["thread"].join(0.01)
+            mod3 = _build(p, c_star, z_max=z_max)
+            if mod3 is not None and mod3.lut_total is not None:
+                better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
     else:
         # stage 2: the objective; stage 3: the tie-break at (no worse than) its value
         first, second = {
@@ -1171,6 +1217,7 @@ def allocate(
                 "bound": stage_value(s, s.bound),
                 "wall_time_s": round(s.wall_time_s, 3),
                 "cpu_time_s": None if s.cpu_time_s is None else round(s.cpu_time_s, 3),
+                **({"overlapped_with_previous_stage": True} if s.overlapped else {}),
                 "solves": s.steps,
                 **({"solver_steps": s.solver_steps} if s.solver_steps is not None else {}),
             }
