@@ -1273,6 +1273,7 @@ def allocate_widths(
     pinned_act: dict[str, int] | None = None,
     tie_break: str | None = "mean",
     target: str = "widths-only",
+    rel_gap: float = 0.0,
 ) -> Allocation:
     """Widths only, no hardware terms (the bit-rate-only practice, as HAWQ-V3's ILP): the
     weight and activation widths that minimise the worst group's predicted loss under the
@@ -1280,7 +1281,8 @@ def allocate_widths(
     that loss, tie_break "mean" takes those with the least loss summed over the groups (an
     accuracy-only tie-break: it knows nothing of any hardware); None returns stage 1's
     solution as CP-SAT found it. Every unit gets folding PE = SIMD = 1 (a folding is for a
-    separate tool, e.g. FINN's SetFolding, to choose)."""
+    separate tool, e.g. FINN's SetFolding, to choose). rel_gap > 0 lets stage 1 stop within
+    that relative gap of its bound."""
     t_start, c_start = time.perf_counter(), time.process_time()
     if tie_break not in (None, "mean"):
         raise FqhwError(f"tie_break {tie_break!r} must be 'mean' or None")
@@ -1288,7 +1290,7 @@ def allocate_widths(
     _precheck_budget(p, budget)
     deadline = t_start + float(time_limit_s)
     mod = _build(p, None, hardware=False)
-    s1 = _solve(mod, mod.z, "min_worst_group_loss", max(0.1, (deadline - time.perf_counter()) * 0.6), workers, seed)
+    s1 = _solve(mod, mod.z, "min_worst_group_loss", max(0.1, (deadline - time.perf_counter()) * 0.6), workers, seed, rel_gap=rel_gap)
     if s1.choice is None:
         if s1.status == "INFEASIBLE":
             _precheck_budget(p, budget)  # pragma: no cover - the precheck is exact for widths only
