@@ -55,7 +55,7 @@ from fqhw.allocator.cpsat import allocate, allocate_widths, price  # noqa: E402
 from fqhw.errors import InfeasibleError  # noqa: E402
 from fqhw.fairness.sensitivity import Sensitivity  # noqa: E402
 from fqhw.hwmodels import get_cost_model  # noqa: E402
-from fqhw.hwmodels.finn_graph import PRICED, estimates, folding_of, hw_graph  # noqa: E402
+from fqhw.hwmodels.finn_graph import PRICED, estimates, hw_graph, mvau_folding  # noqa: E402
 from fqhw.network import NetworkSpec  # noqa: E402
 
 HLS_WIDEST = 8191  # finn.util.basic.MAX_ALLOWED_AP_INT_W
@@ -112,7 +112,8 @@ def finn_priced(net, alloc, cost) -> dict:
     """FINN's estimates of `alloc` exactly as folded (the fqhw design)."""
     from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
 
-    model, _, pr = hw_graph(net, alloc, cost)
+    pr = price(net, alloc, cost)
+    model, _ = hw_graph(net, pr)
     model = model.transform(SpecializeLayers(cost.part))
     est = estimates(model, cost.part, cost.clock_ns)
     return {"est": est, "cost_model_fps": pr["total"]["fps"], "cost_model_totals": {r: pr["total"][r] for r in PRICED}}
@@ -127,7 +128,7 @@ def setfolding_bisection(net, alloc, cost, mvau_wwidth_max: int = 36) -> dict:
     from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
 
     caps = _caps(cost)
-    base, units, _ = hw_graph(net, alloc, cost)
+    base, units = hw_graph(net, price(net, alloc, cost))
     base = base.transform(SpecializeLayers(cost.part))
     probes: list[dict] = []
     memo: dict[int, tuple] = {}
@@ -168,8 +169,13 @@ def setfolding_bisection(net, alloc, cost, mvau_wwidth_max: int = 36) -> dict:
         "totals": est["totals"],
         "probes": len(probes),
         "wall_s": round(time.perf_counter() - t0, 2),
-        "alloc": folding_of(m, net, units, alloc),
+        "alloc": _refolded(alloc, mvau_folding(m, units)),
     }
+
+
+def _refolded(alloc: Allocation, fold: dict) -> Allocation:
+    layers = [LayerAllocation(la.name, la.weight_bits, la.act_bits, *fold[la.name]) for la in alloc.layers]
+    return Allocation(target=alloc.target, layers=layers, input_bits=alloc.input_bits)
 
 
 # ---------------------------------------------------------------- one case

@@ -198,9 +198,11 @@ def test_thresholding_rtl_matches_finn(c):
 def _generic_graph(net, alloc, cost, narrow=True):
     """The generic (unspecialised) FINN HW nodes for `alloc`, with the folding the cost
     model priced, chained in stream order: what SpecializeLayers sees."""
+    from fqhw.allocator.cpsat import price
     from fqhw.hwmodels.finn_graph import hw_graph
 
-    model, units, pr = hw_graph(net, alloc, cost, narrow=narrow)
+    pr = price(net, alloc, cost)
+    model, units = hw_graph(net, pr, narrow=narrow)
     return model, [u for _, u in units], pr
 
 

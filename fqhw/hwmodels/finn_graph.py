@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.network import NetworkSpec
 
 PRICED = ("LUT", "BRAM_18K", "URAM", "DSP")
@@ -30,18 +29,16 @@ def _hw_node(op: str, inputs, outputs, **attrs):
     return helper.make_node(op, list(inputs), list(outputs), domain="finn.custom_op.fpgadataflow", backend="fpgadataflow", **attrs)
 
 
-def hw_graph(net: NetworkSpec, alloc: Allocation, cost, narrow: bool = True, seed: int = 0):
-    """(model, units, priced): the generic (unspecialised) FINN HW nodes of `alloc` on the
-    FINN cost model `cost`, folded as the cost model folds them; `units` lists each node's
-    (LayerSpec or "input", unit dict) in graph order; `priced` is fqhw.allocator.cpsat.price's
-    result for the allocation. Node names are n0, n1, ..."""
+def hw_graph(net: NetworkSpec, priced: dict, narrow: bool = True, seed: int = 0):
+    """(model, units): the generic (unspecialised) FINN HW nodes of an allocation, given as
+    what fqhw.allocator.cpsat.price says of it on a FINN cost model (every unit with its
+    widths and folding); `units` lists each node's (LayerSpec or "input", unit dict) in graph
+    order. Node names are n0, n1, ..."""
     from onnx import TensorProto, helper
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.basic import qonnx_make_model
 
-    from fqhw.allocator.cpsat import price
-
-    pr = price(net, alloc, cost)
+    pr = priced
     rng = np.random.default_rng(seed)
     nodes, inits, units = [], {}, []
     if pr["extras"]:
@@ -96,7 +93,7 @@ def hw_graph(net: NetworkSpec, alloc: Allocation, cost, narrow: bool = True, see
     model = ModelWrapper(qonnx_make_model(graph))
     for name, val in inits.items():
         model.set_initializer(name, val)
-    return model, units, pr
+    return model, units
 
 
 def estimates(model, part: str, clock_ns: float) -> dict:
@@ -124,9 +121,9 @@ def estimates(model, part: str, clock_ns: float) -> dict:
     }
 
 
-def folding_of(model, net: NetworkSpec, units, alloc: Allocation) -> Allocation:
-    """`alloc`'s widths with the PE / SIMD of each layer's MVAU as they stand in `model`
-    (e.g. after FINN's SetFolding), read from the graph `hw_graph` built."""
+def mvau_folding(model, units) -> dict[str, tuple[int, int]]:
+    """Per layer, the (PE, SIMD) of its MVAU as it stands in `model` (e.g. after FINN's
+    SetFolding), read from the graph `hw_graph` built (`units` as it returned them)."""
     from qonnx.custom_op.registry import getCustomOp
 
     fold = {}
@@ -134,5 +131,4 @@ def folding_of(model, net: NetworkSpec, units, alloc: Allocation) -> Allocation:
         if u["role"] == "mvau":
             inst = getCustomOp(node)
             fold[spec.name] = (int(inst.get_nodeattr("PE")), int(inst.get_nodeattr("SIMD")))
-    layers = [LayerAllocation(la.name, la.weight_bits, la.act_bits, *fold[la.name]) for la in alloc.layers]
-    return Allocation(target=alloc.target, layers=layers, input_bits=alloc.input_bits)
+    return fold
