@@ -213,3 +213,110 @@ def test_input_thresholding_extras(tiny):
     assert ex["units"][0]["op_type"] == "Thresholding_rtl"
     assert ex["cycles"] <= max(v["cycles"] for v in pr["layers"].values())
     assert pr["total"]["LUT"] == sum(v["LUT"] for v in pr["layers"].values()) + ex["LUT"]
+
+
+def test_stages_two_and_three_against_brute_force(tiny):
+    """The bottleneck (stage 2) and the LUTs at that bottleneck (stage 3) equal the best
+    over every width combination within the loss limit (stage 1's loss and a slack, so that
+    stage 2 may change the widths), each layer at its fewest-LUT folding that meets a cycle
+    cap, under a binding LUT cap."""
+    cost = FinnCostModel("pynq-z2", utilisation={"LUT": 0.06, "FF": 1, "BRAM_18K": 1, "URAM": 1, "DSP": 1})
+    sens = synthetic_sensitivity(tiny, seed=4, act_scale=0.05)
+    bits = [2, 4, 8]
+    budget = 4.0
+    alloc = allocate(tiny, sens, cost, budget, bits=bits, act_bits=bits, time_limit_s=20, loss_slack=0.5)
+    pr = check_hard_constraints(tiny, alloc, cost, budget)
+    s = alloc.solver
+    assert s["status"] == "OPTIMAL" and [st["name"] for st in s["stages"]] == ["min_worst_group_loss", "min_bottleneck_cycles", "min_luts"]
+    caps = pr["total"]["caps"]
+    layers = tiny.layers
+    # per layer and (w, a_in, a_out): every folding's (cycles, LUT, BRAM)
+    table = {}
+    for s_ in layers:
+        for w in bits:
+            for ai in ([8] if s_ is layers[0] else bits):
+                for ao in (bits if s_.has_output_act else [None]):
+                    rows = []
+                    for pe, simd in cost.folding_options(s_):
+                        if cost.buildable(s_, w, ai, ao, pe, simd):
+                            c = cost.layer_cost(s_, w, ai, ao, pe, simd)
+                            rows.append((c.cycles, c.resources["LUT"], c.resources["BRAM_18K"]))
+                    table[s_.name, w, ai, ao] = rows
+    z_tol = 2 * s["loss_rounding_error"]
+    best = None  # (bottleneck, LUTs)
+    for ws in itertools.product(bits, repeat=len(layers)):
+        if sum(l_.params * w for l_, w in zip(layers, ws)) > budget * tiny.total_params:
+            continue
+        for acts in itertools.product(bits, repeat=len(layers) - 1):
+            outs = [*acts, None]
+            loss = max(sens.predicted(dict(zip([l_.name for l_ in layers], ws)), dict(zip([l_.name for l_ in layers], outs))))
+            assert abs(loss - s["loss_limit"]) > z_tol  # no combination at the limit's rounding edge
+            if loss > s["loss_limit"]:
+                continue
+            keys = [(l_.name, w, ai, ao) for l_, w, ai, ao in zip(layers, ws, [8, *acts], outs)]
+            for cyc in sorted({r[0] for k in keys for r in table[k]}):
+                fast = [[r for r in table[k] if r[0] <= cyc] for k in keys]
+                if not all(fast):
+                    continue
+                least = [min(rows, key=lambda r: (r[1], r[2])) for rows in fast]
+                lut, bram = sum(r[1] for r in least), sum(r[2] for r in least)
+                if lut <= caps["LUT"] and bram <= caps["BRAM_18K"]:
+                    cand = (max(r[0] for r in least), lut)
+                    best = cand if best is None else min(best, cand)
+                    break
+    assert best is not None
+    assert s["bottleneck_cycles"] == best[0]
+    # the slack matters: the solver, not the stage-1 widths refolded, found the bottleneck
+    assert s["stages"][1]["solver_steps"] >= 1
+    assert pr["total"]["LUT"] == best[1]
+    # the LUT cap binds: the fastest folding of the loss-optimal widths does not fit
+    assert s["resources"]["LUT"] > 0.9 * caps["LUT"]
+
+
+def test_widths_only_against_brute_force(tiny):
+    """allocate_widths: the least worst-group loss under the budget (no hardware), ties to
+    the least loss summed over groups, every unit folded PE = SIMD = 1."""
+    from fqhw.allocator.cpsat import allocate_widths
+
+    sens = synthetic_sensitivity(tiny, seed=6)
+    bits = [2, 3, 4, 8]
+    budget = 3.5
+    alloc = allocate_widths(tiny, sens, budget, bits=bits, act_bits=bits, pinned={"head": 8})
+    s = alloc.solver
+    assert s["status"] == "OPTIMAL" and s["hardware_objective"] is None
+    assert all(la.pe == 1 and la.simd == 1 for la in alloc.layers) and alloc.layer("head").weight_bits == 8
+    assert alloc.avg_weight_bits(tiny) <= budget
+    names = [l_.name for l_ in tiny.layers]
+    results = []
+    for ws in itertools.product(bits, repeat=len(names) - 1):
+        ws = (*ws, 8)
+        if sum(l_.params * w for l_, w in zip(tiny.layers, ws)) > budget * tiny.total_params:
+            continue
+        for acts in itertools.product(bits, repeat=len(names) - 1):
+            pred = sens.predicted(dict(zip(names, ws)), dict(zip(names, [*acts, None])))
+            results.append((max(pred), sum(pred)))
+    worst = min(r[0] for r in results)
+    tol = 2 * s["loss_rounding_error"]
+    assert abs(s["objective_exact"] - worst) <= tol
+    total = min(r[1] for r in results if r[0] <= worst + tol)
+    got = alloc.predicted_loss(tiny, sens)
+    assert sum(got) == pytest.approx(total, abs=len(sens.groups) * tol)
+    # activations cost no budget: with no hardware they take the least-loss width
+    assert all(la.act_bits == 8 for la in alloc.layers if la.act_bits is not None)
+
+
+def test_stage_three_beside_the_probe_gives_the_same_design(faircnn, pynq):
+    """With two workers, stage 3 runs in a thread beside stage 2's last probe (one worker
+    each); the design it gives has the loss, bottleneck and LUTs of the one-worker run,
+    which solves the stages one after another."""
+    sens = synthetic_sensitivity(faircnn, seed=7)
+    two = allocate(faircnn, sens, pynq, 4.0, workers=2, time_limit_s=30)
+    one = allocate(faircnn, sens, pynq, 4.0, workers=1, time_limit_s=30)
+    for a in (two, one):
+        check_hard_constraints(faircnn, a, pynq, 4.0)
+        assert a.solver["status"] == "OPTIMAL"
+    assert two.solver["stages"][1]["solver_steps"] >= 1  # the probe ran
+    assert two.solver["stages"][2].get("overlapped_with_previous_stage") is True
+    assert "overlapped_with_previous_stage" not in one.solver["stages"][2]
+    for k in ("objective", "bottleneck_cycles", "resources"):
+        assert two.solver[k] == one.solver[k], k

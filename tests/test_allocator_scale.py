@@ -157,27 +157,36 @@ def test_fpga_fewest_resources_at_a_rate(tiny):
     assert price(tiny, uniform, pynq)["total"]["fits"]
 
 
-@pytest.mark.slow
-def test_time_limit_uses_best_found_and_reports_the_gap():
-    """ResNet-18 in 4 channel groups per layer cannot be proven optimal in 6 s: the best
-    allocation found is returned (within the budget), and the report says how far from the
-    bound it may be."""
-    import timm
-
+def test_stopped_search_uses_best_found_and_reports_the_gap(monkeypatch):
+    """A search stopped before its proof (here at CP-SAT's first solution, as the time limit
+    stops it; bench/allocator_scale.py measures the time limit itself) returns the best
+    allocation found, within the budget and the caps, and the report says which stages are
+    unproven and how far from the bound the loss may be. No timing: the stop is CP-SAT's
+    stop_after_first_solution, on one worker."""
+    from fqhw.allocator import cpsat
     from fqhw.report.report import solver_line
 
-    net = split_channel_groups(network_spec(timm.create_model("resnet18", pretrained=False), (3, 224, 224), name="r18"), 4, name="r18-g4")
-    sens = unit_sensitivity(net)
-    alloc = allocate(net, sens, get_cost_model("u250", mem_mode="external"), 4.0, time_limit_s=6.0, workers=2, seed=0)
+    net = split_channel_groups(network_spec(FairCNN(CNNConfig(channels=(16, 32, 64))), (3, 32, 32), name="cnn"), 4, name="cnn-g4")
+    sens = unit_sensitivity(net, seed=5)
+    cost = get_cost_model("pynq-z2")
+    monkeypatch.setitem(cpsat.SOLVER_PARAMETERS, "stop_after_first_solution", True)
+    monkeypatch.setitem(cpsat.SOLVER_PARAMETERS, "num_workers", 1)
+    alloc = allocate(net, sens, cost, 3.0, time_limit_s=60, workers=1, seed=0)
     s = alloc.solver
-    assert s["status"] == "FEASIBLE" and alloc.avg_weight_bits(net) <= 4.0 + 1e-9
+    assert s["status"] == "FEASIBLE" and alloc.avg_weight_bits(net) <= 3.0 + 1e-9 and price(net, alloc, cost)["total"]["fits"]
     unproven = [st for st in s["stages"] if st["status"] != "OPTIMAL"]
-    assert unproven and s["wall_time_s"] < 6.0 * 1.5
+    assert unproven
+    for st in unproven:  # each open stage's own gap is reported
+        assert st["objective"] is not None and st["bound"] is not None and st["bound"] < st["objective"]
     line = solver_line(s)
-    assert "the time limit (6.0 s) stopped the search: the best allocation found is used" in line
+    assert "the time limit (60 s) stopped the search: the best allocation found is used" in line
     assert f"gap to its bound {100 * s['gap']:.2f} %" in line
     for st in unproven:
         assert st["name"] in line
+    monkeypatch.delitem(cpsat.SOLVER_PARAMETERS, "stop_after_first_solution")
+    full = allocate(net, sens, cost, 3.0, time_limit_s=60, workers=1, seed=0)
+    assert full.solver["status"] == "OPTIMAL"
+    assert full.solver["objective_exact"] <= s["objective_exact"] + 2 * s["loss_rounding_error"]
 
 
 @pytest.mark.slow

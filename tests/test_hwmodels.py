@@ -199,72 +199,11 @@ def _generic_graph(net, alloc, cost, narrow=True):
     """The generic (unspecialised) FINN HW nodes for `alloc`, with the folding the cost
     model priced, chained in stream order: what SpecializeLayers sees."""
     from fqhw.allocator.cpsat import price
+    from fqhw.hwmodels.finn_graph import hw_graph
 
     pr = price(net, alloc, cost)
-    rng = np.random.default_rng(0)
-    nodes, inits, expect = [], {}, []
-    t = 0
-
-    def tensors():
-        nonlocal t
-        t += 1
-        return f"t{t - 1}", f"t{t}"
-
-    units = []
-    if pr["extras"]:
-        units += [("input", u) for u in pr["extras"]["units"]]
-    for spec in net.layers:
-        units += [(spec, u) for u in pr["layers"][spec.name]["units"]]
-    for spec, u in units:
-        a = u["attrs"]
-        i, o = tensors()
-        op = u["op_type"]
-        if op == "Thresholding_rtl":
-            inits[f"thr{t}"] = np.sort(rng.random((a["NumChannels"], 2 ** a["out_bits"] - 1)), axis=1).astype(np.float32)
-            n = hw_node("Thresholding", "", inputs=(i, f"thr{t}"), outputs=(o,), NumChannels=a["NumChannels"], PE=a["PE"],
-                        numSteps=2 ** a["out_bits"] - 1, inputDataType="FLOAT32", weightDataType="FLOAT32",
-                        outputDataType=f"UINT{a['out_bits']}", numInputVectors=[1, a["numInputVectors"]])
-        elif op == "FMPadding_rtl":
-            n = hw_node("FMPadding", "", inputs=(i,), outputs=(o,), ImgDim=a["ImgDim"], Padding=a["Padding"], NumChannels=a["NumChannels"],
-                        SIMD=a["SIMD"], inputDataType=f"UINT{a['in_bits']}")
-        elif op == "ConvolutionInputGenerator_rtl":
-            n = hw_node("ConvolutionInputGenerator", "", inputs=(i,), outputs=(o,), ConvKernelDim=a["ConvKernelDim"],
-                        IFMChannels=a["IFMChannels"], IFMDim=a["IFMDim"], OFMDim=a["OFMDim"], SIMD=a["SIMD"], Stride=a["Stride"],
-                        Dilation=[1, 1], inputDataType=f"UINT{a['in_bits']}", outputDataType=f"UINT{a['in_bits']}",
-                        depthwise=a["depthwise"], parallel_window=a["parallel_window"], ram_style=a["ram_style"], is1D=0)
-        elif op in ("MVAU_hls", "MVAU_rtl"):
-            wb = a["weight_bits"]
-            lim = 2 ** (wb - 1) - 1 if narrow else 2 ** (wb - 1)
-            wts = rng.integers(-lim, 2 ** (wb - 1), size=(a["MW"], a["MH"])).astype(np.float32)
-            wts[0, 0] = -lim
-            inits[f"w{t}"] = wts
-            ins = [i, f"w{t}"]
-            if not a["noActivation"]:
-                inits[f"thr{t}"] = np.zeros((a["MH"], 2 ** a["out_bits"] - 1), dtype=np.float32)
-                ins.append(f"thr{t}")
-            vecs = [1, spec.out_hw[0], spec.out_hw[1]] if spec.kind == "conv" else [1]
-            n = hw_node("MVAU", "", inputs=tuple(ins), outputs=(o,), MW=a["MW"], MH=a["MH"], PE=a["PE"], SIMD=a["SIMD"],
-                        inputDataType=f"UINT{a['in_bits']}", weightDataType=f"INT{wb}",
-                        outputDataType=(f"INT{a['out_bits']}" if a["noActivation"] else f"UINT{a['out_bits']}"),
-                        accDataType=f"INT{a['acc_bits']}", noActivation=a["noActivation"], numInputVectors=vecs,
-                        mem_mode="internal_decoupled", binaryXnorMode=0)
-        elif op == "Pool_hls":
-            n = hw_node("Pool", "", inputs=(i,), outputs=(o,), Channels=a["Channels"], PE=a["PE"], KernelSize=a["KernelSize"],
-                        Function="MaxPool", OutImgDims=a["OutImgDims"], InputDataType=f"UINT{a['in_bits']}",
-                        OutputDataType=f"UINT{a['in_bits']}", BatchSize=1)
-        else:  # pragma: no cover
-            raise AssertionError(op)
-        n.name = f"n{len(nodes)}"
-        nodes.append(n)
-        expect.append(u)
-    graph = helper.make_graph(
-        nodes, "dataflow", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info(f"t{t}", TensorProto.FLOAT, [1])],
-    )
-    model = ModelWrapper(qonnx_make_model(graph))
-    for name, val in inits.items():
-        model.set_initializer(name, val)
-    return model, expect, pr
+    model, units = hw_graph(net, pr, narrow=narrow)
+    return model, [u for _, u in units], pr
 
 
 @pytest.fixture(scope="module")

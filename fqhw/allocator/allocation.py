@@ -99,7 +99,7 @@ class Allocation:
         )
 
 
-TIME_KEYS = ("wall_time_s", "tables_s")
+TIME_KEYS = ("wall_time_s", "tables_s", "cpu_time_s", "tables_cpu_s")
 
 
 def _without_times(obj):

@@ -63,8 +63,10 @@ Allocation.solver["loss_rounding_error"] (in the sensitivity's own units).
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -85,6 +87,12 @@ RESOURCE_ORDER = ("LUT", "BRAM_18K", "URAM", "DSP")
 NO_ACT = -1  # a_out column of a layer without an output activation
 ENERGY = "energy_pJ"
 OBJECTIVES = ("throughput", "resources", "latency", "energy")
+# CP-SAT parameters set on every solve. Presolve is off: on these models (one-hot widths,
+# a table per unit, a few linear sums) CP-SAT's presolve, which expands every table, cost
+# about as much CPU as the search and saved nothing (bench/allocator_scale.py: ResNet-50
+# per layer 7.9 -> 5.1 CPU s, ResNet-18 2.3 -> 1.4, the same optima and, on the default
+# CNN and cnv, the same allocations).
+SOLVER_PARAMETERS: dict = {"cp_model_presolve": False}
 
 
 # ------------------------------------------------------------------ the problem data
@@ -142,11 +150,29 @@ class _Layer:
         with cycles <= cmax that no other such row beats or matches in every resource (ties
         go to the fastest, then the first folding), as `_prune_on_resources` would give."""
         if cmax not in self._rows:
+            self._rows[cmax] = [tuple(r) for r in self.array(cmax).tolist()]
+        return self._rows[cmax]
+
+    def array(self, cmax: int | None) -> np.ndarray:
+        """rows(cmax) as one int64 array, in the same order."""
+        key = ("array", cmax)
+        if key not in self._rows:
             death = self.death()
             cyc = self.cand[:, 4]
             keep = death == _NEVER if cmax is None else (cyc <= cmax) & (death > cmax)
-            self._rows[cmax] = [tuple(r) for r in self.cand[keep].tolist()]
-        return self._rows[cmax]
+            self._rows[key] = self.cand[keep]
+        return self._rows[key]
+
+    def table(self, cmax: int | None, keep: tuple[int, ...]) -> tuple[list, list]:
+        """(domains, tuples) for the model at cap cmax: the sorted distinct values of each
+        column from 3 on (folding, cycles, every resource and metric), and the sorted
+        distinct rows of the columns `keep`."""
+        key = ("table", cmax, keep)
+        if key not in self._rows:
+            arr = self.array(cmax)
+            doms = [np.unique(arr[:, k]).tolist() for k in range(3, arr.shape[1])]
+            self._rows[key] = (doms, np.unique(arr[:, list(keep)], axis=0).tolist())
+        return self._rows[key]
 
     def death(self) -> np.ndarray:
         """Per row, the least cycle cap at which another row of its choice dominates it in
@@ -366,7 +392,7 @@ def _check_pins(pins: dict, names: list[str], what: str) -> None:
 
 
 def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act=None, objective=None) -> _Problem:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if not net.layers:
         raise FqhwError("the network has no conv or linear layers to allocate")
     bits = sorted(set(int(b) for b in bits))
@@ -486,6 +512,7 @@ def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bit
         tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], schedule=schedule, objective=objective, candidates=n_cand,
     )
     prob.timings["tables_s"] = round(time.perf_counter() - t0, 3)
+    prob.timings["tables_cpu_s"] = round(time.process_time() - c0, 3)
     return prob
 
 
@@ -541,14 +568,15 @@ def _build(
     widths, the budget and the loss, a relaxation of the problem."""
     if not hardware:
         return _build_widths_only(p, budget=budget, z_max=z_max)
-    tables = [L.rows(cmax) for L in p.layers]
-    if any(not t for t in tables):
+    tables = [L.array(cmax) for L in p.layers]
+    if any(not len(t) for t in tables):
         return None
     ext_index = [k for k, e in enumerate(p.extras) if cmax is None or e.cycles <= cmax]
     if p.extras and not ext_index:
         return None
     m = cp_model.CpModel()
     xw, xa, W, A, F, CYC, RES, decision = [], [None] * len(p.slots), [], [None] * len(p.slots), [], [], [], []
+    fold_doms: list[set] = []
     ncol = 5 + len(p.columns)
     for i, (L, rows) in enumerate(zip(p.layers, tables)):
         name = L.spec.name
@@ -562,27 +590,24 @@ def _build(
             xa[L.out_slot] = ba
             A[L.out_slot] = a
             decision += list(ba.values())
-        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[3] for r in rows})), f"fold[{name}]")
-        cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({r[4] for r in rows})), f"cycles[{name}]")
-        res = {
-            r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted({row[5 + k] for row in rows})), f"{r}[{name}]")
-            for k, r in enumerate(p.columns)
-        }
+        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
+        keep = (0, *((1,) if L.in_slot >= 0 else ()), *((2,) if L.out_slot is not None else ()), *range(3, ncol))
+        doms, tuples = L.table(cmax, keep)
+        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[0]), f"fold[{name}]")
+        cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[1]), f"cycles[{name}]")
+        res = {r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[2 + k]), f"{r}[{name}]") for k, r in enumerate(p.columns)}
         F.append(f)
         CYC.append(cyc)
         RES.append(res)
+        fold_doms.append(set(doms[0]))
         decision.append(f)
-        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
-        cols, keep = [w], [0]
+        cols = [w]
         if L.in_slot >= 0:
             cols.append(A[L.in_slot])
-            keep.append(1)
         if L.out_slot is not None:
             cols.append(A[L.out_slot])
-            keep.append(2)
         cols += [f, cyc, *res.values()]
-        keep += list(range(3, ncol))
-        m.AddAllowedAssignments(cols, sorted({tuple(r[k] for k in keep) for r in rows}))
+        m.AddAllowedAssignments(cols, tuples)
 
     # units outside the layers (FINN: the input thresholding), one folding option each
     ext = [m.NewBoolVar(f"extras[{k}]") for k in ext_index]
@@ -592,7 +617,7 @@ def _build(
     ext_cycles = [p.extras[k].cycles for k in ext_index]
     ext_cyc_expr = sum(c * x for c, x in zip(ext_cycles, ext)) if ext else 0
 
-    top = max([max(r[4] for r in t) for t in tables] + ext_cycles)
+    top = max([int(t[:, 4].max()) for t in tables] + ext_cycles)
     bottleneck = m.NewIntVar(0, top, "bottleneck_cycles")
     for cyc in CYC:
         m.Add(bottleneck >= cyc)
@@ -622,7 +647,7 @@ def _build(
     return _Model(
         m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, latency, res_total.get("LUT"), avg_num,
         res_total, weighted, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
-        [{r[3] for r in t} for t in tables],
+        fold_doms,
     )
 
 
@@ -631,16 +656,11 @@ def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], 
     lo = hi = 0
     exprs = []
     for g in range(len(p.groups)):
-        terms, glo, ghi = [], 0, 0
-        for i, L in enumerate(p.layers):
-            vals = [int(p.tw[i][b][g]) for b in L.w_vals]
-            terms += [v * xw[i][b] for v, b in zip(vals, L.w_vals)]
-            glo, ghi = glo + min(vals), ghi + max(vals)
-        for k, slot in enumerate(p.slots):
-            vals = [int(p.ta[k][b][g]) for b in slot.a_vals]
-            terms += [v * xa[k][b] for v, b in zip(vals, slot.a_vals)]
-            glo, ghi = glo + min(vals), ghi + max(vals)
-        exprs.append(sum(terms))
+        glo = sum(min(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
+        glo += sum(min(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
+        ghi = sum(max(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
+        ghi += sum(max(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
+        exprs.append(_group_terms(p, xw, xa, g))
         lo, hi = min(lo, glo), max(hi, ghi)
     z = m.NewIntVar(lo, hi, "z_worst_group_loss")
     for e in exprs:
@@ -648,6 +668,16 @@ def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], 
     if z_max is not None:
         m.Add(z <= z_max)
     return z
+
+
+def _group_terms(p: _Problem, xw: list[dict], xa: list[dict], g: int):
+    """Group g's integer loss total as a linear expression of the width booleans."""
+    terms = []
+    for i, L in enumerate(p.layers):
+        terms += [int(p.tw[i][b][g]) * xw[i][b] for b in L.w_vals]
+    for k, slot in enumerate(p.slots):
+        terms += [int(p.ta[k][b][g]) * xa[k][b] for b in slot.a_vals]
+    return sum(terms)
 
 
 def _build_widths_only(p: _Problem, *, budget: bool = True, z_max: int | None = None) -> _Model:
@@ -699,11 +729,16 @@ class _Stage:
     steps: int = 1
     choice: _Choice | None = None
     solver_steps: int | None = None  # bisection: the steps that needed the solver
+    cpu_time_s: float | None = None  # process CPU time (every CP-SAT worker thread)
+    overlapped: bool = False  # solved in a thread beside the stage before it (its times are the wait after it)
 
 
 def _solve(
-    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0
+    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0,
+    holder: list | None = None,
 ) -> _Stage:
+    """One CP-SAT solve of `mod`; `holder`, when given, receives the CpSolver before it
+    starts (so that another thread may stop it)."""
     if mod is None:
         return _Stage(name, "INFEASIBLE", None, None, 0.0)
     m = mod.m
@@ -724,14 +759,18 @@ def _solve(
     solver.parameters.random_seed = int(seed)
     if rel_gap > 0 and objective is not None:
         solver.parameters.relative_gap_limit = float(rel_gap)
-    t0 = time.perf_counter()
+    for k, v in SOLVER_PARAMETERS.items():
+        setattr(solver.parameters, k, v)
+    if holder is not None:
+        holder.append(solver)
+    t0, c0 = time.perf_counter(), time.process_time()
     status = solver.Solve(m)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     sname = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if status == cp_model.MODEL_INVALID:
             raise RuntimeError(f"CP-SAT model invalid: {m.Validate()}")
-        return _Stage(name, sname, None, None, wall, model=mod)
+        return _Stage(name, sname, None, None, wall, model=mod, cpu_time_s=cpu)
     values = {v.Index(): solver.Value(v) for v in mod.decision}
     for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values())]:
         values[v.Index()] = solver.Value(v)
@@ -755,7 +794,7 @@ def _solve(
         cycles=[int(values[v.Index()]) for v in mod.cyc] if mod.cyc else None,
         ext=next((mod.ext_index[k] for k, x in enumerate(mod.ext) if values[x.Index()]), None),
     )
-    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice)
+    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice, cpu_time_s=cpu)
 
 
 def _bits_hint(st: _Stage, mod: _Model, folds: bool = False) -> list:
@@ -776,18 +815,17 @@ def _least_rows(p: _Problem, cmax: int | None, c: _Choice) -> list[tuple] | None
     """Per unit, the row of its table at cap cmax for the widths of `c` with the least
     resources (lexicographically, then the fewest cycles); None when a unit has none."""
     out = []
+    nres = len(p.resources)
     for L, w in zip(p.layers, c.w):
         ai = p.input_bits if L.in_slot < 0 else c.a[L.in_slot]
         ao = NO_ACT if L.out_slot is None else c.a[L.out_slot]
-        best = None
-        for r in L.rows(cmax):
-            if r[0] == w and r[1] == ai and r[2] == ao:
-                key = (*r[5:5 + len(p.resources)], r[4], r[3])
-                if best is None or key < best[0]:
-                    best = (key, r)
-        if best is None:
+        arr = L.array(cmax)
+        sub = arr[(arr[:, 0] == w) & (arr[:, 1] == ai) & (arr[:, 2] == ao)]
+        if not len(sub):
             return None
-        out.append(best[1])
+        # the lexicographic least (resources in order, then cycles, then folding)
+        order = np.lexsort((sub[:, 3], sub[:, 4], *(sub[:, 5 + k] for k in reversed(range(nres)))))
+        out.append(tuple(sub[order[0]].tolist()))
     return out
 
 
@@ -817,7 +855,7 @@ def _caps_exceeded(p: _Problem, cmax: int, z_max: int | None = None) -> bool:
     allowed_w, allowed_a = _loss_widths(p, z_max)
     need = np.zeros(len(p.resources), dtype=np.int64)
     for i, L in enumerate(p.layers):
-        rows = np.asarray(L.rows(cmax), dtype=np.int64)
+        rows = L.array(cmax)
         if len(rows):
             ok = np.isin(rows[:, 0], allowed_w[i])
             if L.in_slot >= 0:
@@ -851,7 +889,7 @@ def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[
 
 
 def _min_bottleneck(
-    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, **build
+    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, on_probe=None, **build
 ) -> tuple[_Stage, bool]:
     """Smallest cycle cap C at which the model (with `build` options) is feasible, by
     bisection over the cycle counts in the tables between the largest per-layer minimum
@@ -873,8 +911,40 @@ def _min_bottleneck(
     exact, steps = True, 0
     caps = build.get("caps", True)
     solver_steps = 0
+    z_lim = build.get("z_max") if build.get("loss", True) else None
+    # Without the solver first: the least cap at which the widths of `start`, refolded,
+    # fit (feasible from there up), and the least cap the resources do not rule out
+    # (infeasible below it); both tests are monotone in the cap.
+    a, b = lo, hi
+    while a < b:
+        mid = (a + b) // 2
+        steps += 1
+        cert = _certificate(p, cands[mid], best.choice, caps)
+        if cert is not None:
+            b, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
+        else:
+            a = mid + 1
+    hi = b
+    if caps:
+        a, b = lo, hi
+        while a < b:
+            mid = (a + b) // 2
+            steps += 1
+            if _caps_exceeded(p, cands[mid], z_lim):
+                a = mid + 1
+            else:
+                b = mid
+        lo = a
+    # Then the solver, first at the cap just below the feasible one (where the certificate
+    # is usually the optimum: one infeasible solve proves it), then by bisection.
+    first = True
+    probe_workers = workers
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = hi - 1 if first else (lo + hi) // 2
+        if first and on_probe is not None and on_probe(best, cands[hi]):
+            # the caller now solves the next stage at cands[hi] beside this probe: share the cores
+            probe_workers = max(1, workers - 1)
+        first = False
         steps += 1
         # without the solver where possible: the current widths refolded fit (feasible), or
         # the least resources at this cap exceed a cap whatever the widths (infeasible)
@@ -882,7 +952,7 @@ def _min_bottleneck(
         if cert is not None:
             hi, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
             continue
-        if caps and _caps_exceeded(p, cands[mid], build.get("z_max") if build.get("loss", True) else None):
+        if caps and _caps_exceeded(p, cands[mid], z_lim):
             lo = mid + 1
             continue
         solver_steps += 1
@@ -890,9 +960,12 @@ def _min_bottleneck(
         est_steps = max(1, math.ceil(math.log2(hi - lo + 1)))
         mod = _build(p, cands[mid], **build)
         hint = _bits_hint(best, mod) if mod is not None else None
-        st = _solve(mod, None, name, max(0.2, remaining / (2 * est_steps)), workers, seed, hint)
+        share = 0.5 if mid == hi - 1 else 1 / (2 * est_steps)  # the probe below the best cap decides most runs
+        st = _solve(mod, None, name, max(0.2, remaining * share), probe_workers, seed, hint)
+        probe_workers = workers
         if st.values is not None:
-            hi, best = mid, st
+            # the solution's own bottleneck may lie below the cap it was asked for
+            hi, best = min(mid, bisect.bisect_left(cands, st.choice.max_cycles)), st
         else:
             if st.status != "INFEASIBLE":
                 exact = False
@@ -944,7 +1017,7 @@ def allocate(
     rel_gap > 0 lets CP-SAT stop each stage within that relative gap of its bound.
     Raises InfeasibleError (one line, naming the constraint and what would work) when no
     allocation exists."""
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     if not (isinstance(loss_slack, numbers.Real) and math.isfinite(loss_slack) and loss_slack >= 0):
         raise FqhwError(f"loss slack {loss_slack!r} must be a non-negative fraction")
     p = _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act, objective)
@@ -958,6 +1031,14 @@ def allocate(
     # the budget and the loss only: a relaxation); when its solution, each unit at its
     # least-resource folding, fits the target, it is optimal for the whole problem too.
     # Otherwise the model with the tables, hinted with it.
+    clock = [time.perf_counter(), time.process_time()]  # each stage's wall and CPU time, model building included
+
+    def timed(st: _Stage) -> _Stage:
+        now = [time.perf_counter(), time.process_time()]
+        st.wall_time_s, st.cpu_time_s = now[0] - clock[0], now[1] - clock[1]
+        clock[:] = now
+        return st
+
     mod_hw = _build(p, p.max_cycles)
     if mod_hw is None:
         _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
@@ -993,24 +1074,58 @@ def allocate(
     z_star = int(round(s1.objective))
     z_max = z_star + int(math.floor(loss_slack * abs(z_star)))
 
-    stages = [s1]
+    stages = [timed(s1)]
     final = s1
 
     def better(st: _Stage) -> None:
         nonlocal final
-        stages.append(st)
+        stages.append(timed(st))
         if st.choice is not None:
             final = st
 
     if p.objective == "throughput":
         # stage 2: the bottleneck, with the loss held at z_max
-        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed, z_max=z_max)
+        # With two or more workers, stage 3 at the cap stage 2 expects (the refolded widths')
+        # runs in a thread beside stage 2's probe just below it, one worker each: when the
+        # probe proves that cap optimal, as it mostly does, stage 3 is already done (its
+        # model and hint are those the sequential order would give it); else it is stopped.
+        spec: dict = {}
+
+        def speculate(best: _Stage, cap: int) -> bool:
+            if workers < 2 or best.choice is None:
+                return False
+            mod = _build(p, cap, z_max=z_max)
+            if mod is None or mod.lut_total is None:
+                return False
+            holder: list = []
+
+            def run():
+                spec["stage"] = _solve(mod, mod.lut_total, "min_luts", left(1.0), max(1, workers // 2), seed,
+                                       _bits_hint(best, mod, folds=True), rel_gap, holder)
+
+            spec.update(cap=cap, holder=holder, thread=threading.Thread(target=run, daemon=True))
+            spec["thread"].start()
+            return True
+
+        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed,
+                                on_probe=speculate, z_max=z_max)
         c_star = int(s2.objective)
         better(s2)
         # stage 3: the fewest LUTs at that throughput
-        mod3 = _build(p, c_star, z_max=z_max)
-        if mod3 is not None and mod3.lut_total is not None:
-            better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
+        if spec and spec["cap"] == c_star:
+            spec["thread"].join()
+            s3 = spec["stage"]
+            s3.overlapped = True
+            better(s3)
+        else:
+            if spec:
+                while spec["thread"].is_alive():
+                    for solver in spec["holder"]:
+                        solver.StopSearch()
+                    spec["thread"].join(0.01)
+            mod3 = _build(p, c_star, z_max=z_max)
+            if mod3 is not None and mod3.lut_total is not None:
+                better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
     else:
         # stage 2: the objective; stage 3: the tie-break at (no worse than) its value
         first, second = {
@@ -1101,6 +1216,8 @@ def allocate(
                 "objective": stage_value(s, s.objective),
                 "bound": stage_value(s, s.bound),
                 "wall_time_s": round(s.wall_time_s, 3),
+                "cpu_time_s": None if s.cpu_time_s is None else round(s.cpu_time_s, 3),
+                **({"overlapped_with_previous_stage": True} if s.overlapped else {}),
                 "solves": s.steps,
                 **({"solver_steps": s.solver_steps} if s.solver_steps is not None else {}),
             }
@@ -1108,6 +1225,8 @@ def allocate(
         ],
         "model": model_size,
         "tables_s": p.timings.get("tables_s"),
+        "tables_cpu_s": p.timings.get("tables_cpu_s"),
+        "cpu_time_s": round(time.process_time() - c_start, 3),
         "workers": workers,
         "seed": seed,
         "time_limit_s": time_limit_s,
@@ -1117,6 +1236,107 @@ def allocate(
         alloc.solver[ENERGY] = float(priced["total"][ENERGY])
     if pinned_act:
         alloc.solver["pinned_act"] = dict(pinned_act)
+    return alloc
+
+
+class _NoHardware:
+    """A target with nothing to price: one folding (1, 1), no cycles, no resources, no caps.
+    What allocate_widths gives the problem builder, so that no tables are priced."""
+
+    schedule = "dataflow"
+    prices_by_shape = True
+
+    def __init__(self) -> None:
+        from fqhw.hwmodels.base import TargetLimits
+
+        self.limits = TargetLimits(name="widths-only", part="", clock_hz=1.0, totals={}, utilisation={})
+
+    def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
+        return [(1, 1)]
+
+    def layer_cost(self, layer, weight_bits, in_bits, out_bits, pe, simd) -> LayerCost:
+        return LayerCost(cycles=1)
+
+
+def allocate_widths(
+    net: NetworkSpec,
+    sens: Sensitivity,
+    budget: float,
+    bits=range(2, 9),
+    act_bits=range(2, 9),
+    pinned: dict[str, int] | None = None,
+    time_limit_s: float = 30,
+    workers: int = 2,
+    seed: int = 0,
+    input_bits: int = 8,
+    *,
+    pinned_act: dict[str, int] | None = None,
+    tie_break: str | None = "mean",
+    target: str = "widths-only",
+    rel_gap: float = 0.0,
+) -> Allocation:
+    """Widths only, no hardware terms (the bit-rate-only practice, as HAWQ-V3's ILP): the
+    weight and activation widths that minimise the worst group's predicted loss under the
+    budget, the same stage 1 as `allocate` without the target. Among the widths that reach
+    that loss, tie_break "mean" takes those with the least loss summed over the groups (an
+    accuracy-only tie-break: it knows nothing of any hardware); None returns stage 1's
+    solution as CP-SAT found it. Every unit gets folding PE = SIMD = 1 (a folding is for a
+    separate tool, e.g. FINN's SetFolding, to choose). rel_gap > 0 lets stage 1 stop within
+    that relative gap of its bound."""
+    t_start, c_start = time.perf_counter(), time.process_time()
+    if tie_break not in (None, "mean"):
+        raise FqhwError(f"tie_break {tie_break!r} must be 'mean' or None")
+    p = _problem(net, sens, _NoHardware(), budget, bits, act_bits, pinned, None, input_bits, pinned_act, None)
+    _precheck_budget(p, budget)
+    deadline = t_start + float(time_limit_s)
+    mod = _build(p, None, hardware=False)
+    s1 = _solve(mod, mod.z, "min_worst_group_loss", max(0.1, (deadline - time.perf_counter()) * 0.6), workers, seed, rel_gap=rel_gap)
+    if s1.choice is None:
+        if s1.status == "INFEASIBLE":
+            _precheck_budget(p, budget)  # pragma: no cover - the precheck is exact for widths only
+        raise FqhwError(f"no width allocation found within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time")
+    stages, final = [s1], s1
+    if tie_break == "mean":
+        z_star = int(round(s1.objective))
+        mod2 = _build(p, None, hardware=False, z_max=z_star)
+        total = sum(_group_terms(p, mod2.xw, mod2.xa, g) for g in range(len(p.groups)))
+        s2 = _solve(mod2, total, "min_total_group_loss", max(0.1, deadline - time.perf_counter()), workers, seed, _bits_hint(s1, mod2))
+        stages.append(s2)
+        if s2.choice is not None:
+            final = s2
+    c = final.choice
+    layers = []
+    for i, L in enumerate(p.layers):
+        a = None if L.out_slot is None else int(c.a[L.out_slot])
+        layers.append(LayerAllocation(L.spec.name, int(c.w[i]), a, 1, 1))
+    alloc = Allocation(target=target, layers=layers, input_bits=input_bits)
+    pred = alloc.predicted_loss(net, sens)
+    alloc.solver = {
+        "solver": "cp-sat",
+        "ortools": _ortools_version(),
+        "status": "OPTIMAL" if all(s.status == "OPTIMAL" for s in stages) else "FEASIBLE",
+        "wall_time_s": round(time.perf_counter() - t_start, 3),
+        "objective": float(s1.objective / p.scale),
+        "bound": float(s1.bound / p.scale),
+        "objective_exact": float(np.max(pred)),
+        "predicted_group_loss": dict(zip(p.groups, [float(v) for v in pred])),
+        "worst_group": p.groups[int(np.argmax(pred))],
+        "loss_rounding_error": float(0.5 * (len(p.layers) + len(p.slots)) / p.scale),
+        "hardware_objective": None,
+        "tie_break": tie_break,
+        "budget": float(budget),
+        "avg_weight_bits": float(alloc.avg_weight_bits(net)),
+        "pinned": dict(pinned or {}),
+        "stages": [
+            {"name": s.name, "status": s.status, "objective": None if s.objective is None else s.objective / p.scale,
+             "bound": None if s.bound is None else s.bound / p.scale, "wall_time_s": round(s.wall_time_s, 3)}
+            for s in stages
+        ],
+        "tables_s": p.timings.get("tables_s"),
+        "workers": workers,
+        "seed": seed,
+        "time_limit_s": time_limit_s,
+    }
     return alloc
 
 
