@@ -431,9 +431,9 @@ def test_qonnx_float64_and_float32_runs(snapped):
 def test_float64_copy_is_lowered_and_double(snapped):
     from onnx import TensorProto
 
-    from fqhw.backends.qonnx_export import _float64_copy
+    from fqhw.backends.qonnx_export import float64_copy
 
-    m = _float64_copy(snapped["mixed"]["path"])
+    m = float64_copy(snapped["mixed"]["path"])
     ops = [n.op_type for n in m.graph.node]
     assert "Conv" not in ops and ops.count("Im2Col") == 3 and ops.count("MatMul") == 4
     floats = [i.name for i in m.graph.initializer if i.data_type == TensorProto.FLOAT and i.name != "fqhw_f64_one"]
@@ -445,7 +445,7 @@ def test_float64_copy_is_lowered_and_double(snapped):
 def test_best_shift_is_the_widest_gap():
     """_best_shift against a brute-force search: the max-min distance to the integers, at
     least 1/(2K), and the shift nearest to zero among near-equal ones."""
-    from fqhw.quant.qmodel import _best_shift, _min_margin
+    from fqhw.quant.qmodel import _best_shift, min_margin
 
     rng = np.random.default_rng(0)
     grid = np.linspace(-0.5, 0.5, 20001)
@@ -453,18 +453,18 @@ def test_best_shift_is_the_widest_gap():
         k = int(rng.integers(1, 60))
         t = rng.uniform(-1e4, 1e4) + rng.uniform(0.3, 50.0) * np.arange(k)
         u = _best_shift(t, tie_tol=0.0)
-        got = _min_margin(t + u)
-        brute = max(_min_margin(t + g) for g in grid[::20])
+        got = min_margin(t + u)
+        brute = max(min_margin(t + g) for g in grid[::20])
         assert got >= brute - 1e-3 and got >= 1 / (2 * k) - 1e-9
         assert abs(u) <= 0.5
         # with a tolerance, never a worse margin than allowed and never a larger shift
         u2 = _best_shift(t, tie_tol=0.2)
-        assert _min_margin(t + u2) >= 0.8 * got - 1e-9 and abs(u2) <= abs(u) + 1e-12
+        assert min_margin(t + u2) >= 0.8 * got - 1e-9 and abs(u2) <= abs(u) + 1e-12
         # a needed margin: the smallest shift that gives it
         need = 0.5 * got
         u3 = _best_shift(t, tie_tol=0.0, need=need)
-        assert _min_margin(t + u3) >= need - 1e-9
-        ok = [g for g in grid[::4] if _min_margin(t + g) >= need + 1e-6]
+        assert min_margin(t + u3) >= need - 1e-9
+        ok = [g for g in grid[::4] if min_margin(t + g) >= need + 1e-6]
         assert abs(u3) <= min(abs(g) for g in ok) + 1e-9
 
 

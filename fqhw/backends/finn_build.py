@@ -52,11 +52,12 @@ from onnx import helper
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
+from fqhw.intcodes import INT_TOL
+from fqhw.onnxgraph import node_attr
 from fqhw.outputs import json_default
-from fqhw.quant.channel_groups import merge_group_keys, parse_unit
+from fqhw.units import merge_group_keys, parse_unit
 
 DEFAULT_PART = "xc7z020clg400-1"
-INT_TOL = 1e-3
 # ops allowed to stay outside the dataflow partition: data layout and the final output scale
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten")
 MVAU_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl")
@@ -482,7 +483,7 @@ def _layer_of_nodes(model, layer_names: list[str]) -> tuple[dict[str, str], dict
         pooling = node.op_type in POOL_TYPES or (
             # the depthwise sliding window that feeds a pool
             node.op_type.startswith("ConvolutionInputGenerator")
-            and _attr(node, "depthwise") == 1
+            and node_attr(node, "depthwise") == 1
         )
         after_mvau = after_mvau and pooling
         if seen == len(layer_names) or (seen > 0 and after_mvau):
@@ -501,13 +502,6 @@ def _node_units(model, layer_names: list[str], groups_mvaus: dict[str, str] | No
 
     mvaus = {ln: groups_mvaus[ln] for ln in layer_names}
     return layer_of_nodes(model, mvaus), mvaus
-
-
-def _attr(node, name):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
 
 
 def _finn_cost_model(part: str):
@@ -568,7 +562,7 @@ def _layer_spec_from_graph(model, node, name: str):
     elif len(vecs) == 3:
         kw.update(kind="conv", in_channels=mw, in_hw=(vecs[1], vecs[2]), out_hw=(vecs[1], vecs[2]))
     for cons in model.find_consumers(node.output[0]) or []:
-        if cons.op_type.startswith("ConvolutionInputGenerator") and _attr(cons, "depthwise") == 1:
+        if cons.op_type.startswith("ConvolutionInputGenerator") and node_attr(cons, "depthwise") == 1:
             nxt = model.find_consumers(cons.output[0]) or []
             pools = [n for n in nxt if n.op_type in POOL_TYPES]
             if len(pools) != 1:
@@ -1333,7 +1327,7 @@ def finn_integer_trace(build: FinnBuild, x) -> dict[str, np.ndarray]:
         undo = []  # how to map the accelerator's input back to NCHW
         for node in front:
             if node.op_type == "Transpose":
-                perm = list(_attr(node, "perm"))
+                perm = list(node_attr(node, "perm"))
                 a = np.transpose(a, perm)
                 undo.append(("T", list(np.argsort(perm))))
             else:

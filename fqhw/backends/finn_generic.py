@@ -484,8 +484,8 @@ def qonnx_weight_codes(qonnx_path) -> dict[str, np.ndarray]:
     """Per allocation layer: its integer weight codes from the QONNX file, laid out as FINN's
     MVAU weight matrix (MW, MH): a conv's (C_out, C_in, kh, kw) as rows (kh, kw, C_in)
     (qonnx LowerConvsToMatMul's im2col order), a Gemm's with its transB undone."""
-    from fqhw.backends.qonnx_export import _attrs, _const, _int_range, _producer, _quant_const
-    from fqhw.quant.generic import COMPUTE_LAYERS_KEY
+    from fqhw.intcodes import COMPUTE_LAYERS_KEY, int_range
+    from fqhw.onnxgraph import const_value, node_attrs, producer_of, quant_const
 
     model = onnx.load(str(qonnx_path))
     meta = {p.key: p.value for p in model.metadata_props}
@@ -497,19 +497,19 @@ def qonnx_weight_codes(qonnx_path) -> dict[str, np.ndarray]:
         if node.name not in layer_of:
             continue
         name = layer_of[node.name]
-        q = _producer(model, node.input[1])
+        q = producer_of(model, node.input[1])
         if q is None or q.op_type != "Quant":
             raise FqhwError(f"{name}: its weight is not quantized")
-        w = _const(model, q.input[0]).astype(np.float64)
-        s, _, bits, signed, narrow = _quant_const(model, q, f"{name} weight")
-        lo, hi = _int_range(bits, signed, narrow)
+        w = const_value(model, q.input[0]).astype(np.float64)
+        s, _, bits, signed, narrow = quant_const(model, q, f"{name} weight")
+        lo, hi = int_range(bits, signed, narrow)
         codes = np.round(np.clip(w / s, lo, hi)).astype(np.int64)
         if node.op_type == "Conv":
-            if _attrs(node).get("group", 1) != 1:
+            if node_attrs(node).get("group", 1) != 1:
                 raise FqhwError(f"{name}: grouped convs are not supported by the FINN trace")
             codes = codes.transpose(0, 2, 3, 1).reshape(codes.shape[0], -1).T
         elif node.op_type == "Gemm":
-            codes = codes.T if _attrs(node).get("transB", 0) == 1 else codes
+            codes = codes.T if node_attrs(node).get("transB", 0) == 1 else codes
         out[name] = codes
     return out
 
@@ -592,7 +592,7 @@ def finn_dataflow_integer_trace(res: FinnResult | str, qonnx_path, x, graph: str
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
 
-    from fqhw.backends.finn_build import INT_TOL
+    from fqhw.intcodes import INT_TOL
     from fqhw.data.dataset import INPUT_SCALE
 
     if graph not in ("hw", "dataflow"):

@@ -35,7 +35,8 @@ from onnx import helper
 
 from fqhw.backends.finn_generic import until_fixed
 from fqhw.errors import FqhwError
-from fqhw.quant.channel_groups import parse_unit
+from fqhw.onnxgraph import node_attr
+from fqhw.units import parse_unit
 
 JOIN_TYPES = ("StreamingConcat", "StreamingConcat_hls")
 FORK_TYPES = ("DuplicateStreams", "DuplicateStreams_hls")
@@ -140,7 +141,9 @@ def _expected_weights(qonnx_path, units: list[str]) -> dict[str, np.ndarray]:
     """Each unit's integer weight codes from the QONNX file as FINN's (MW, MH) matrix: the
     convs (in file order = unit order, checked against the metadata's layer names by
     qonnx_threshold_reference) and the head MatMul / Gemm weights (rows = inputs)."""
-    from fqhw.backends.qonnx_export import _const, _int_range, _producer, _quant_const, qonnx_threshold_reference
+    from fqhw.backends.qonnx_export import qonnx_threshold_reference
+    from fqhw.intcodes import int_range
+    from fqhw.onnxgraph import const_value, producer_of, quant_const
 
     ref = qonnx_threshold_reference(qonnx_path)
     out: dict[str, np.ndarray] = {}
@@ -153,12 +156,12 @@ def _expected_weights(qonnx_path, units: list[str]) -> dict[str, np.ndarray]:
     if len(mms) != len(heads):
         raise FqhwError(f"the QONNX file has {len(mms)} MatMul/Gemm nodes for the units {heads}")
     for name, mm in zip(heads, mms):
-        q = _producer(model, mm.input[1])
+        q = producer_of(model, mm.input[1])
         if q is None or q.op_type != "Quant":
             raise FqhwError(f"{name}: its weight does not come from a Quant node")
-        s, _, bits, signed, narrow = _quant_const(model, q, f"{name} weight")
-        lo, hi = _int_range(bits, signed, narrow)
-        w = np.round(np.clip(_const(model, q.input[0]).astype(np.float64) / s, lo, hi)).astype(np.int64)
+        s, _, bits, signed, narrow = quant_const(model, q, f"{name} weight")
+        lo, hi = int_range(bits, signed, narrow)
+        w = np.round(np.clip(const_value(model, q.input[0]).astype(np.float64) / s, lo, hi)).astype(np.int64)
         trans_b = mm.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in mm.attribute)
         out[name] = w.T if trans_b else w
     return out
@@ -209,7 +212,7 @@ def layer_of_nodes(model, mvau_of_layer: dict[str, str]) -> dict[str, str]:
             layer_of[p.name] = owner
             p = model.find_producer(p.input[0])
         cons = model.find_consumers(node.output[0]) or []
-        while len(cons) == 1 and (cons[0].op_type in POOL_TYPES or (cons[0].op_type.startswith("ConvolutionInputGenerator") and _attr(cons[0], "depthwise") == 1)):
+        while len(cons) == 1 and (cons[0].op_type in POOL_TYPES or (cons[0].op_type.startswith("ConvolutionInputGenerator") and node_attr(cons[0], "depthwise") == 1)):
             layer_of[cons[0].name] = unit
             cons = model.find_consumers(cons[0].output[0]) or []
     first = next(iter(mvau_of_layer))
@@ -223,13 +226,6 @@ def layer_of_nodes(model, mvau_of_layer: dict[str, str]) -> dict[str, str]:
         p = model.find_producer(node.input[0]) if node.input else None
         layer_of[node.name] = layer_of.get(p.name, first) if p is not None else first
     return layer_of
-
-
-def _attr(node, name):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
 
 
 def _smallest_fold(total: int, per_step_cycles, target: int) -> int:

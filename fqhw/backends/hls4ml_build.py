@@ -50,7 +50,8 @@ from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.errors import FqhwError
-from fqhw.quant.channel_groups import merge_group_keys, parse_unit
+from fqhw.onnxgraph import node_attrs
+from fqhw.units import merge_group_keys, parse_unit
 
 BOARD = "pynq-z2"
 PART = "xc7z020clg400-1"  # the board's part, as hls4ml's supported_boards.json names it
@@ -169,10 +170,6 @@ class Hls4mlBuild:
 # --------------------------------------------------------------------------- QONNX reading
 
 
-def _attrs(node) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 # ops between an activation Quant and the next layer that leave its integer codes as they are
 _CODE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Transpose", "Identity")
 
@@ -205,7 +202,7 @@ class _Graph:
             )
         if bits.size != 1:
             raise FqhwError(f"{what}: the bit width is not a scalar")
-        a = _attrs(node)
+        a = node_attrs(node)
         return {
             "exp": int(round(math.log2(float(scale[0])))),
             "bits": int(bits[0]),
@@ -256,7 +253,7 @@ class _Graph:
 
 
 def _layer_names(model: onnx.ModelProto, n_layers: int) -> list[str]:
-    from fqhw.backends.qonnx_export import LAYER_NAMES_KEY
+    from fqhw.intcodes import LAYER_NAMES_KEY
 
     meta = {p.key: p.value for p in model.metadata_props}
     if LAYER_NAMES_KEY in meta:
@@ -369,7 +366,7 @@ def _structure(model: onnx.ModelProto, alloc: Allocation) -> dict:
     if head.op_type == "Gemm":
         if len(head.input) > 2 and head.input[2] and np.any(g.init.get(head.input[2], np.zeros(1)) != 0):
             raise FqhwError("the head has a non-zero bias: its output is not the integer accumulator; use a bias-free head")
-        if _attrs(head).get("transB", 0):
+        if node_attrs(head).get("transB", 0):
             w = w.T
     # MatMul weight is (in, out): one row per input
     layers[names[-1]] = {
@@ -555,11 +552,11 @@ def _concat_past_transposes(m) -> bool:
             continue
         producers = [m.find_producer(t) for t in node.input]
         if not producers or any(
-            p is None or p.op_type != "Transpose" or list(_attrs(p).get("perm", [])) != _TO_CHANNELS_FIRST or len(m.find_consumers(p.output[0])) != 1
+            p is None or p.op_type != "Transpose" or list(node_attrs(p).get("perm", [])) != _TO_CHANNELS_FIRST or len(m.find_consumers(p.output[0])) != 1
             for p in producers
         ):
             continue
-        axis = int(_attrs(node).get("axis", 0)) % 4
+        axis = int(node_attrs(node).get("axis", 0)) % 4
         inner = m.make_new_valueinfo_name()
         for p in producers:
             graph.node.remove(p)
@@ -588,7 +585,7 @@ def _binary_concats(m) -> None:
     for node in list(graph.node):
         if node.op_type != "Concat" or len(node.input) <= 2:
             continue
-        axis = int(_attrs(node).get("axis", 0))
+        axis = int(node_attrs(node).get("axis", 0))
         ins, out, idx = list(node.input), node.output[0], list(graph.node).index(node)
         graph.node.remove(node)
         acc = ins[0]

@@ -68,6 +68,7 @@ from typing import Callable
 import numpy as np
 
 from fqhw.errors import FqhwError
+from fqhw.onnxgraph import node_attr, node_attrs
 
 # thresholds beyond this are "never reached" / "always reached"; every accumulator lies
 # inside (|every partial sum| < 2^62 is checked per MVAU when it is built)
@@ -120,13 +121,6 @@ def _carrier(bound: int):
         if bound < lim:
             return dt
     return np.int64
-
-
-def _attr_ints(node, name):
-    for a in node.attribute:
-        if a.name == name:
-            return list(a.ints)
-    return None
 
 
 def _exact_int_array(v, what: str) -> np.ndarray:
@@ -506,7 +500,7 @@ class IntegerSimulator:
             if p is None or p.op_type not in ("Transpose", "Reshape", "Flatten"):
                 raise FqhwError(f"unexpected node in front of the accelerator: {p.op_type if p else None}")
             if p.op_type == "Transpose":
-                front.append(("T", _attr_ints(p, "perm")))
+                front.append(("T", node_attr(p, "perm")))
             else:
                 front.append(("R", tuple(par.get_tensor_shape(p.output[0]))[1:]))
             t = p.input[0]
@@ -584,7 +578,7 @@ class IntegerSimulator:
             for i in range(0, n, batch_size):
                 self._run_batch(images[i : i + batch_size], i, n, out, trace)
         if any(":g" in k for k in out):
-            from fqhw.quant.channel_groups import merge_group_keys
+            from fqhw.units import merge_group_keys
 
             # channel groups: "<layer>:g<k>.act" joined into "<layer>.act", as FINN's and
             # qonnx's traces have them
@@ -987,12 +981,6 @@ class _Const:
     exp: int
 
 
-def _onnx_attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _po2_quant_info(init: dict, node, what: str) -> dict:
     """Exponent and code range of a Quant node; FqhwError unless its scale is one power of
     two, its zero point 0, its bit width a constant integer and its rounding half to even."""
@@ -1011,7 +999,7 @@ def _po2_quant_info(init: dict, node, what: str) -> dict:
         )
     if bits.size != 1 or bits[0] != np.round(bits[0]) or not 1 <= bits[0] <= 32:
         raise FqhwError(f"{what}: bit width {bits.tolist()} is not one integer in 1..32")
-    a = _onnx_attrs(node)
+    a = node_attrs(node)
     rounding = a.get("rounding_mode", b"ROUND")
     rounding = rounding.decode() if isinstance(rounding, bytes) else str(rounding)
     if rounding.upper() != "ROUND":
@@ -1136,8 +1124,8 @@ def _po2_graph(cls, path: Path):
     import onnx
     from onnx import numpy_helper
 
-    from fqhw.backends.qonnx_export import LAYER_NAMES_KEY
     from fqhw.data.dataset import INPUT_SCALE
+    from fqhw.intcodes import LAYER_NAMES_KEY
 
     if not path.is_file():
         raise FqhwError(f"QONNX file {path} does not exist; run the compile's export step (fqhw compile) first")
@@ -1199,7 +1187,7 @@ def _po2_graph(cls, path: Path):
 
     for node in g.node:
         op, what = node.op_type, f"{path.name}: node {node.name} ({node.op_type})"
-        a = _onnx_attrs(node)
+        a = node_attrs(node)
         if op == "Quant":
             q = _po2_quant_info(init, node, what)
             if node.input[0] in init:

@@ -40,7 +40,8 @@ from torch import nn
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
-from fqhw.quant.qmodel import INT_TOL, ActQuant, InputQuant, WeightQuant, _codes, quant_conv_like
+from fqhw.intcodes import COMPUTE_LAYERS_KEY, INT_TOL
+from fqhw.quant.layers import ActQuant, InputQuant, WeightQuant, int_codes, quant_conv_like
 
 
 class JoinQuant(Int8ActPerTensorFloat):
@@ -257,11 +258,11 @@ class QuantResNet(nn.Module):
     def head_accumulator(self, head_in: QuantTensor, out: torch.Tensor):
         """("fc.acc", integer accumulator, its float scale): the classifier's integer weights x
         the summed codes of the last block (GlobalAccPool), checked against the float output."""
-        a_int = _codes(head_in, "fc input")  # N, C, H, W codes of the last block
+        a_int = int_codes(head_in, "fc input")  # N, C, H, W codes of the last block
         n_pix = int(a_int.shape[-1] * a_int.shape[-2])
         summed = a_int.sum(dim=(-1, -2)).numpy()  # GlobalAccPool: an integer sum
         qw = self.fc.quant_weight()
-        w_int = _codes(qw, "fc weight").numpy()
+        w_int = int_codes(qw, "fc weight").numpy()
         acc = summed @ w_int.T
         scale = float(head_in.scale) * qw.scale.detach().double().numpy().reshape(-1) / n_pix
         bias = None if self.fc.bias is None else self.fc.bias.detach().double().numpy()
@@ -309,7 +310,7 @@ def _resnet_geometry(qmodel: QuantResNet):
                 raise FqhwError(f"{name}: a conv reading signed activations cannot be snapped")
             in_max = 2**in_bits - 1
             qw = conv.quant_weight()
-            w_int = _codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
+            w_int = int_codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
             s_w = qw.scale.detach().double().numpy().reshape(-1)
             var = bn.running_var.detach().double().numpy()
             mean = bn.running_mean.detach().double().numpy()
@@ -346,12 +347,12 @@ def _resnet_geometry(qmodel: QuantResNet):
 def resnet_threshold_margins(qmodel: QuantResNet) -> "OrderedDict[str, float]":
     """Per conv: the smallest distance (accumulator units) from a reachable code boundary
     of its output quantizer to an integer (0.5 where none is reachable)."""
-    from fqhw.quant.qmodel import _boundaries, _min_margin
+    from fqhw.quant.qmodel import code_boundaries, min_margin
 
     out = OrderedDict()
     for name, g in _resnet_geometry(qmodel).items():
         out[name] = min(
-            _min_margin(_boundaries(g["A"][c], g["B"][c], g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c]))
+            min_margin(code_boundaries(g["A"][c], g["B"][c], g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c]))
             for c in range(len(g["A"]))
         )
     return out
@@ -372,7 +373,7 @@ def snap_resnet_thresholds(qmodel: QuantResNet, margin: float | None = None, flo
     requantization) have no BN to nudge; they compare small integer sums and are not moved.
     Run after the last training step, before export. Returns per layer the margin before
     and after and the channels changed."""
-    from fqhw.quant.qmodel import FLOAT32_ULPS, SNAP_MARGIN, _snap_channel, project_weights
+    from fqhw.quant.qmodel import FLOAT32_ULPS, SNAP_MARGIN, project_weights, snap_channel
 
     margin = SNAP_MARGIN if margin is None else margin
     float32_ulps = FLOAT32_ULPS if float32_ulps is None else float32_ulps
@@ -385,7 +386,7 @@ def snap_resnet_thresholds(qmodel: QuantResNet, margin: float | None = None, flo
             n = len(g["A"])
             gam, bet = np.empty(n, np.float32), np.empty(n, np.float32)
             for c in range(n):
-                gm, bt, _, _ = _snap_channel(g, c, 0.05, 0.0 if g["signed"] else 1e-3, margin, float32_ulps)
+                gm, bt, _, _ = snap_channel(g, c, 0.05, 0.0 if g["signed"] else 1e-3, margin, float32_ulps)
                 gam[c], bet[c] = gm, bt
             bn = g["bn"]
             changed = int(((gam != g["gamma"].astype(np.float32)) | (bet != g["beta"].astype(np.float32))).sum())
@@ -445,11 +446,11 @@ def float64_twin(qmodel: nn.Module) -> nn.Module:
             om = src[name]
             if isinstance(om, (QuantConv2d, QuantLinear)):
                 qw = om.quant_weight()
-                w_int = _codes(qw, f"{name} weight")
+                w_int = int_codes(qw, f"{name} weight")
                 w_scale = qw.scale.detach().double()
                 tm.weight.copy_(w_int.double() * w_scale)
                 tw = tm.quant_weight()
-                if not (torch.equal(_codes(tw, f"{name} weight"), w_int) and torch.equal(tw.scale.detach(), w_scale)):
+                if not (torch.equal(int_codes(tw, f"{name} weight"), w_int) and torch.equal(tw.scale.detach(), w_scale)):
                     raise AssertionError(f"{name}: the float64 twin's weight codes or scales differ")
             elif isinstance(om, (QuantReLU, QuantIdentity)):
                 tq = tm.act_quant.fused_activation_quant_proxy.tensor_quant
@@ -498,7 +499,7 @@ def integer_trace(qmodel: nn.Module, x: torch.Tensor, precision: str = "float64"
         if key == "fc.in" or key.endswith(".head_in"):
             head_in = (key, qt)
             continue
-        trace[key] = _codes(qt, key).numpy()
+        trace[key] = int_codes(qt, key).numpy()
     expect = torch.round(x.double() / INPUT_SCALE).clamp(0, 255).to(torch.int64).numpy()
     if not np.array_equal(trace["input"], expect):
         raise AssertionError("input codes differ from round(x * 256)")
@@ -522,18 +523,15 @@ def _head_check(out: np.ndarray, acc: np.ndarray, scale: np.ndarray, bias: np.nd
 
 # --------------------------------------------------------------------------- QONNX export and execution
 
-COMPUTE_LAYERS_KEY = "fqhw_compute_layers"  # metadata: JSON {Conv/Gemm/MatMul node name: layer name}
-
-
 def _weight_source(model, node):
     """The float weight constant behind a Conv / Gemm / MatMul node (through its weight Quant)."""
-    from fqhw.backends.qonnx_export import _const, _producer
+    from fqhw.onnxgraph import const_value, producer_of
 
     t = node.input[1]
-    q = _producer(model, t)
+    q = producer_of(model, t)
     if q is not None and q.op_type == "Quant":
         t = q.input[0]
-    return _const(model, t)
+    return const_value(model, t)
 
 
 def export_generic_qonnx(qmodel: nn.Module, input_shape, path):
@@ -590,11 +588,11 @@ def _float64_exec_copy(path):
     float64 GlobalAveragePool, and the two define the same mean."""
     from onnx import helper
 
-    from fqhw.backends.qonnx_export import _float64_copy
+    from fqhw.backends.qonnx_export import float64_copy
 
     from onnx import TensorProto
 
-    wrapper = _float64_copy(path)
+    wrapper = float64_copy(path)
     for n in wrapper.graph.node:
         if n.op_type == "GlobalAveragePool":
             n.op_type = "ReduceMean"
@@ -622,20 +620,20 @@ def _resnet_quant_keys(model, layer_of: dict[str, str]) -> "OrderedDict[str, obj
     from the graph's structure: each activation Quant is traced back through BN / Relu /
     MaxPool to what produced it (the graph input, a Conv of a known layer, an Add, or
     another Quant: an identity shortcut's requantization)."""
-    from fqhw.backends.qonnx_export import _const, _consumers, _producer
+    from fqhw.onnxgraph import const_value, consumers_of, producer_of
 
     gin = model.graph.input[0].name
     keys: OrderedDict[str, object] = OrderedDict()
     pending_shortcut = []
     for q in model.graph.node:
-        if q.op_type != "Quant" or _const(model, q.input[0]) is not None:
+        if q.op_type != "Quant" or const_value(model, q.input[0]) is not None:
             continue
         t, src = q.input[0], None
         while True:
             if t == gin:
                 src = "input"
                 break
-            p = _producer(model, t)
+            p = producer_of(model, t)
             if p is None:
                 raise FqhwError(f"Quant node {q.name}: cannot trace its input")
             if p.op_type in ("BatchNormalization", "Relu", "MaxPool"):
@@ -648,7 +646,7 @@ def _resnet_quant_keys(model, layer_of: dict[str, str]) -> "OrderedDict[str, obj
         elif src.op_type == "Conv":
             keys[f"{layer_of[src.name]}.act"] = q
         elif src.op_type == "Add":
-            main = [_producer(model, i) for i in src.input]
+            main = [producer_of(model, i) for i in src.input]
             owners = [k for k, v in keys.items() if v in main and k.endswith(".act")]
             main_key = [k for k in owners if ".downsample." not in k]
             if len(main_key) != 1:
@@ -660,10 +658,10 @@ def _resnet_quant_keys(model, layer_of: dict[str, str]) -> "OrderedDict[str, obj
         else:
             raise FqhwError(f"Quant node {q.name} follows {src.op_type}, which a QuantResNet does not have")
     for q in pending_shortcut:  # named by the add it feeds: the one whose other operand is known
-        adds = [c for c in _consumers(model, q.output[0]) if c.op_type == "Add"]
+        adds = [c for c in consumers_of(model, q.output[0]) if c.op_type == "Add"]
         if len(adds) != 1:
             raise FqhwError(f"identity-shortcut Quant {q.name} does not feed one Add")
-        other = [_producer(model, i) for i in adds[0].input if i != q.output[0]]
+        other = [producer_of(model, i) for i in adds[0].input if i != q.output[0]]
         owner = [k for k, v in keys.items() if v in other]
         if len(owner) != 1:
             raise FqhwError(f"identity-shortcut Quant {q.name}: cannot tell its block")
@@ -683,7 +681,8 @@ def qonnx_integer_trace_generic(path, x) -> "OrderedDict[str, np.ndarray]":
 
     import onnx
 
-    from fqhw.backends.qonnx_export import CODES_SUFFIX, _attrs, _const, _producer, _quant_params, _to_int
+    from fqhw.intcodes import CODES_SUFFIX, to_int
+    from fqhw.onnxgraph import const_value, node_attrs, producer_of, quant_params
     from qonnx.core.onnx_exec import execute_onnx
 
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -697,10 +696,10 @@ def qonnx_integer_trace_generic(path, x) -> "OrderedDict[str, np.ndarray]":
     if len(heads) != 1:
         raise FqhwError("the QONNX graph has no single classifier Gemm named fc")
     head = heads[0]
-    wq = _producer(model, head.input[1])
+    wq = producer_of(model, head.input[1])
     t = head.input[0]
     while True:  # Flatten / GlobalAveragePool back to the last block's Quant
-        p = _producer(model, t)
+        p = producer_of(model, t)
         if p is None or p.op_type == "Quant":
             break
         if p.op_type not in ("Flatten", "Reshape", "GlobalAveragePool"):
@@ -709,8 +708,8 @@ def qonnx_integer_trace_generic(path, x) -> "OrderedDict[str, np.ndarray]":
     if p is None:
         raise FqhwError("cannot find the Quant node that feeds the classifier")
     head_q = p
-    transB = _attrs(head).get("transB", 0) == 1
-    bias = _const(model, head.input[2]).astype(np.float64) if len(head.input) > 2 else None
+    transB = node_attrs(head).get("transB", 0) == 1
+    bias = const_value(model, head.input[2]).astype(np.float64) if len(head.input) > 2 else None
     wrapper = _float64_exec_copy(path)
     iname = model.graph.input[0].name
     per_key: dict[str, list[np.ndarray]] = {}
@@ -718,9 +717,9 @@ def qonnx_integer_trace_generic(path, x) -> "OrderedDict[str, np.ndarray]":
         ctx = execute_onnx(wrapper, {iname: x[i : i + 1].astype(np.float64)}, return_full_exec_context=True)
 
         def codes(q, what):
-            s, z = _quant_params(ctx, model, q)
-            direct = _to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, what)
-            via_scale = _to_int(ctx[q.output[0]], s, z, what)
+            s, z = quant_params(ctx, model, q)
+            direct = to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, what)
+            via_scale = to_int(ctx[q.output[0]], s, z, what)
             if not np.array_equal(direct, via_scale):
                 raise AssertionError(f"{what}: codes x scale / scale is not the codes")
             return direct, s
@@ -869,7 +868,7 @@ def export_transformer_qonnx(qmodel: QuantTransformer, input_shape, path, opset:
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
-    from fqhw.backends.qonnx_export import _canonical
+    from fqhw.onnxgraph import canonical
     from fqhw.quant.qmodel import project_weights
 
     project_weights(qmodel)  # see export_generic_qonnx
@@ -886,7 +885,7 @@ def export_transformer_qonnx(qmodel: QuantTransformer, input_shape, path, opset:
             model = cleanup_model(ModelWrapper(str(raw)))
     finally:
         qmodel.train(was_training)
-    proto = _canonical(model.model)
+    proto = canonical(model.model)
     weights = {n: l.compute.weight.detach().cpu().numpy() for n, l in qmodel.layers.items()}
     found = {}
     for node in proto.graph.node:
@@ -932,7 +931,8 @@ def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
 
     import onnx
 
-    from fqhw.backends.qonnx_export import CODES_SUFFIX, _consumers, _quant_params, _to_int
+    from fqhw.intcodes import CODES_SUFFIX, to_int
+    from fqhw.onnxgraph import consumers_of, quant_params
     from qonnx.core.onnx_exec import execute_onnx
 
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -943,7 +943,7 @@ def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
     layer_of = json.loads(meta[COMPUTE_LAYERS_KEY])
     gin = model.graph.input[0].name
     keys: OrderedDict[str, object] = OrderedDict()
-    inputs = [n for n in _consumers(model, gin) if n.op_type == "Quant"]
+    inputs = [n for n in consumers_of(model, gin) if n.op_type == "Quant"]
     if len(inputs) != 1:
         raise FqhwError(f"{path}: the graph input does not feed one Quant node")
     keys["input"] = inputs[0]
@@ -953,7 +953,7 @@ def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
             continue
         t, q = node.output[0], None
         for _ in range(4):  # the bias Add (a MatMul's), then the layer's output quantizer
-            nxt = _consumers(model, t)
+            nxt = consumers_of(model, t)
             if len(nxt) != 1:
                 break
             if nxt[0].op_type == "Quant":
@@ -969,8 +969,8 @@ def qonnx_integer_trace_transformer(path, x) -> "OrderedDict[str, np.ndarray]":
     for i in range(x.shape[0]):
         ctx = execute_onnx(wrapper, {gin: x[i : i + 1].astype(np.float64)}, return_full_exec_context=True)
         for key, q in keys.items():
-            _s, z = _quant_params(ctx, model, q)
-            per_key.setdefault(key, []).append(_to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, key))
+            _s, z = quant_params(ctx, model, q)
+            per_key.setdefault(key, []).append(to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, key))
     return per_image(OrderedDict((k, np.concatenate(v, axis=0)) for k, v in per_key.items()), x.shape[0])
 
 

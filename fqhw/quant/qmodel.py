@@ -31,65 +31,20 @@ evaluations round every activation the same way.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from brevitas.core.scaling import ScalingImplType
 from brevitas.graph.calibrate import calibration_mode
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
-from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
+from fqhw.intcodes import INT_TOL
 from fqhw.models.cnn import FairCNN
-
-INT_TOL = 1e-3  # a float that should be an integer must be this close to it
-
-
-class InputQuant(Uint8ActPerTensorFloat):
-    """8-bit unsigned input, constant scale 2^-8 (threshold 255/256 over int scale 255)."""
-
-    scaling_impl_type = ScalingImplType.CONST
-    max_val = 255.0 / 256.0  # scale = threshold / (2^8 - 1) = 2^-8 exactly
-
-
-class WeightQuant(Int8WeightPerChannelFloat):
-    """Narrow signed weights, per-output-channel float scale from max |w|; width set per layer."""
-
-
-class ActQuant(Uint8ActPerTensorFloat):
-    """Unsigned activations, per-tensor learned float scale; width set per layer."""
-
-
-def quant_conv_like(fconv: nn.Conv2d, weight_bits: int, weight_quant=None, bias: bool = False, bias_quant=None) -> QuantConv2d:
-    """A Brevitas conv with `fconv`'s geometry (channels, kernel, stride, padding, groups) at
-    `weight_bits`; its weights are not copied (each scheme fills them its own way: as they
-    are, or with BatchNorm folded in). Every quantization scheme builds its convs here."""
-    extra = {} if bias_quant is None else {"bias_quant": bias_quant}
-    return QuantConv2d(
-        fconv.in_channels, fconv.out_channels, fconv.kernel_size, stride=fconv.stride, padding=fconv.padding,
-        groups=fconv.groups, bias=bias, weight_quant=WeightQuant if weight_quant is None else weight_quant, weight_bit_width=int(weight_bits),
-        return_quant_tensor=False, **extra,
-    )
-
-
-@dataclass(frozen=True)
-class QuantLayer:
-    """One allocation layer of the quant model: its compute module and output quantizer."""
-
-    name: str  # allocation / float-model name, e.g. "features.0.conv" or "head"
-    block: str  # name of the enclosing module path, e.g. "features.0" or "head"
-    compute: nn.Module  # QuantConv2d or QuantLinear
-    act: QuantReLU | None  # None for the head
-    weight_bits: int
-    act_bits: int | None
-    # for a channel-group unit "<layer>:g<k>" (fqhw.quant.channel_groups), the layer it is a
-    # group of: the groups read the same input and share `act` (one quantizer); "" otherwise
-    group: str = ""
+from fqhw.quant.layers import ActQuant, InputQuant, QuantLayer, WeightQuant, int_codes, quant_conv_like
 
 
 class QuantFairCNN(nn.Module):
@@ -207,22 +162,6 @@ def calibrate(qmodel: nn.Module, loader, batches: int = 8) -> nn.Module:
     return qmodel
 
 
-def _codes(qt: QuantTensor, what: str) -> torch.Tensor:
-    """Integer codes of a QuantTensor, checked to be within INT_TOL of integers and in range."""
-    if not isinstance(qt, QuantTensor):
-        raise AssertionError(f"{what}: expected a QuantTensor, got {type(qt).__name__}")
-    pre = (qt.value.double() / qt.scale.double()) + qt.zero_point.double()
-    rounded = torch.round(pre)
-    err = float((pre - rounded).abs().max()) if pre.numel() else 0.0
-    if err > INT_TOL:
-        raise AssertionError(f"{what}: value/scale is {err:.3g} away from an integer")
-    bits = int(qt.bit_width)
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bool(qt.signed) else (0, 2**bits - 1)
-    if rounded.numel() and (rounded.min() < lo or rounded.max() > hi):
-        raise AssertionError(f"{what}: codes outside [{lo}, {hi}]")
-    return rounded.to(torch.int64)
-
-
 def float64_twin(qmodel: QuantFairCNN) -> QuantFairCNN:
     """A float64 copy of `qmodel` with exactly its quantized parameters.
 
@@ -238,11 +177,11 @@ def float64_twin(qmodel: QuantFairCNN) -> QuantFairCNN:
     with torch.no_grad():
         for (name, ql), tl in zip(qmodel.layers.items(), twin.layers.values()):
             qw = ql.compute.quant_weight()
-            w_int = _codes(qw, f"{name} weight")
+            w_int = int_codes(qw, f"{name} weight")
             w_scale = qw.scale.detach().double()
             tl.compute.weight.copy_(w_int.double() * w_scale)
             tw = tl.compute.quant_weight()
-            if not (torch.equal(_codes(tw, f"{name} weight"), w_int) and torch.equal(tw.scale.detach(), w_scale)):
+            if not (torch.equal(int_codes(tw, f"{name} weight"), w_int) and torch.equal(tw.scale.detach(), w_scale)):
                 raise AssertionError(f"{name}: the float64 twin's weight codes or scales differ")
             if ql.act is not None:
                 a_scale = ql.act.act_quant.scale().detach().double()
@@ -327,7 +266,7 @@ def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dic
         with torch.no_grad():
             out = qmodel(x)
             qws = [ql.compute.quant_weight() for ql in head_units]
-            w_int = torch.cat([_codes(qw, "head weight") for qw in qws], dim=0)
+            w_int = torch.cat([int_codes(qw, "head weight") for qw in qws], dim=0)
             w_scale = torch.cat([qw.scale.double().reshape(-1) for qw in qws])
     finally:
         for h in hooks:
@@ -335,14 +274,14 @@ def trace_codes(qmodel: nn.Module, x: torch.Tensor, rel_tol: float = 0.0) -> dic
         qmodel.train(was_training)
 
     trace: dict[str, np.ndarray] = {}
-    trace["input"] = _codes(captured.pop("input"), "input").numpy()
+    trace["input"] = int_codes(captured.pop("input"), "input").numpy()
     expect = torch.round(x.double() / INPUT_SCALE).clamp(0, 255).to(torch.int64).numpy()
     if not np.array_equal(trace["input"], expect):
         raise AssertionError("input codes differ from round(x * 256)")
     head_in_qt = captured.pop("head.in")
     for key, outs in act_out.items():
-        trace[key] = torch.cat([_codes(qt, key) for qt in outs], dim=1).numpy()
-    a_int = _codes(head_in_qt, "head input")  # pooled, flattened codes of the last ReLU
+        trace[key] = torch.cat([int_codes(qt, key) for qt in outs], dim=1).numpy()
+    a_int = int_codes(head_in_qt, "head input")  # pooled, flattened codes of the last ReLU
     acc = a_int.numpy() @ w_int.numpy().T  # exact int64 arithmetic
     trace["head.acc"] = acc
     # the float head output must be the accumulator times the scales (a consistency check of
@@ -395,7 +334,7 @@ def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
             if not isinstance(ql.compute, QuantConv2d):
                 raise FqhwError(f"{name}: threshold margins are defined for conv layers only")
             qw = ql.compute.quant_weight()
-            w_int = _codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
+            w_int = int_codes(qw, f"{name} weight").numpy().reshape(qw.value.shape[0], -1)
             s_w = qw.scale.detach().double().numpy().reshape(-1)
             bn = qmodel.get_submodule(ql.block).bn
             var = bn.running_var.detach().double().numpy()
@@ -424,7 +363,7 @@ def threshold_geometry(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
     return out
 
 
-def _boundaries(A: float, B: float, s_a: float, levels: int, lo: float, hi: float, with_k: bool = False):
+def code_boundaries(A: float, B: float, s_a: float, levels: int, lo: float, hi: float, with_k: bool = False):
     """The code boundaries t_k in accumulator units that an accumulator in [lo, hi] can reach
     (with one unit of slack on each side); with_k: also their indices k."""
     k = np.arange(levels, dtype=np.float64)
@@ -439,7 +378,7 @@ def _dist_to_int(t: np.ndarray) -> np.ndarray:
     return np.abs(t - np.round(t))
 
 
-def _min_margin(t: np.ndarray) -> float:
+def min_margin(t: np.ndarray) -> float:
     return float(_dist_to_int(t).min()) if t.size else 0.5
 
 
@@ -479,8 +418,8 @@ def threshold_margins(qmodel: QuantFairCNN) -> "OrderedDict[str, dict]":
     for name, g in threshold_geometry(qmodel).items():
         margins, count = [], 0
         for c in range(len(g["A"])):
-            t = _boundaries(g["A"][c], g["B"][c], g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c])
-            margins.append(_min_margin(t))
+            t = code_boundaries(g["A"][c], g["B"][c], g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c])
+            margins.append(min_margin(t))
             count += t.size
         out[name] = {"min_margin": float(min(margins)), "channel_margin": np.asarray(margins), "boundaries": count}
     return out
@@ -497,7 +436,7 @@ def project_weights(qmodel: QuantFairCNN, max_iter: int = 4) -> dict[str, int]:
     with torch.no_grad():
         for name, ql in qmodel.layers.items():
             w = ql.compute.weight
-            codes = _codes(ql.compute.quant_weight(), f"{name} weight")
+            codes = int_codes(ql.compute.quant_weight(), f"{name} weight")
             before = w.detach().clone()
             for _ in range(max_iter):
                 qw = ql.compute.quant_weight()
@@ -506,7 +445,7 @@ def project_weights(qmodel: QuantFairCNN, max_iter: int = 4) -> dict[str, int]:
                     break
                 w.copy_(value)
             qw = ql.compute.quant_weight()
-            if not torch.equal(_codes(qw, f"{name} weight"), codes):
+            if not torch.equal(int_codes(qw, f"{name} weight"), codes):
                 raise AssertionError(f"{name}: projecting the weights onto their grid changed a code")
             q = w.detach().double() / qw.scale.detach().double()
             if float((q - codes.double()).abs().max()) > 1e-4:
@@ -540,7 +479,7 @@ def _float32_magnitude(g: dict, c: int, A: float, t: np.ndarray, k: np.ndarray) 
     return max(mags)
 
 
-def _snap_channel(
+def snap_channel(
     g: dict, c: int, tie_tol: float, max_scale_change: float, floor: float, float32_ulps: float | None
 ) -> tuple[np.float32, np.float32, float, float]:
     """(gamma, beta) float32 for channel c of a layer's geometry `g`, and the margin they give
@@ -561,7 +500,7 @@ def _snap_channel(
 
     def margin(gm, bt) -> float:
         A, B = geom(gm, bt)
-        return _min_margin(_boundaries(A, B, s_a, levels, lo, hi))
+        return min_margin(code_boundaries(A, B, s_a, levels, lo, hi))
 
     A0, B0 = geom(gamma0, beta0)
     if A0 == 0.0:  # y = B constant: keep B / s_a off the half-integers
@@ -569,11 +508,11 @@ def _snap_channel(
         if abs(v - np.floor(v) - 0.5) < 0.25:
             return gamma0, np.float32(float(beta0) + (np.round(v) - v) * s_a), 0.5, floor
         return gamma0, beta0, 0.5, floor
-    t0, k0 = _boundaries(A0, B0, s_a, levels, lo, hi, with_k=True)
+    t0, k0 = code_boundaries(A0, B0, s_a, levels, lo, hi, with_k=True)
     if t0.size == 0:  # no boundary within reach: one code for every input
         return gamma0, beta0, 0.5, floor
     need = None if float32_ulps is None else max(floor, float32_ulps * 2.0**-24 * _float32_magnitude(g, c, A0, t0, k0))
-    current = _min_margin(t0)
+    current = min_margin(t0)
     if need is not None and current >= need:
         return gamma0, beta0, current, need
     # a need above 1/3 is more than even a grid of m = 1 promises (about 0.45): go for the
@@ -584,7 +523,7 @@ def _snap_channel(
         """(margin, relative gamma change, |beta change|, gamma, beta) for gamma gm near
         the shift from beta bt that `_best_shift` picks for `aim`."""
         A, B = geom(gm, bt)
-        u = _best_shift(_boundaries(A, B, s_a, levels, lo, hi), tie_tol, aim)
+        u = _best_shift(code_boundaries(A, B, s_a, levels, lo, hi), tie_tol, aim)
         cands = _f32_near(float(bt) - A * u) + ([bt] if u == 0.0 else [])
         return [(margin(gm, b), rel, abs(float(b) - float(beta0)), gm, b) for b in cands]
 
@@ -704,12 +643,12 @@ def snap_thresholds(
             margins, needs = np.empty(n), np.empty(n)
             shift = 0.0
             for c in range(n):
-                new_gamma[c], new_beta[c], margins[c], needs[c] = _snap_channel(
+                new_gamma[c], new_beta[c], margins[c], needs[c] = snap_channel(
                     g, c, tie_tol, max_scale_change, margin, float32_ulps
                 )
                 A0, B0 = g["A"][c], g["B"][c]
                 A1, B1 = _affine(g["s_in"], g["s_w"][c], float(new_gamma[c]), float(new_beta[c]), g["mean"][c], g["sd"][c])
-                t0, k = _boundaries(A0, B0, g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c], with_k=True)
+                t0, k = code_boundaries(A0, B0, g["s_a"], g["levels"], g["acc_lo"][c], g["acc_hi"][c], with_k=True)
                 if t0.size and A0 != 0.0 and A1 != 0.0:
                     t1 = ((k + 0.5) * g["s_a"] - B1) / A1
                     shift = max(shift, float(np.abs(t1 - t0).max() * abs(A0) / g["s_a"]))
