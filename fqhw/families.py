@@ -55,7 +55,7 @@ class Family:
         import tempfile
 
         from fqhw.allocator.allocation import Allocation
-        from fqhw.backends.finn_generic import finn_refusal
+        from fqhw.backends.finn.residual import finn_refusal
 
         qmodel = self.quant_model(float_model, Allocation.uniform(net, 8), "finn").eval()
         with tempfile.TemporaryDirectory(prefix="fqhw-ask-finn-") as tmp:
@@ -114,21 +114,21 @@ class Family:
     def finn(self, qonnx_path: Path, alloc, build_dir: Path, cost_model):
         """The FINN build (FinnBuild for the default CNN, FinnResult for a ResNet)."""
         if self.kind == "cnn":
-            from fqhw.backends.finn_build import finn_build
+            from fqhw.backends.finn.build import finn_build
 
             return finn_build(qonnx_path, alloc, build_dir, part=cost_model.limits.part, cost_model=cost_model)
         if self.kind == "resnet":
-            from fqhw.backends.finn_generic import finn_dataflow_resnet, require_all_hw
+            from fqhw.backends.finn.residual import finn_dataflow_resnet, require_all_hw
 
             return require_all_hw(finn_dataflow_resnet(qonnx_path, build_dir, alloc=alloc, part=cost_model.limits.part), self.model)
         raise FqhwError(f"FINN cannot build {self.model}")  # check() refuses it first
 
     def load_finn(self, build_dir: Path):
         if self.kind == "cnn":
-            from fqhw.backends.finn_build import FinnBuild
+            from fqhw.backends.finn.common import FinnBuild
 
             return FinnBuild.load(build_dir)
-        from fqhw.backends.finn_generic import FinnResult
+        from fqhw.backends.finn.residual import FinnResult
 
         return FinnResult.load(build_dir)
 
@@ -150,7 +150,7 @@ class Family:
                 if build is not None:
                     out["hls4ml"] = hls4ml_integer_trace(build, x)
                 return out
-            from fqhw.backends.finn_build import finn_integer_trace
+            from fqhw.backends.finn.execute import finn_integer_trace
             from fqhw.quant.qmodel import integer_trace
 
             out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
@@ -163,7 +163,7 @@ class Family:
             return {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_transformer(qonnx_path, x)}
         out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_generic(qonnx_path, x)}
         if build is not None:
-            from fqhw.backends.finn_generic import finn_dataflow_integer_trace
+            from fqhw.backends.finn.residual import finn_dataflow_integer_trace
 
             # the folded, specialized partition: what the accelerator is built from
             out["finn"] = finn_dataflow_integer_trace(build, qonnx_path, x, graph="dataflow")

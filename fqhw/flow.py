@@ -138,7 +138,7 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir, markers)
     if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
-        from fqhw.backends.finn_build import check_synth_tools
+        from fqhw.backends.finn.synth import check_synth_tools
 
         check_synth_tools(shell_flow_type=_shell_flow(cfg.target))
     if cfg.checkpoint is not None:
@@ -753,7 +753,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
         if cfg.synth:
-            from fqhw.backends.finn_build import finn_synth
+            from fqhw.backends.finn.synth import finn_synth
 
             synth = run("synth", finn_synth, work / "finn")
             write_json(work / "synth.json", synth)

@@ -192,7 +192,7 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
         traces = {"intsim": {k: v for k, v in full.items() if k != "logits"}}
         partial: tuple[str, ...] = ()
         if folder.finn_kind == "result":  # a ResNet: FINN's own execution and the generic QONNX trace
-            from fqhw.backends.finn_generic import FinnResult, finn_dataflow_integer_trace
+            from fqhw.backends.finn.residual import FinnResult, finn_dataflow_integer_trace
 
             res = FinnResult.load(folder.finn_dir)
             traces["finn"] = finn_dataflow_integer_trace(res, folder.qonnx_path, x, graph="dataflow")
@@ -204,7 +204,8 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
             # the simulator computes what FINN's graph computes
             partial = ("finn", "intsim")
         elif folder.finn_dir is not None:
-            from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
+            from fqhw.backends.finn.common import FinnBuild
+            from fqhw.backends.finn.execute import finn_integer_trace
 
             traces["finn"] = finn_integer_trace(FinnBuild.load(folder.finn_dir), x)
         if folder.qonnx_path is not None and folder.finn_kind != "result":

@@ -11,7 +11,9 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import FinnBuild, finn_build, finn_integer_trace, threshold_check
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.common import FinnBuild
+from fqhw.backends.finn.execute import finn_integer_trace, threshold_check
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.errors import BitExactError, FqhwError
@@ -488,7 +490,7 @@ def test_build_config_loads_with_finns_loader(flow):
         default_build_dataflow_steps,
     )
 
-    from fqhw.backends.finn_build import FOLDING_CONFIG, SYNTH_CONFIG, SYNTH_MODEL, SYNTH_SCRIPT
+    from fqhw.backends.finn.synth import FOLDING_CONFIG, SYNTH_CONFIG, SYNTH_MODEL, SYNTH_SCRIPT
 
     build: FinnBuild = flow["build"]
     root = Path(build.build_dir)
@@ -526,7 +528,7 @@ def test_folding_config_is_the_allocations(flow):
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
 
-    from fqhw.backends.finn_build import FOLDING_ATTRS
+    from fqhw.backends.finn.synth import FOLDING_ATTRS
 
     build: FinnBuild = flow["build"]
     folding = json.loads(Path(build.folding_config).read_text())
@@ -622,7 +624,7 @@ def _no_xilinx(monkeypatch, path: str):
 def test_synth_without_vivado_names_what_is_missing(flow, tmp_path, monkeypatch):
     """No Vivado: a one-line FqhwError naming what is missing, how to get it and the
     command to run elsewhere; the build folder is left exactly as it was."""
-    from fqhw.backends.finn_build import SYNTH_OUTPUT, finn_synth
+    from fqhw.backends.finn.synth import SYNTH_OUTPUT, finn_synth
 
     build: FinnBuild = flow["build"]
     root = Path(build.build_dir)
@@ -651,7 +653,7 @@ def test_synth_without_vivado_names_what_is_missing(flow, tmp_path, monkeypatch)
 
 
 def test_synth_refuses_a_folder_without_finns_configuration(tmp_path):
-    from fqhw.backends.finn_build import finn_synth
+    from fqhw.backends.finn.synth import finn_synth
 
     with pytest.raises(FqhwError, match="lacks dataflow_build_config.json"):
         finn_synth(tmp_path)
@@ -670,7 +672,7 @@ def test_synth_tool_detection(tmp_path, monkeypatch):
     """What finn-plus reads: XILINX_VIVADO with a version in its path, vivado and the HLS
     tool of that version (vitis_hls, vitis-run after 2024.2) on PATH or in
     FINN_TOOL_DIR_OVERRIDE, Vitis for Alveo, a C++ compiler."""
-    from fqhw.backends.finn_build import check_synth_tools, synth_tools_missing
+    from fqhw.backends.finn.synth import check_synth_tools, synth_tools_missing
 
     bin_ = tmp_path / "bin"
     _fake_tools(bin_, ["vivado", "vitis_hls", "g++"])
@@ -701,7 +703,7 @@ def test_synth_runs_finns_command(flow, tmp_path, monkeypatch):
     import shutil
     import sys
 
-    from fqhw.backends.finn_build import SYNTH_CONFIG, SYNTH_MODEL, finn_synth
+    from fqhw.backends.finn.synth import SYNTH_CONFIG, SYNTH_MODEL, finn_synth
 
     root = tmp_path / "finn"
     shutil.copytree(flow["build"].build_dir, root)

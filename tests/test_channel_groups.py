@@ -9,7 +9,9 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import MVAU_TYPES, finn_build, finn_integer_trace
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.common import MVAU_TYPES
+from fqhw.backends.finn.execute import finn_integer_trace
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.errors import FqhwError

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
+from fqhw.backends.finn.common import FinnBuild
+from fqhw.backends.finn.execute import finn_integer_trace
 from fqhw.backends.intsim import (
     IntegerSimulator,
     _carrier,

@@ -49,7 +49,7 @@ def _no_logits(out: dict) -> dict:
 def grouped(tmp_path_factory):
     """A FairCNN (8 x 8 inputs, channels 4, 8) with features.1.conv in two groups of 4
     output channels at 3 and 6 weight bits, through QONNX and FINN (estimate-only)."""
-    from fqhw.backends.finn_build import finn_build
+    from fqhw.backends.finn.build import finn_build
     from fqhw.backends.qonnx_export import export_qonnx
     from fqhw.models.cnn import CNNConfig, FairCNN
     from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
@@ -79,7 +79,7 @@ def grouped(tmp_path_factory):
 
 
 def test_grouped_build_simulator_equals_finn_and_qonnx(grouped):
-    from fqhw.backends.finn_build import finn_integer_trace
+    from fqhw.backends.finn.execute import finn_integer_trace
     from fqhw.backends.qonnx_export import qonnx_integer_trace
 
     sim = IntegerSimulator.from_build(grouped["root"])
@@ -144,7 +144,7 @@ def resnet(tmp_path_factory):
     """A narrow ResNet-18 (channels 64, 16, 16, 16; 64 x 64 inputs) at a mixed allocation,
     exported and built by FINN as a compile output folder lays it out (model.qonnx.onnx
     beside finn/finn_result.json)."""
-    from fqhw.backends.finn_generic import finn_dataflow_resnet, require_all_hw
+    from fqhw.backends.finn.residual import finn_dataflow_resnet, require_all_hw
     from fqhw.models import registry
     from fqhw.network import network_spec
     from fqhw.quant.generic import export_generic_qonnx, quantize_model, snap_resnet_thresholds
@@ -169,7 +169,7 @@ def resnet(tmp_path_factory):
 
 
 def test_resnet_simulator_equals_finn_and_qonnx(resnet):
-    from fqhw.backends.finn_generic import finn_dataflow_integer_trace
+    from fqhw.backends.finn.residual import finn_dataflow_integer_trace
     from fqhw.quant.generic import qonnx_execute, qonnx_integer_trace_generic
 
     sim = IntegerSimulator.from_build(resnet["root"])  # finds finn/finn_result.json

@@ -223,7 +223,7 @@ def test_resnet18_brevitas_equals_qonnx(resnet):
 
 @pytest.mark.slow
 def test_resnet18_finn_all_hw_and_bit_exact(resnet):
-    from fqhw.backends.finn_generic import finn_dataflow_integer_trace, finn_dataflow_resnet, require_all_hw
+    from fqhw.backends.finn.residual import finn_dataflow_integer_trace, finn_dataflow_resnet, require_all_hw
     from fqhw.quant.generic import compare_traces, integer_trace
 
     res = require_all_hw(finn_dataflow_resnet(resnet["path"], resnet["root"] / "finn", alloc=resnet["alloc"]), "resnet18")
@@ -246,7 +246,7 @@ def test_resnet18_finn_all_hw_and_bit_exact(resnet):
 
 
 def test_deit_export_runs_and_finn_refuses(tmp_path):
-    from fqhw.backends.finn_generic import finn_refusal
+    from fqhw.backends.finn.residual import finn_refusal
     from fqhw.quant.generic import export_transformer_qonnx, qonnx_execute, quantize_model
     from fqhw.quant.qmodel import calibrate
 

@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import finn_build, finn_integer_trace
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.execute import finn_integer_trace
 from fqhw.backends.intsim import IntegerSimulator
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact

@@ -364,7 +364,7 @@ class IntegerSimulator:
         """From a compile output folder (holding finn/) or a FINN build folder: the default
         CNN's (finn_build.json, fqhw.backends.finn_build, with or without channel groups) or
         a ResNet's (finn_result.json, fqhw.backends.finn_generic; see `from_finn_result`)."""
-        from fqhw.backends.finn_build import FinnBuild
+        from fqhw.backends.finn.common import FinnBuild
 
         build_dir = Path(build_dir)
         for fb in (build_dir, build_dir / "finn"):
@@ -392,7 +392,8 @@ class IntegerSimulator:
         "fc.acc" with FINN's column signs undone)."""
         from qonnx.core.modelwrapper import ModelWrapper
 
-        from fqhw.backends.finn_generic import FinnResult, hw_keys, match_mvaus_by_codes, qonnx_weight_codes
+        from fqhw.backends.finn.folding import match_mvaus_by_codes, qonnx_weight_codes
+        from fqhw.backends.finn.residual import FinnResult, hw_keys
 
         build_dir = Path(build_dir)
         res = FinnResult.load(build_dir)
