@@ -18,7 +18,8 @@ from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.errors import BitExactError, FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds, threshold_margins
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.snap import snap_thresholds, threshold_margins
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)
 SHAPE = (CFG.in_channels, CFG.image_size, CFG.image_size)
@@ -447,7 +448,7 @@ def test_float64_copy_is_lowered_and_double(snapped):
 def test_best_shift_is_the_widest_gap():
     """_best_shift against a brute-force search: the max-min distance to the integers, at
     least 1/(2K), and the shift nearest to zero among near-equal ones."""
-    from fqhw.quant.qmodel import _best_shift, min_margin
+    from fqhw.quant.snap import _best_shift, min_margin
 
     rng = np.random.default_rng(0)
     grid = np.linspace(-0.5, 0.5, 20001)

@@ -19,18 +19,9 @@ from fqhw.hwmodels import get_cost_model
 from fqhw.hwmodels.finn import DEFAULT_UTILISATION, FinnCostModel
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import network_spec, split_channel_groups
-from fqhw.quant.baq import (
-    ActFakeQuant,
-    BAQFairCNN,
-    BudgetError,
-    bitrate_penalty,
-    check_budget_met,
-    iterative_qat,
-    learn_bits,
-    project,
-    recover,
-    weight_only_model,
-)
+from fqhw.quant.baq import iterative_qat, learn_bits, recover
+from fqhw.quant.baq_model import ActFakeQuant, BAQFairCNN, weight_only_model
+from fqhw.quant.projection import BudgetError, bitrate_penalty, check_budget_met, project
 from fqhw.quant.qmodel import build_quant_model
 
 from conftest import sensitivity

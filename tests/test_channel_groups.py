@@ -17,7 +17,8 @@ from fqhw.backends.verify import check_bit_exact
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.quant.channel_groups import GroupedQuantFairCNN, split_quant_model
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.snap import snap_thresholds
 from fqhw.units import merge_group_keys
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)

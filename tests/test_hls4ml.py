@@ -12,7 +12,9 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.hls4ml_build import Hls4mlBuild, hls4ml_build, hls4ml_integer_trace
+from fqhw.backends.hls4ml.build import hls4ml_build
+from fqhw.backends.hls4ml.csim import hls4ml_integer_trace
+from fqhw.backends.hls4ml.record import Hls4mlBuild
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.data.registry import load_data
@@ -249,7 +251,7 @@ def test_saved_build_can_move_and_run(built, tmp_path):
     copied folder: what the flow needs to resume after the hls4ml step."""
     import shutil
 
-    from fqhw.backends.hls4ml_build import compiled_weights_dir, ensure_csim_here
+    from fqhw.backends.hls4ml.csim import compiled_weights_dir, ensure_csim_here
 
     src = built["uniform8"]["build"]
     moved = tmp_path / "moved"

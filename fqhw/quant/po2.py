@@ -398,7 +398,8 @@ def compare_schemes(
     import time
 
     from fqhw.quant.qat import evaluate_groups, finetune
-    from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
+    from fqhw.quant.qmodel import build_quant_model, calibrate
+    from fqhw.quant.snap import snap_thresholds
 
     keys = ("overall_acc", "mean_group_acc", "worst_group_acc")
 

@@ -230,3 +230,28 @@ class FinnBuild:
 
 _PATH_FIELDS = ("qonnx_path", "dataflow_model", "parent_model", "synth_config", "folding_config")
 
+
+def lower_convs_channels_last(model, join_move, fixed):
+    """Convs lowered to MatMul (Im2Col), one Transpose per MaxPool fork, and the layouts
+    made channels-last: MakeMaxPoolNHWC and the Transposes moved past forks and joins
+    (`join_move`: FINN's MoveTransposePastJoinAdd or ...JoinConcat) and absorbed, repeated
+    by `fixed(model, transforms)` (the caller's until_fixed) until nothing changes."""
+    import finn.transformation.streamline.absorb as absorb
+    import finn.transformation.streamline.reorder as reorder
+    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
+
+    from fqhw.backends.finn.transforms import MergeForkedTransposesAfterMaxPool
+
+    model = tidy_graph(model.transform(LowerConvsToMatMul()))
+    # MakeMaxPoolNHWC follows a MaxPool's first consumer only: one Transpose per fork
+    model = model.transform(MergeForkedTransposesAfterMaxPool(), cleanup=False)
+    return fixed(
+        model,
+        [
+            reorder.MakeMaxPoolNHWC(),
+            absorb.AbsorbTransposeIntoMultiThreshold(),
+            reorder.MoveTransposePastFork(),
+            join_move,
+            absorb.AbsorbConsecutiveTransposes(),
+        ],
+    )

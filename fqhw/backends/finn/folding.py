@@ -97,7 +97,7 @@ def _layer_spec_from_graph(model, node, name: str):
     kw: dict = {"kind": "linear", "in_channels": mw}
     swg_node = model.find_producer(node.input[0])
     if swg_node is not None and swg_node.op_type.startswith("DuplicateStreams"):
-        # channel groups share one window, forked to their MVAUs (fqhw.backends.finn_groups)
+        # channel groups share one window, forked to their MVAUs (fqhw.backends.finn.groups)
         swg_node = model.find_producer(swg_node.input[0])
     if swg_node is not None and swg_node.op_type.startswith("ConvolutionInputGenerator"):
         swg = getCustomOp(swg_node)
@@ -153,7 +153,7 @@ def fold_layers(
     holds the one copy of that rule: just enough parallelism that none is slower than the
     layer's MVAU, with widths that are multiples of the MVAU's); the layer is read from the
     HW graph as a LayerSpec. Channel groups ("<layer>:g<k>"; `mvau_of_layer` says which MVAU
-    is which unit, see fqhw.backends.finn_groups): the shared window is folded with group 0,
+    is which unit, see fqhw.backends.finn.groups): the shared window is folded with group 0,
     as the cost model prices it. Every other HW node keeps FINN's default folding. Data width
     converters, which FINN inserts only when it generates hardware, are not in the estimates
     (as in FINN's own estimate reports).

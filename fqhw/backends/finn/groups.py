@@ -32,9 +32,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fqhw.backends.finn.common import MVAU_TYPES, POOL_TYPES, tidy_graph, until_fixed
+from fqhw.backends.finn.common import MVAU_TYPES, POOL_TYPES, lower_convs_channels_last, until_fixed
 from fqhw.backends.finn.steps import finn_step
-from fqhw.backends.finn.transforms import MergeForkedTransposesAfterMaxPool, ShareWindows
+from fqhw.backends.finn.transforms import ShareWindows
 from fqhw.errors import FqhwError
 from fqhw.onnxgraph import node_attr
 from fqhw.units import parse_unit
@@ -57,7 +57,6 @@ def streamline_groups(model, cfg=None):
     from qonnx.transformation.bipolar_to_xnor import ConvertBipolarMatMulToXnorPopcount
     from qonnx.transformation.general import RemoveUnusedTensors
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
-    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 
     joins = [
         Streamline(),
@@ -69,19 +68,7 @@ def streamline_groups(model, cfg=None):
     model = model.transform(absorb.AbsorbScalarBiasIntoMultiThreshold())
     model = _until_fixed(model, joins)
     if model.get_nodes_by_op_type("Conv"):
-        model = tidy_graph(model.transform(LowerConvsToMatMul()))
-        # MakeMaxPoolNHWC follows a MaxPool's first consumer only: one Transpose per fork
-        model = model.transform(MergeForkedTransposesAfterMaxPool(), cleanup=False)
-        model = _until_fixed(
-            model,
-            [
-                reorder.MakeMaxPoolNHWC(),
-                absorb.AbsorbTransposeIntoMultiThreshold(),
-                reorder.MoveTransposePastFork(),
-                reorder.MoveTransposePastJoinConcat(),
-                absorb.AbsorbConsecutiveTransposes(),
-            ],
-        )
+        model = lower_convs_channels_last(model, reorder.MoveTransposePastJoinConcat(), _until_fixed)
         model = model.transform(ShareWindows(), cleanup=False)
     model = model.transform(ConvertBipolarMatMulToXnorPopcount())
     model = _until_fixed(model, joins)

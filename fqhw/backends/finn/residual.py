@@ -1,28 +1,28 @@
-"""FINN (finn-plus) for timm models, estimate-free: how far the dataflow conversion gets.
+"""FINN (finn-plus) for timm models: how far the dataflow conversion gets, and the build.
 
-`finn_dataflow_resnet` takes a QONNX file of a `fqhw.quant.generic.QuantResNet` through
-FINN's transformations, called directly (as fqhw.backends.finn_build does for FairCNN),
-with the streamlining a residual network needs on top of FINN's default:
+`finn_dataflow_resnet` runs a QONNX file of a `fqhw.quant.generic.QuantResNet` through
+RESIDUAL_STEPS (fqhw.backends.finn.steps), the streamlining a residual network needs on
+top of FINN's default:
 
-    input_codes     the accelerator reads the uint8 pixel codes (finn_build's step)
-    qonnx_to_finn   cleanup + ConvertQONNXtoFINN (finn_build's step)
-    tidy_up         (finn_build's step)
-    streamline      FINN's Streamline, repeated with the residual moves (scales past the
-                    join adds and forks) until nothing changes; convs lowered to MatMul,
-                    layouts made channels-last; the global average pool becomes an integer
-                    GlobalAccPool whose 1/N joins the output scale
-    convert_to_hw   MVAUs, sliding windows, thresholding, pooling, elementwise adds of the
-                    residual joins and stream duplication at the forks; the float output
-                    scale and classifier bias stay on the host
+    input_codes, qonnx_to_finn, tidy_up   as for a FairCNN (PLAIN_STEPS)
+    streamline_residual     FINN's Streamline, repeated with the residual moves (scales past
+                            the join adds and forks) until nothing changes; convs lowered to
+                            MatMul, layouts made channels-last; the global average pool
+                            becomes an integer GlobalAccPool whose 1/N joins the output scale
+    convert_to_hw_residual  MVAUs, sliding windows, thresholding, pooling, elementwise adds
+                            of the residual joins and stream duplication at the forks; the
+                            float output scale and classifier bias stay on the host
+    round_thresholds
 
-and checks that every op left outside the HW layers is layout or that float output tail.
-`finn_dataflow_integer_trace` runs the HW graph in Python (FINN's own execute_node per
-node, float64 containers) and returns the same keys as the Brevitas and QONNX traces for
-the values FINN keeps: the input codes, every MVAU / Thresholding output that is a
-quantized activation, and "fc.acc".
+and checks that every op left outside the HW layers is layout or that float output tail;
+with an allocation it goes on with RESIDUAL_DATAFLOW_STEPS (partition, specialize, fold,
+estimates). `finn_dataflow_integer_trace` runs the HW graph in Python (FINN's own
+execute_node per node, float64 containers) and returns the same keys as the Brevitas and
+QONNX traces for the values FINN keeps: the input codes, every MVAU / Thresholding output
+that is a quantized activation, and "fc.acc".
 
-`finn_refusal` asks FINN to convert any QONNX model (a transformer's) and names the op
-types it leaves outside HW layers, as one FqhwError line.
+`finn_refusal` asks FINN to convert any QONNX model (a transformer's: ANY_STEPS) and names
+the op types it leaves outside HW layers, as one FqhwError line.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class FinnResult:
     estimates: dict = field(default_factory=dict)
 
     # with an allocation: FINN's estimates per fqhw layer (its MVAU's cycles and resources,
-    # PE / SIMD), as fqhw.backends.finn_build.FinnBuild.layer_estimates has them
+    # PE / SIMD), as fqhw.backends.finn.common.FinnBuild.layer_estimates has them
     layer_estimates: dict = field(default_factory=dict)
 
     @property

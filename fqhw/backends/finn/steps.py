@@ -3,11 +3,11 @@ kind, and one loop that runs a list and saves each step's model (as FINN's own b
 finn.builder.build_dataflow_steps, which cannot be imported without XILINX_VIVADO).
 
 A step is registered by name (`@finn_step("name")`) in the module that holds it: the
-conversion steps here, `apply_folding` / `estimates` in fqhw.backends.finn.folding,
-`streamline_groups` in fqhw.backends.finn.groups, `fold_and_minimize` in
-fqhw.backends.finn.residual. `cfg` is the run's `FinnFlow`: what the steps read (build
-folder, part, clock, allocation, QONNX file, cost model) and what they leave besides the
-model (`products`: the partition's parent graph, the folding, the estimates).
+conversion steps here, `apply_folding`, `fold_and_minimize` and `estimates` in
+fqhw.backends.finn.folding, `streamline_groups` in fqhw.backends.finn.groups. `cfg` is the
+run's `FinnFlow`: what the steps read (build folder, part, clock, allocation, QONNX file,
+cost model) and what they leave besides the model (`products`: the partition's parent
+graph, the folding, the estimates).
 
     PLAIN_STEPS     a FairCNN (fqhw.backends.finn.build.finn_build)
     GROUPS_STEPS    a FairCNN with output-channel groups: streamline_groups for streamline
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fqhw.backends.finn.common import DEFAULT_PART, LAYOUT_OPS, is_hw, tidy_graph, until_fixed
-from fqhw.backends.finn.transforms import InputQuantToCodes, MergeForkedTransposesAfterMaxPool
+from fqhw.backends.finn.common import DEFAULT_PART, LAYOUT_OPS, is_hw, lower_convs_channels_last, tidy_graph, until_fixed
+from fqhw.backends.finn.transforms import InputQuantToCodes
 from fqhw.errors import FqhwError
 
 STEPS: dict[str, Callable] = {}  # name -> step(model, cfg) -> model
@@ -333,7 +333,6 @@ def step_streamline_residual(model, cfg):
     from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
     from finn.transformation.streamline.collapse_repeated import CollapseRepeatedAdd, CollapseRepeatedMul
     from qonnx.transformation.general import RemoveUnusedTensors
-    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 
     from finn.transformation.streamline.reorder import (
         MoveAddPastConv,
@@ -384,18 +383,7 @@ def step_streamline_residual(model, cfg):
     ]
     model = until_fixed(model, residual)
     if model.get_nodes_by_op_type("Conv"):
-        model = tidy_graph(model.transform(LowerConvsToMatMul()))
-        model = model.transform(MergeForkedTransposesAfterMaxPool(), cleanup=False)
-        model = until_fixed(
-            model,
-            [
-                reorder.MakeMaxPoolNHWC(),
-                absorb.AbsorbTransposeIntoMultiThreshold(),
-                reorder.MoveTransposePastFork(),
-                reorder.MoveTransposePastJoinAdd(),
-                absorb.AbsorbConsecutiveTransposes(),
-            ],
-        )
+        model = lower_convs_channels_last(model, reorder.MoveTransposePastJoinAdd(), until_fixed)
     if model.get_nodes_by_op_type("GlobalAveragePool"):
         # the pool becomes an integer sum (GlobalAccPool) and a Mul by 1/N, which moves
         # through the classifier into the float output scale
