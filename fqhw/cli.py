@@ -93,7 +93,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for training, QAT and the solver")
     p.add_argument("--cache-dir", type=Path, default=None, help="where trained float models are kept (default $FQHW_CACHE_DIR or ~/.cache/fqhw)")
     p.add_argument("--model", default=None, metavar="NAME",
-                   help="model from the registry: fqcnn (default), resnet18, resnet50, deit_tiny_patch16_224, tiny_vit_5m_224")
+                   help="model from the registry: fqcnn (default), cnv (FINN's CNV; --model-arg width=0.25), resnet18, resnet50, deit_tiny_patch16_224, tiny_vit_5m_224")
     p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the model (repeatable), e.g. depth=1 or embed_dim=64; integers, floats, "
                         "comma-separated integer tuples")

@@ -40,7 +40,7 @@ class Family:
 
     def check(self, backend: str, image_size: int) -> None:
         """Refuse, before any training, what this family cannot build."""
-        if not get_backend(backend).supports(self.kind):
+        if not get_backend(backend).supports(self.kind) or (backend == "hls4ml" and self.model != "fqcnn"):
             raise FqhwError(f"--backend {backend} builds the default CNN only, not {self.model}: use --backend finn")
         if self.kind == "resnet" and image_size < 64:
             raise FqhwError(

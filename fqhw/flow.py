@@ -185,6 +185,12 @@ def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig | dict:
                              channels=tuple(cfg.channels or DEFAULT_CHANNELS), **cfg.model_kwargs)
         except TypeError as e:
             raise FqhwError(f"fqcnn: {e}: see fqhw.models.cnn.CNNConfig for its arguments") from None
+    if cfg.model == "cnv":
+        from fqhw.models.registry import cnn_config
+
+        if cfg.channels is not None:
+            raise FqhwError("cnv: --channels does not apply (its channels are FINN's CNV's): use --model-arg width=W")
+        return cnn_config("cnv", num_classes, cfg.data.image_size, **cfg.model_kwargs)
     kwargs = dict(cfg.model_kwargs, **({"channels": tuple(cfg.channels)} if cfg.channels is not None else {}))
     return {"model": cfg.model, "num_classes": num_classes, "image_size": cfg.data.image_size, "kwargs": kwargs}
 

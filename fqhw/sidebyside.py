@@ -34,8 +34,14 @@ validation). BAQ itself runs at the fixed settings (its projection reads no test
 QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
 by its inputs, so an interrupted run resumes.
 
-Outputs (written whole or not at all): sidebyside.json (every run), sidebyside.md (mean and
-standard deviation over seeds), sidebyside.png (worst-group against mean-group accuracy).
+Every record keeps each test image's prediction, so that fqhw (--reference) is compared with
+every other method image by image (fqhw.fairness.stats: Wilson intervals per group, the
+paired difference in worst-group accuracy with a bootstrap interval over seeds and images,
+the exact McNemar test on the worst group, Holm-adjusted over the methods).
+
+Outputs (written whole or not at all): sidebyside.json (every run, the intervals and the
+comparisons), sidebyside.md (mean and standard deviation over seeds, the paired table),
+sidebyside.png (worst-group against mean-group accuracy).
 """
 from __future__ import annotations
 
@@ -89,6 +95,9 @@ class SideBySideConfig:
     out_dir: Path = Path("fqhw-sidebyside")
     baq_epochs: int = 3
     bitrate_lambda: float = 2.0
+    # the method every other one is compared with, image by image; None: fqhw, else fqhw_qat
+    # when they run (with neither, no comparison)
+    reference: str | None = None
 
 
 @dataclass
@@ -100,6 +109,12 @@ class SideBySideResult:
     labels: dict[str, str]
     runs: list[dict] = field(default_factory=list)  # one per (seed, method)
     summary: dict[str, dict] = field(default_factory=dict)  # method -> mean / std per metric
+    reference: str | None = None
+    # method -> fqhw.fairness.stats.PairedComparison (reference against it) as a dict
+    comparisons: dict[str, dict] = field(default_factory=dict)
+    # method -> group -> Wilson interval of the accuracy pooled over seeds
+    group_ci: dict[str, dict] = field(default_factory=dict)
+    test_counts: dict[str, int] = field(default_factory=dict)  # test images per group
     wall_time_s: float = 0.0
     out_dir: str | None = None
 
@@ -115,6 +130,8 @@ def _check(sc: SideBySideConfig) -> None:
         raise FqhwError("--seeds is empty: pass e.g. --seeds 0,1,2")
     if sc.baq_epochs < 1:
         raise FqhwError("--baq-epochs must be at least 1")
+    if sc.reference is not None and sc.reference not in sc.methods:
+        raise FqhwError(f"--reference {sc.reference} is not among the methods run: add it to --methods, or pick one of {', '.join(sc.methods)}")
 
 
 # ------------------------------------------------------------------ one method, one seed
@@ -161,7 +178,7 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
     """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
     from fqhw.flow import _pinned, _quantize
     from fqhw.hwmodels import get_cost_model
-    from fqhw.quant.qat import evaluate_groups
+    from fqhw.quant.qat import evaluate_groups, predict
 
     t0 = time.perf_counter()
     alloc = _allocation(cfg, method, fm, splits, sens, found)
@@ -182,6 +199,7 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         alloc = res.allocation
         start = dataclasses.replace(fm, model=res.float_model(fm.model))
     qm = _quantize(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
+    test_pred = predict(qm.model, splits.test)
     return {
         "method": method.name,
         "seed": cfg.seed,
@@ -189,6 +207,9 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         "weight_bits": {la.name: la.weight_bits for la in alloc.layers},
         "act_bits": {la.name: la.act_bits for la in alloc.layers},
         "test": qm.test_metrics,
+        # every test image's predicted class, in the split's order (the paired tests compare
+        # methods image by image: the test split is the same for every seed and method)
+        "test_pred": test_pred.astype(int).tolist(),
         "val": evaluate_groups(qm.model, splits.val),
         "qat_selected_epoch": qm.qat.get("best_epoch"),
         "qat_selected": {"fairness_lambda": qm.qat.get("fairness_lambda"), "lr": qm.qat.get("lr")},
@@ -226,9 +247,14 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
     cache = StepCache(base.cache_dir)
     res = SideBySideResult(base.target, base.budget, list(sc.seeds), list(sc.methods), {m: METHODS[m].label for m in sc.methods})
     order = sorted(sc.methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts first
+    same_test = True  # the paired statistics need one test split for every seed
+    first_test = None
     for seed in sc.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         splits = step_data(cfg)
+        if first_test is None:
+            first_test = splits.test
+        same_test = same_test and _same_split(first_test, splits.test)
         fm = step_float_model(cfg, splits)
         sens = step_importance(cfg, fm, splits) if any(METHODS[m].allocator == "solver" for m in sc.methods) else None
         found: dict = {}
@@ -237,10 +263,13 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
             if cfg.progress:
                 print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
             inputs = {
-                "float": fm.key, "method": asdict(method), "budget": cfg.budget, "target": cfg.target, "edge_bits": cfg.edge_bits,
-                "qat": _qat_inputs(cfg), "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+                "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": _qat_inputs(cfg),
+                # a uniform allocation reads neither the budget nor the target: one entry serves every budget
+                **({} if method.allocator == "uniform" else {
+                    "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
+                }),
                 **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
-                "version": 1,
+                "version": 2,  # 2: the record keeps every test prediction
             }
             got = cache.run(
                 "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, sens, sc, found),
@@ -251,9 +280,39 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
                 found[name] = _stored_allocation(got.value)
             res.runs.append(got.value)
     res.summary = summarize(res.runs, list(sc.methods))
+    reference = sc.reference or next((m for m in ("fqhw", "fqhw_qat") if m in sc.methods), None)
+    if same_test:
+        add_statistics(res, splits.test, reference)
+    elif base.progress:
+        print("fqhw: the test split differs between seeds (the data set splits by seed): no paired statistics", file=sys.stderr)
     res.wall_time_s = round(time.perf_counter() - t0, 1)
     write_outputs(res, sc.out_dir)
     return res
+
+
+def _same_split(a, b) -> bool:
+    return len(a) == len(b) and np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups) and np.array_equal(a.images, b.images)
+
+
+def add_statistics(res: SideBySideResult, test, reference: str | None) -> None:
+    """Wilson intervals per group and method, and the paired comparison of `reference`
+    with every other method on the same test images (fqhw.fairness.stats)."""
+    from fqhw.fairness.stats import compare_paired, group_intervals, holm
+
+    preds = {m: {r["seed"]: np.asarray(r["test_pred"]) for r in res.runs if r["method"] == m} for m in res.methods}
+    for m, by_seed in preds.items():
+        if by_seed:
+            seeds = sorted(by_seed)
+            res.group_ci[m] = group_intervals(np.tile(test.labels, len(seeds)), np.concatenate([by_seed[s] for s in seeds]),
+                                              np.tile(test.groups, len(seeds)), test.group_names)
+    res.test_counts = {g: int((test.groups == i).sum()) for i, g in enumerate(test.group_names)}
+    res.reference = reference
+    if reference is None or len(preds[reference]) == 0:
+        return
+    comps = [compare_paired(test.labels, test.groups, test.group_names, preds[reference], preds[m], reference, m)
+             for m in res.methods if m != reference]
+    holm(comps)
+    res.comparisons = {c.method: c.to_dict() for c in comps}
 
 
 # ------------------------------------------------------------------ outputs
@@ -290,6 +349,26 @@ def markdown(res: SideBySideResult) -> str:
             r = next((r for r in res.runs if r["method"] == m and r["seed"] == s), None)
             cells.append("-" if r is None else f"{_pct(r['test']['worst_group_acc'])} / {_pct(r['test']['mean_group_acc'])}")
         lines.append(f"| {res.labels[m]} | " + " | ".join(cells) + " |")
+    if res.comparisons:
+        ref = res.labels[res.reference]
+        lines += [
+            "", f"Paired against {ref}, on the same test images and seeds (test images per group: "
+            + ", ".join(f"{g} {n}" for g, n in res.test_counts.items()) + "). Worst group: each seed's lowest group "
+            "accuracy, averaged over seeds; difference = reference minus method, points, with a 95 % bootstrap interval "
+            "over seeds and images; exact McNemar test on the group worst for the two together, (seed, image) pairs "
+            "that only the reference / only the method classifies right; p (Holm): adjusted over the methods compared.",
+            "", "| method | worst group [95 % CI] | difference [95 % CI] | group | only ref right / only method right | p | p (Holm) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for m, c in res.comparisons.items():
+            lines.append(
+                f"| {res.labels[m]} | {_pct(c['worst_group_method'])} [{_pct(c['worst_group_method_ci'][0])}, {_pct(c['worst_group_method_ci'][1])}] "
+                f"| {100 * c['diff']:+.1f} [{100 * c['diff_ci'][0]:+.1f}, {100 * c['diff_ci'][1]:+.1f}] | {c['group']} "
+                f"| {c['ref_only_right']} / {c['method_only_right']} | {c['p_mcnemar']:.2g} | {c['p_holm']:.2g} |"
+            )
+        first = next(iter(res.comparisons.values()))
+        lines.append(f"| {ref} (reference) | {_pct(first['worst_group_ref'])} [{_pct(first['worst_group_ref_ci'][0])}, "
+                     f"{_pct(first['worst_group_ref_ci'][1])}] | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +425,7 @@ def add_sidebyside_parser(subparsers) -> None:
     p.add_argument("--baq-epochs", type=int, default=3, help="BAQ epochs (default 3)")
     p.add_argument("--fairness-lambda", type=float, default=None, help="weight of max-min group loss in QAT and BAQ")
     p.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
+    p.add_argument("--reference", default=None, help="the method every other is compared with, image by image (default fqhw, else fqhw_qat)")
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
     _add_common(p)
@@ -356,7 +436,8 @@ def cmd_sidebyside(args) -> int:
     from fqhw.cli import _compile_config
 
     cfg = _compile_config(args)
-    sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs)
+    sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs,
+                          reference=args.reference)
     res = side_by_side(sc)
     print(markdown(res), end="")
     print(f"wrote {res.out_dir}")

@@ -114,3 +114,22 @@ def test_from_dict_round_trip_and_unknown_knob():
     assert SyntheticDermConfig.from_dict(d) == cfg
     with pytest.raises(FqhwError, match="noise"):
         SyntheticDermConfig.from_dict({"nois_std": 1.0})
+
+
+def test_eval_splits_have_their_own_group_shares():
+    # training keeps the skewed shares; validation and test default to equal shares
+    cfg = SyntheticDermConfig(n_train=1000, n_val=600, n_test=1200, image_size=8)
+    s = generate(cfg)
+    assert np.allclose(np.bincount(s.train.groups, minlength=6) / 1000, cfg.group_shares, atol=0.002)
+    assert np.bincount(s.val.groups, minlength=6).tolist() == [100] * 6
+    assert np.bincount(s.test.groups, minlength=6).tolist() == [200] * 6
+    # the defaults resolve every group: at least 1000 test and 500 validation images each
+    d = SyntheticDermConfig()
+    assert min(d.n_test * x for x in d.eval_group_shares) >= 1000 - 1e-9
+    assert min(d.n_val * x for x in d.eval_group_shares) >= 500 - 1e-9
+    # None: the evaluation splits follow the training shares; the training split is the same either way
+    skew = generate(SyntheticDermConfig(n_train=1000, n_val=600, n_test=1000, image_size=8, eval_group_shares=None))
+    assert np.bincount(skew.test.groups, minlength=6).tolist() == [round(1000 * x) for x in cfg.group_shares]
+    assert np.array_equal(skew.train.images, s.train.images)
+    with pytest.raises(FqhwError, match="eval_group_shares"):
+        SyntheticDermConfig(eval_group_shares=(0.5, 0.5))

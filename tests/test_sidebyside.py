@@ -42,6 +42,18 @@ def test_methods_at_one_budget_and_resume(compiled, tmp_path, capsys):
     fqhw0 = next(r for r in res["runs"] if r["method"] == "fqhw" and r["seed"] == 0)
     assert fqhw0["baq"]["warm_start"] == {la["name"]: la["weight_bits"] for la in solver["layers"]}
 
+    # every test prediction is kept, and fqhw is compared with each other method on them
+    n_test = res["runs"][0]["test"]["n"]
+    assert all(len(r["test_pred"]) == n_test for r in res["runs"])
+    assert res["reference"] == "fqhw" and sorted(res["comparisons"]) == ["fairquantize", "fq_baq", "uniform4"]
+    assert sum(res["test_counts"].values()) == n_test
+    fq_worst = [r["test"]["worst_group_acc"] for r in res["runs"] if r["method"] == "fqhw"]
+    for m, c in res["comparisons"].items():
+        assert c["worst_group_ref"] == pytest.approx(sum(fq_worst) / len(fq_worst))
+        assert c["worst_group_method"] == pytest.approx(res["summary"][m]["worst_group_acc"]["mean"])
+        assert c["diff_ci"][0] <= c["diff"] <= c["diff_ci"][1] and 0 <= c["p_mcnemar"] <= c["p_holm"] <= 1
+    assert "Paired against" in md and set(res["group_ci"]) == set(methods.split(","))
+
     # a rerun reuses every (seed, method) result
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "again")]) == 0

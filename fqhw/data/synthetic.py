@@ -19,7 +19,9 @@ activation quantization erases first.
 Artefacts (each kind independently, at its own rate): hairs, ruler marks, vignetting and
 specular highlights. Everything is vectorised numpy, generated in chunks, and deterministic
 in `seed`; each split has its own random stream, so changing `n_test` leaves `train` as is.
-Within each split, the group counts follow `group_shares` exactly (largest remainder) and
+Within each split, the group counts follow the shares exactly (largest remainder): the
+training split `group_shares` (skewed like Fitzpatrick17k), the validation and test splits
+`eval_group_shares` (equal by default, 500 validation and 1000 test images per type), and
 classes are balanced within each group, so group and class are independent.
 
 The defaults were tuned so that the data set shows the effect fqhw exists to fix. Trained
@@ -87,18 +89,26 @@ PROTOTYPES = [
 MAX_CLASSES = len(PROTOTYPES)
 
 
+EQUAL_SHARES = tuple(1.0 / len(GROUP_NAMES) for _ in GROUP_NAMES)
+
+
 @dataclass(frozen=True)
 class SyntheticDermConfig:
     """Every knob of the generator. Defaults: 32x32 RGB, 4 classes, Fitzpatrick17k-like shares."""
 
     seed: int = 0
     n_train: int = 6000
-    n_val: int = 1500
-    n_test: int = 5000  # type VI gets 200: worst-group accuracy within about +-3 points
+    n_val: int = 3000  # 500 per type (eval_group_shares)
+    n_test: int = 6000  # 1000 per type: a group's accuracy within about +-2.8 points (95 %)
     image_size: int = 32
     num_classes: int = 4
-    # Share of each Fitzpatrick type I..VI (Fitzpatrick17k is light-heavy, type VI rare).
+    # Share of each Fitzpatrick type I..VI in the training split (Fitzpatrick17k is
+    # light-heavy, type VI rare): the under-representation that causes the problem.
     group_shares: tuple[float, ...] = (0.18, 0.30, 0.21, 0.17, 0.10, 0.04)
+    # Share of each type in the validation and test splits: equal by default, so that the
+    # rare groups' accuracies can be resolved (a skewed test set only hides the problem:
+    # 4 % of 5000 is 200 images, +-6.7 points at 95 %). None: the training shares.
+    eval_group_shares: tuple[float, ...] | None = EQUAL_SHARES
     # Lesion contrast factor per type I..VI (melanin masks the lesion): multiplies the pigment.
     contrast: tuple[float, ...] = (1.0, 0.85, 0.70, 0.48, 0.30, 0.20)
     # Share of each class (None: balanced).
@@ -157,6 +167,8 @@ def validate(cfg: SyntheticDermConfig) -> None:
     if not _is_int(cfg.num_classes) or not 2 <= cfg.num_classes <= MAX_CLASSES:
         fail(f"num_classes={cfg.num_classes!r} must be an integer from 2 to {MAX_CLASSES}")
     _check_shares("group_shares", cfg.group_shares, len(GROUP_NAMES), fail)
+    if cfg.eval_group_shares is not None:
+        _check_shares("eval_group_shares", cfg.eval_group_shares, len(GROUP_NAMES), fail)
     if cfg.class_shares is not None:
         _check_shares("class_shares", cfg.class_shares, cfg.num_classes, fail)
         if min(cfg.class_shares) <= 0:
@@ -401,9 +413,9 @@ def _rulers(cfg, rng, img, xx, yy, sc) -> None:
     img[idx] = img[idx] * (1 - alpha) + 20.0 * alpha
 
 
-def _make_split(cfg: SyntheticDermConfig, n: int, stream: int, chunk: int) -> GroupedImages:
+def _make_split(cfg: SyntheticDermConfig, n: int, stream: int, chunk: int, shares) -> GroupedImages:
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, stream]))
-    groups = np.repeat(np.arange(len(GROUP_NAMES)), _exact_counts(n, cfg.group_shares))
+    groups = np.repeat(np.arange(len(GROUP_NAMES)), _exact_counts(n, shares))
     class_shares = cfg.class_shares or [1.0 / cfg.num_classes] * cfg.num_classes
     labels = np.empty(n, dtype=np.int64)
     # classes balanced within each group (so group and class are independent, as in a
@@ -425,10 +437,11 @@ def generate(cfg: SyntheticDermConfig | None = None) -> DataSplits:
     cfg = cfg or SyntheticDermConfig()
     validate(cfg)
     chunk = max(64, (1 << 22) // (cfg.image_size * cfg.image_size))  # bounded memory for any size
+    eval_shares = cfg.group_shares if cfg.eval_group_shares is None else cfg.eval_group_shares
     return DataSplits(
-        train=_make_split(cfg, cfg.n_train, 0, chunk),
-        val=_make_split(cfg, cfg.n_val, 1, chunk),
-        test=_make_split(cfg, cfg.n_test, 2, chunk),
+        train=_make_split(cfg, cfg.n_train, 0, chunk, cfg.group_shares),
+        val=_make_split(cfg, cfg.n_val, 1, chunk, eval_shares),
+        test=_make_split(cfg, cfg.n_test, 2, chunk, eval_shares),
         name="synthetic-derm",
     )
 

@@ -1,4 +1,4 @@
-"""Accuracy per group and the group-fairness metrics FairQuant reports. Pure numpy.
+"""Accuracy per group and the group-fairness metrics FairQuant reports (numpy; statsmodels for the intervals).
 
 Definitions (G groups, C classes; a "group" is a demographic group such as a skin type):
 
@@ -21,6 +21,8 @@ Definitions (G groups, C classes; a "group" is a demographic group such as a ski
 - dp_gap: demographic parity gap for class dp_class, max_g - min_g of P(pred = dp_class | g)
   (dp_gap_per_class has it for every class).
 
+- group_acc_ci95[g]: the 95 % Wilson score interval of group_acc[g] (fqhw.fairness.stats).
+
 Every metric is a fraction in [0, 1] (not percent); an undefined one is None.
 """
 from __future__ import annotations
@@ -37,6 +39,13 @@ def _gap(values: np.ndarray) -> float | None:
 def _mean(values: list) -> float | None:
     v = [x for x in values if x is not None]
     return float(np.mean(v)) if v else None
+
+
+def _ci(correct, n) -> list[float] | None:
+    from fqhw.fairness.stats import wilson_interval
+
+    ci = wilson_interval(int(round(correct)), int(n))
+    return None if ci is None else list(ci)
 
 
 def _nan_to_none(a: np.ndarray) -> list:
@@ -106,6 +115,8 @@ def group_metrics(
         "overall_acc": float(correct.mean()),
         "group_n": {g: int(n_g[i]) for i, g in enumerate(group_names)},
         "group_acc": {g: (None if np.isnan(acc_g[i]) else float(acc_g[i])) for i, g in enumerate(group_names)},
+        # 95 % Wilson score interval of each group's accuracy (fqhw.fairness.stats)
+        "group_acc_ci95": {g: _ci(corr_g[i], n_g[i]) for i, g in enumerate(group_names)},
         "mean_group_acc": mean_acc,
         "worst_group_acc": float(acc_g[worst_i]),
         "worst_group": group_names[worst_i],

@@ -42,6 +42,9 @@ _ENTRIES: dict[str, ModelEntry] = {
     e.name: e
     for e in (
         ModelEntry("fqcnn", "cnn", "fqhw's FINN-friendly Conv-BN-ReLU-MaxPool CNN (the default)", min_image_size=2),
+        # FINN's BNN-PYNQ CNV (fqhw.models.cnn.cnv_config); width=0.25 .. 1 scales its channels
+        ModelEntry("cnv", "cnn", "FINN's CNV: six 3x3 convs 64-64-128-128-256-256, FC 512-512 (model arg width)",
+                   min_image_size=32),
         ModelEntry("resnet18", "resnet", "timm ResNet-18 (BasicBlock x [2, 2, 2, 2])", "resnet18", min_image_size=32),
         ModelEntry("resnet50", "resnet", "timm ResNet-50 (Bottleneck x [3, 4, 6, 3])", "resnet50", min_image_size=32),
         # patch 16: the image side must be a multiple of 16
@@ -84,6 +87,26 @@ def _timm_factory(entry: ModelEntry) -> Callable[..., nn.Module]:
     return build
 
 
+def cnn_config(name: str, num_classes: int, image_size: int, **kwargs):
+    """The CNNConfig of a registry CNN (fqcnn: CNNConfig fields as kwargs; cnv: `width`);
+    a bad argument is one FqhwError line naming the model."""
+    from fqhw.models.cnn import CNNConfig, cnv_config
+
+    cfg_kw = dict(kwargs)
+    for k in ("channels", "kernels", "pools"):
+        if k in cfg_kw and cfg_kw[k] is not None:
+            cfg_kw[k] = tuple(int(c) for c in cfg_kw[k])
+    try:
+        if name == "cnv":
+            unknown = sorted(set(cfg_kw) - {"width"})
+            if unknown:
+                raise ValueError(f"unknown argument(s) {', '.join(unknown)}: cnv takes --model-arg width=W only")
+            return cnv_config(num_classes, image_size, **cfg_kw)
+        return CNNConfig(in_channels=3, image_size=image_size, num_classes=num_classes, **cfg_kw)
+    except (TypeError, ValueError) as e:
+        raise FqhwError(f"{name}: {e}") from None
+
+
 def create(name: str, num_classes: int, image_size: int, checkpoint=None, **kwargs) -> nn.Module:
     """The model `name` for `num_classes` classes and square RGB inputs of side `image_size`,
     in eval mode, with random weights or, given `checkpoint` (a local file saved with
@@ -103,15 +126,9 @@ def create(name: str, num_classes: int, image_size: int, checkpoint=None, **kwar
         if image_size % patch:
             raise FqhwError(f"{name}: image size {image_size} must be a multiple of the patch size {patch}")
     if entry.family == "cnn":
-        from fqhw.models.cnn import CNNConfig, FairCNN
+        from fqhw.models.cnn import FairCNN
 
-        cfg_kw = dict(kwargs)
-        if "channels" in cfg_kw:
-            cfg_kw["channels"] = tuple(int(c) for c in cfg_kw["channels"])
-        try:
-            model = FairCNN(CNNConfig(in_channels=3, image_size=image_size, num_classes=num_classes, **cfg_kw))
-        except (TypeError, ValueError) as e:
-            raise FqhwError(f"{name}: {e}") from None
+        model = FairCNN(cnn_config(name, num_classes, image_size, **kwargs))
     else:
         try:
             model = _timm_factory(entry)(num_classes, image_size, **kwargs)

@@ -46,7 +46,7 @@ from torch import nn
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.errors import FqhwError
-from fqhw.models.cnn import FairCNN
+from fqhw.models.cnn import FairCNN, copy_pool
 from fqhw.units import parse_unit
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class GroupedQuantFairCNN(nn.Module):
                 raise FqhwError(f"layer features.{i}.conv needs act_bits (its ReLU is quantized)")
             fconv: nn.Conv2d = fblock.conv
             relu = QuantReLU(act_quant=ActQuant, bit_width=lg.act_bits, return_quant_tensor=True)
-            pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
+            pool = copy_pool(fblock.pool)
             bn_args = dict(eps=fblock.bn.eps, momentum=fblock.bn.momentum)
             if not lg.grouped:
                 la = lg.units[0]

@@ -54,7 +54,7 @@ from torch import nn
 from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
-from fqhw.models.cnn import FairCNN
+from fqhw.models.cnn import FairCNN, copy_pool
 from fqhw.quant.layers import InputQuant, QuantLayer, int_codes, quant_conv_like
 from fqhw.quant.qmodel import trace_codes
 
@@ -159,7 +159,7 @@ class Po2FairCNN(nn.Module):
                 raise FqhwError(f"layer {name}: act_bits={lg.act_bits}; its ReLU output needs a width in 2..16")
             fconv: nn.Conv2d = fblock.conv
             relu = QuantReLU(act_quant=act_quant, bit_width=lg.act_bits, return_quant_tensor=True)
-            pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
+            pool = copy_pool(fblock.pool)
             if lg.grouped:
                 part = group_conv_geometry(fconv, len(lg.units))
                 convs = [quant_conv_like(part, la.weight_bits, weight_quant, bias=True, bias_quant=Po2BiasQuant) for la in lg.units]

@@ -43,7 +43,7 @@ from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
 from fqhw.intcodes import INT_TOL
-from fqhw.models.cnn import FairCNN
+from fqhw.models.cnn import FairCNN, copy_pool
 from fqhw.quant.layers import ActQuant, InputQuant, QuantLayer, WeightQuant, int_codes, quant_conv_like
 
 
@@ -76,7 +76,7 @@ class QuantFairCNN(nn.Module):
             conv = quant_conv_like(fconv, la.weight_bits)
             bn = nn.BatchNorm2d(fblock.bn.num_features, eps=fblock.bn.eps, momentum=fblock.bn.momentum)
             relu = QuantReLU(act_quant=ActQuant, bit_width=la.act_bits, return_quant_tensor=True)
-            pool = nn.MaxPool2d(fblock.pool.kernel_size, stride=fblock.pool.stride)
+            pool = copy_pool(fblock.pool)
             blocks.append(nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=relu, pool=pool)))
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()

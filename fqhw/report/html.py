@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from fqhw.report import plots
-from fqhw.report.report import MODEL_ROWS, solver_line
+from fqhw.report.report import MODEL_ROWS, group_cell, solver_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
@@ -56,7 +56,8 @@ def render(report: dict) -> str:
         _table(["model", "overall", "mean group", "worst group", "gap", "balanced", "EOpp0", "EOpp1", "EOdd", "DP gap"], fair_rows),
         _img(plots.group_accuracy(report), "accuracy per group"),
         _table(["model"] + [f"{g} (n={acc['float']['group_n'].get(g, 0)})" for g in report["data"]["groups"]],
-               [[label] + [_pct(acc[key]["group_acc"].get(g)) for g in report["data"]["groups"]] for key, label in MODEL_ROWS if key in acc]),
+               [[label] + [group_cell(acc[key], g) for g in report["data"]["groups"]] for key, label in MODEL_ROWS if key in acc]),
+        "<p>Per group: accuracy [95 % Wilson interval].</p>",
         "<h2>Allocation</h2>",
         f"<p>Average weight width {alloc['avg_weight_bits']:.3f} bits (budget {report['budget']:g}). {html.escape(solver_line(solver))}.</p>",
         _img(plots.layer_widths(report), "widths per layer"),

@@ -74,6 +74,13 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def group_cell(m: dict, group: str) -> str:
+    """A group's accuracy with its 95 % Wilson interval, in percent: "74.2 [71.4, 76.8]"."""
+    ci = m.get("group_acc_ci95", {}).get(group)
+    acc = _pct(m["group_acc"].get(group))
+    return acc if ci is None else f"{acc} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def solver_line(solver: dict) -> str:
     """The solver's verdict; when a time limit stopped a stage short of a proof, the best
     allocation found was used and how far it may be from the optimum is said."""
@@ -100,6 +107,9 @@ def markdown(report: dict) -> str:
         "",
         "## Accuracy on the test split (%)",
         "",
+        "Per group: accuracy [95 % Wilson interval]; test images per group: "
+        + ", ".join(f"{g} {acc['float']['group_n'].get(g, 0)}" for g in groups if "float" in acc) + ".",
+        "",
         "| model | overall | mean group | worst group | gap | " + " | ".join(groups) + " |",
         "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in groups) + " |",
     ]
@@ -107,7 +117,7 @@ def markdown(report: dict) -> str:
         m = acc.get(key)
         if m is None:
             continue
-        per = [_pct(m["group_acc"].get(g)) for g in groups]
+        per = [group_cell(m, g) for g in groups]
         lines.append(
             f"| {label} | {_pct(m['overall_acc'])} | {_pct(m['mean_group_acc'])} | {_pct(m['worst_group_acc'])} ({m['worst_group']}) "
             f"| {_pct(m['gap_mean_worst'])} | " + " | ".join(per) + " |"
