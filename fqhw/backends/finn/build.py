@@ -16,7 +16,8 @@ groups), each a function `step(model, cfg) -> model`:
     apply_folding             PE / SIMD from the Allocation; sliding windows etc. folded as
                               the FINN cost model's layer_units() says
     minimize_bit_width
-    check_dataflow            no Shuffle, no non-HW node inside the partition
+    check_dataflow            no Shuffle, no non-HW node inside the partition (a check:
+                              no model saved)
     estimates                 res_estimation, exp_cycles_per_layer, dataflow_performance
 
 and then threshold_check (fqhw: FINN's integer thresholds vs float64 ones from the QONNX

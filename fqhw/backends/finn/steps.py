@@ -27,15 +27,19 @@ from fqhw.backends.finn.transforms import InputQuantToCodes
 from fqhw.errors import FqhwError
 
 STEPS: dict[str, Callable] = {}  # name -> step(model, cfg) -> model
+CHECKS: set[str] = set()  # steps that only check the model: run_steps saves nothing after them
 
 
-def finn_step(name: str):
-    """Register a step function under `name` (names are unique)."""
+def finn_step(name: str, check: bool = False):
+    """Register a step function under `name` (names are unique); `check`: it returns the
+    model it was given, and the loop records nothing after it."""
 
     def register(fn):
         if name in STEPS:
             raise ValueError(f"FINN step {name!r} is registered twice")
         STEPS[name] = fn
+        if check:
+            CHECKS.add(name)
         return fn
 
     return register
@@ -56,14 +60,15 @@ class FinnFlow:
 
 
 def run_steps(model, names: list[str], cfg: FinnFlow, record: Callable | None = None):
-    """Run the steps `names` in order; after each, record(name, model, t0) (t0: when it started)."""
+    """Run the steps `names` in order; after each (but a check), record(name, model, t0)
+    (t0: when it started)."""
     unknown = [n for n in names if n not in STEPS]
     if unknown:
         raise FqhwError(f"unknown FINN step(s) {', '.join(unknown)}; known: {', '.join(sorted(STEPS))}")
     for name in names:
         t0 = time.perf_counter()
         model = STEPS[name](model, cfg)
-        if record is not None:
+        if record is not None and name not in CHECKS:
             record(name, model, t0)
     return model
 
@@ -302,9 +307,9 @@ def step_create_dataflow_partition_residual(model, cfg):
     return _partition(model, cfg)
 
 
-@finn_step("check_dataflow")
+@finn_step("check_dataflow", check=True)
 def step_check_dataflow(model, cfg):
-    """Refuses a dataflow graph with a Shuffle or a non-HW node inside."""
+    """Refuses a dataflow graph with a Shuffle or a non-HW node inside (a check: nothing saved)."""
     if model.get_nodes_by_op_type("Shuffle"):
         raise FqhwError("the dataflow graph contains a Shuffle (a transpose inside the accelerator)")
     non_hw = [f"{n.name} ({n.op_type})" for n in model.graph.node if not is_hw(n)]
