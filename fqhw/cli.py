@@ -252,7 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C at any point, the imports included, is one line and exit code 130. So is any
+    error raised after it: a library that swallows the KeyboardInterrupt in the middle of an
+    import (torch's lazy submodules) leaves a half-imported module whose next use fails."""
+    global _interrupted
+    import signal
+    import threading
+
+    _interrupted = False
+    here = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, _on_sigint) if here else None
+    try:
+        return _main(argv)
+    except BaseException as e:
+        if not (_interrupted or isinstance(e, KeyboardInterrupt)) or isinstance(e, SystemExit):
+            raise
+        print("fqhw: interrupted; no output was written", file=sys.stderr)
+        return 130
+    finally:
+        if here:
+            signal.signal(signal.SIGINT, before)
+
+
+def _main(argv: list[str] | None) -> int:
     import logging
     import warnings
 
@@ -279,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fqhw: error: {e.strerror or e} ({e.filename}): check the path, or choose another --out / --cache-dir", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fqhw: interrupted; no output was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

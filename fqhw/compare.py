@@ -242,6 +242,19 @@ def _resolve_targets(targets) -> list:
     return out
 
 
+def _check_budgets(budgets, resolved: list) -> list[float] | None:
+    """The Pareto front's budgets, a repeated one dropped; FqhwError for an empty list or
+    several targets."""
+    if budgets is None:
+        return None
+    budgets = list(dict.fromkeys(float(b) for b in budgets))
+    if len(resolved) != 1:
+        raise FqhwError(f"--budgets draws a Pareto front for one target, got {len(resolved)}: pass one target with --targets")
+    if not budgets:
+        raise FqhwError("--budgets is empty: pass e.g. --budgets 3,4,5,6")
+    return budgets
+
+
 def compare(
     net,
     sens,
@@ -281,12 +294,7 @@ def compare(
         from fqhw.flow import check_writable
 
         check_writable(Path(out_dir), markers=("compare.json", "pareto.json"))
-    if budgets is not None:
-        budgets = [float(b) for b in budgets]
-        if len(resolved) != 1:
-            raise FqhwError(f"--budgets draws a Pareto front for one target, got {len(resolved)}: pass one target with --targets")
-        if not budgets:
-            raise FqhwError("--budgets is empty: pass e.g. --budgets 3,4,5,6")
+    budgets = _check_budgets(budgets, resolved)
     res = CompareResult(
         network=net.name, mode="pareto" if budgets is not None else "targets", targets=[t for t, _ in resolved],
         budget=None if budgets is not None else float(budget), budgets=budgets or [], objectives=objectives,
@@ -606,6 +614,7 @@ def cmd_compare(args) -> int:
     if args.budget is not None and args.budgets is not None:
         raise FqhwError("pass --budget (a cross table) or --budgets (a Pareto front), not both")
     edge = None if str(args.edge_bits).lower() == "none" else _int_flag(args.edge_bits, "--edge-bits")
+    _check_budgets(args.budgets, _resolve_targets(args.targets))  # before load_inputs, which may train
     cfg = _compile_config(args) if args.network is None else None
     net, sens, source = load_inputs(args.network, args.sensitivity, cfg)
     res = compare(

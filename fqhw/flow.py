@@ -10,6 +10,7 @@ the previous one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -37,8 +38,8 @@ from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import NetworkSpec, network_spec
-from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json
-from fqhw.stepcache import StepCache, file_digest, input_key
+from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, write_manifest
+from fqhw.stepcache import StepCache, check_cache_writable, check_folder_writable, file_digest, input_key
 
 BIT_RANGE = (2, 8)
 DEFAULT_CHANNELS = (16, 32, 64)  # the default CNN's
@@ -137,6 +138,8 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     if cfg.verify_images < 1:
         raise FqhwError("--verify-images must be at least 1")
     check_writable(cfg.out_dir, markers)
+    if cfg.cache_dir is not None:
+        check_cache_writable(cfg.cache_dir)
     if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
         get_backend("finn").check_synth_tools(_shell_flow(cfg.target))
     if cfg.checkpoint is not None:
@@ -223,19 +226,20 @@ def _allocation_net(cfg: CompileConfig, net: NetworkSpec) -> NetworkSpec:
     return split_channel_groups(net, {s.name: cfg.channel_groups for s in net.layers[1:] if s.kind == "conv"})
 
 
+def out_folder(out_dir) -> Path:
+    """The folder --out names, absolute; a symlink's target (the link stays, the target is
+    replaced: the staging folder is made beside it, on its file system)."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.resolve() if out_dir.is_symlink() else out_dir
+
+
 def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -> None:
     """The folder can be written and may be replaced: it is absent, empty, or an earlier
     output of the same command (it holds one of `markers`)."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = out_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
-    parent = out_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is a file, not a folder): choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FqhwError(f"output folder {out_dir} cannot be written ({parent} is not writable): choose another --out")
+    check_folder_writable(out_dir, out_dir.parent, "output folder", "--out")
     if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
         raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
     # A successful compile replaces the output folder whole: only ever replace an earlier
@@ -258,7 +262,12 @@ class FloatModel:
     key: str = ""  # hash of everything the weights depend on (data, model, training, file)
 
 def step_data(cfg: CompileConfig) -> DataSplits:
-    return load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
+    from fqhw.data.images import require_coverage
+
+    splits = load_data(cfg.data_spec, image_size=cfg.data.image_size, seed=cfg.seed, builtin=cfg.data)
+    if cfg.data_spec != "builtin":  # the built-in set covers every group and class by construction
+        require_coverage(splits, cfg.data_spec.partition(":")[0].strip().lower())
+    return splits
 
 def _data_fingerprint(spec: str) -> list:
     """Absolute paths, sizes and modification times of the files a real data spec names, so
@@ -630,7 +639,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
     if not dist.is_main():  # under torchrun: the other ranks train with rank 0 and write nothing
         cfg = dataclasses.replace(cfg, progress=False, verbose=False)
     validate(cfg)
-    out_dir = Path(cfg.out_dir).absolute()
+    out_dir = out_folder(cfg.out_dir)
     try:
         work = staging_folder(out_dir) if dist.is_main() else Path(tempfile.mkdtemp(prefix="fqhw-rank"))
     except OSError as e:
@@ -655,15 +664,18 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         key = result = None
         if inputs is not None:
             key = cache.key(name, inputs)
-            result = cache.get(name, key, load)
-        reused = result is not None
-        if ranks == "all" and dist.from_main(reused) != reused:
-            raise FqhwError(f"rank {dist.rank()} and rank 0 disagree on reusing step {name}: give every rank the same --cache-dir")
-        _progress(cfg, len(timings), name, reused or stored)
-        if not reused:
-            result = fn(*args)
-            if key is not None and dist.is_main():
-                cache.put(name, key, inputs, lambda folder: write(result, folder))
+        # another run on the same cache computing this entry: wait for it, then reuse it
+        with cache.lock(name, key) if key is not None and dist.is_main() else contextlib.nullcontext():
+            if key is not None:
+                result = cache.get(name, key, load)
+            reused = result is not None
+            if ranks == "all" and dist.from_main(reused) != reused:
+                raise FqhwError(f"rank {dist.rank()} and rank 0 disagree on reusing step {name}: give every rank the same --cache-dir")
+            _progress(cfg, len(timings), name, reused or stored)
+            if not reused:
+                result = fn(*args)
+                if key is not None and dist.is_main():
+                    cache.put(name, key, inputs, lambda folder: write(result, folder))
         timings[name] = round(time.perf_counter() - t0, 3)
         steps[name] = {"seconds": timings[name], "reused": reused, "key": key}
         if cfg.verbose:
@@ -767,6 +779,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps, baq=None if baq is None else baq.summary,
         )
         write_report(report, work)
+        write_manifest(work)  # last: what fqhw simulate checks the folder against
         swap_in(work, out_dir)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)

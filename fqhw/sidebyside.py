@@ -34,7 +34,8 @@ validation). BAQ itself runs at the fixed settings (its projection reads no test
 QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
 by its inputs, so an interrupted run resumes.
 
-Every record keeps each test image's prediction, so that fqhw (--reference) is compared with
+Every record keeps each test image's prediction, so that fqhw (--reference, by default
+fqhw_qat: what `fqhw compile` deploys) is compared with
 every other method image by image (fqhw.fairness.stats: Wilson intervals per group, the
 paired difference in worst-group accuracy with a bootstrap interval over seeds and images,
 the exact McNemar test on the worst group, Holm-adjusted over the methods).
@@ -95,8 +96,8 @@ class SideBySideConfig:
     out_dir: Path = Path("fqhw-sidebyside")
     baq_epochs: int = 3
     bitrate_lambda: float = 2.0
-    # the method every other one is compared with, image by image; None: fqhw, else fqhw_qat
-    # when they run (with neither, no comparison)
+    # the method every other one is compared with, image by image; None: fqhw_qat (what
+    # `fqhw compile` deploys), else fqhw, when they run (with neither, no comparison)
     reference: str | None = None
 
 
@@ -128,6 +129,12 @@ def _check(sc: SideBySideConfig) -> None:
         raise FqhwError(f"unknown method(s) {', '.join(unknown)}: known methods are {', '.join(METHODS)}")
     if not sc.seeds:
         raise FqhwError("--seeds is empty: pass e.g. --seeds 0,1,2")
+    if not sc.methods:
+        raise FqhwError(f"--methods is empty: pass some of {', '.join(METHODS)}")
+    for what, values in (("seed", sc.seeds), ("method", sc.methods)):  # a repeat would count twice in the mean
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            raise FqhwError(f"{what} {', '.join(twice)} is given twice: list each {what} once")
     if sc.baq_epochs < 1:
         raise FqhwError("--baq-epochs must be at least 1")
     if sc.reference is not None and sc.reference not in sc.methods:
@@ -280,7 +287,7 @@ def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
                 found[name] = _stored_allocation(got.value)
             res.runs.append(got.value)
     res.summary = summarize(res.runs, list(sc.methods))
-    reference = sc.reference or next((m for m in ("fqhw", "fqhw_qat") if m in sc.methods), None)
+    reference = sc.reference or next((m for m in ("fqhw_qat", "fqhw") if m in sc.methods), None)
     if same_test:
         add_statistics(res, splits.test, reference)
     elif base.progress:
@@ -425,7 +432,7 @@ def add_sidebyside_parser(subparsers) -> None:
     p.add_argument("--baq-epochs", type=int, default=3, help="BAQ epochs (default 3)")
     p.add_argument("--fairness-lambda", type=float, default=None, help="weight of max-min group loss in QAT and BAQ")
     p.add_argument("--edge-bits", default=None, type=_edge_bits, metavar="BITS|none", help="pin first/last layer weight bits, or 'none' (default 8)")
-    p.add_argument("--reference", default=None, help="the method every other is compared with, image by image (default fqhw, else fqhw_qat)")
+    p.add_argument("--reference", default=None, help="the method every other is compared with, image by image (default fqhw_qat, what fqhw compile deploys; else fqhw)")
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
     _add_common(p)

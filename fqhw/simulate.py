@@ -95,6 +95,15 @@ def _config_fields(root: Path) -> dict:
         return {}
 
 
+def _build_classes(root: Path) -> list[str] | None:
+    """The sorted class names of the data the build was compiled on (its data.json), or None
+    when the folder has no readable data.json."""
+    try:
+        return sorted(json.loads((root / "data.json").read_text())["train"]["per_class"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def locate_build(build_dir) -> BuildFolder:
     """The compile output folder `build_dir` is (or is the finn/ or hls4ml/ folder of)."""
     p = Path(build_dir)
@@ -125,7 +134,20 @@ def locate_build(build_dir) -> BuildFolder:
 
 def _simulator(folder: BuildFolder):
     """(IntegerSimulator, its source): FINN's dataflow graph where there is one, else the
-    power-of-two QONNX file of an hls4ml build."""
+    power-of-two QONNX file of an hls4ml build. A file of the build that cannot be read (a
+    folder without manifest.json, damaged) is one FqhwError line."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return _read_simulator(folder)
+    except (OSError, ValueError, KeyError, DecodeError, AssertionError) as e:
+        if isinstance(e, AssertionError) and "not found" not in str(e):  # qonnx's ModelWrapper asserts the file exists
+            raise
+        raise FqhwError(f"the build in {folder.root} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                        "the folder is damaged; re-run fqhw compile") from None
+
+
+def _read_simulator(folder: BuildFolder):
     from fqhw.backends.intsim import IntegerSimulator
 
     if folder.finn_kind == "result":
@@ -164,7 +186,17 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
     from fqhw.backends.verify import check_bit_exact
     from fqhw.fairness.metrics import group_metrics
 
+    from fqhw.outputs import check_manifest
+
     folder = locate_build(build_dir)
+    notes: list[str] = []
+    if not check_manifest(folder.root):
+        notes.append("the folder has no manifest.json (an older fqhw, or deleted): its files were not checked against the compile")
+    built_for = _build_classes(folder.root)
+    if built_for is not None and sorted(data.class_names) != built_for:
+        raise FqhwError(f"the data's classes ({', '.join(data.class_names)}) are not the ones the build was compiled for "
+                        f"({', '.join(built_for)}, {folder.root / 'data.json'}): its outputs would be read as the wrong classes; "
+                        "pass data with exactly those classes")
     sim, source = _simulator(folder)
     per_image = int(np.prod(sim.in_shape[1:]))
     if int(np.prod(data.images.shape[1:])) != per_image:
@@ -182,7 +214,7 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
     pred = np.argmax(logits, axis=1).astype(np.int64)
     metrics = group_metrics(data.labels, pred, data.groups, data.group_names, data.num_classes)
 
-    bitexact, backends, notes = None, [], []
+    bitexact, backends = None, []
     n = min(int(cross_check), len(data))
     if n > 0:
         x = data.images[:n].astype(np.float64) * INPUT_SCALE
@@ -236,7 +268,10 @@ def build_test_data(build_dir, spec: str | None = None, split: str = "test") -> 
     path = folder.root / "config.json"
     if not path.exists():
         raise FqhwError(f"{path} is missing: the test data cannot be regenerated; pass the folder fqhw compile --out wrote")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise FqhwError(f"{path} cannot be read ({e}): the folder is damaged; re-run fqhw compile") from None
     known = {f for f in CompileConfig.__dataclass_fields__}
     unknown = sorted(set(cfg) - known)
     if unknown:

@@ -10,13 +10,21 @@ and renamed into place only once complete (a rename within one file system is at
 killed at any moment (Ctrl-C, SIGKILL, a full disk) therefore leaves either a whole entry or
 none: never one that a later run would trust half-written. An entry that cannot be read
 (e.g. written by an older fqhw whose classes changed) is recomputed and replaced.
+
+Several runs may share one cache folder at once: each step's entry is looked up, computed
+and stored under a file lock (cache_dir/locks/STEP-KEY.lock, the `filelock` package), so a
+second run that needs the same entry waits for the first (saying so on stderr) and then
+reuses it; runs that need different entries do not wait for each other. The operating
+system drops the lock of a killed process, so a `kill -9` never leaves a run waiting.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +75,29 @@ class StepCache:
             raise ValueError("the step cache is off")
         return self.root / step / key
 
+    @contextlib.contextmanager
+    def lock(self, step: str, key: str):
+        """Held while the entry (step, key) is looked up, computed and stored (see the module
+        docstring); a no-op when the cache is off."""
+        if self.root is None:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        folder = self.root.parent / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / f"{step}-{key}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"fqhw: waiting for another fqhw run that is computing step {step} in {self.root.parent} ...",
+                  file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def has(self, step: str, key: str) -> bool:
         """Whether a whole entry is stored (it may still fail to load: `get` says)."""
         return self.root is not None and (self.entry(step, key) / _DONE).is_file()
@@ -116,18 +147,38 @@ class StepCache:
         from fqhw.models import distributed as dist
 
         key = self.key(step, inputs)
-        value = self.get(step, key, load)
-        # Under torchrun every rank runs the step together (training under DDP): rank 0's
-        # view of the cache decides for all, only rank 0 writes, and the others wait for it.
-        if dist.from_main(value is not None):
-            if value is None:
-                raise FqhwError(f"rank {dist.rank()} cannot read {self.entry(step, key)}, which rank 0 reused: give every rank the same --cache-dir")
-            return Cached(value, key, True)
-        value = compute()
-        if dist.is_main():
-            self.put(step, key, inputs, lambda folder: write(value, folder))
-        dist.barrier()
+        with self.lock(step, key) if dist.is_main() else contextlib.nullcontext():  # rank 0 locks for all
+            value = self.get(step, key, load)
+            # Under torchrun every rank runs the step together (training under DDP): rank 0's
+            # view of the cache decides for all, only rank 0 writes, and the others wait for it.
+            if dist.from_main(value is not None):
+                if value is None:
+                    raise FqhwError(f"rank {dist.rank()} cannot read {self.entry(step, key)}, which rank 0 reused: give every rank the same --cache-dir")
+                return Cached(value, key, True)
+            value = compute()
+            if dist.is_main():
+                self.put(step, key, inputs, lambda folder: write(value, folder))
+            dist.barrier()
         return Cached(value, key, False)
+
+
+def check_cache_writable(root) -> None:
+    """FqhwError, before any work, when the cache folder (or the folder it would be made in)
+    cannot be written: every step stores its entry, and its lock, there."""
+    root = Path(root).absolute()
+    check_folder_writable(root, root, "cache folder", "--cache-dir")
+
+
+def check_folder_writable(path: Path, start: Path, what: str, flag: str) -> None:
+    """FqhwError naming `path` unless `start`, or the nearest folder above it that exists, is a
+    folder this process may write (`flag`: the option that names another place)."""
+    p = start
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise FqhwError(f"{what} {path} cannot be written ({p} is a file, not a folder): choose another {flag}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise FqhwError(f"{what} {path} cannot be written ({p} is not writable): choose another {flag}")
 
 
 def _sweep_dead(folder: Path) -> None:

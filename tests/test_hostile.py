@@ -181,7 +181,7 @@ def test_csv_single_class(tmp_path, inputs):
     compile_fails(tmp_path, "--data", spec, needle="only 1 class (benign) left after filtering")
 
 
-def _image_csv(inputs, n=12):
+def _image_csv(inputs, n=24):  # 6 rows per (group, class): every group in every split
     return _csv(inputs, "image,label,group", [f"img{i}.png,{'ab'[i % 2]},{'fm'[(i // 2) % 2]}" for i in range(n)])
 
 

@@ -715,6 +715,10 @@ def _solve(
     elif m.HasObjective():
         m.ClearObjective()
     solver = cp_model.CpSolver()
+    # CP-SAT's own Ctrl-C handler is left as SIG_DFL after Solve: a later Ctrl-C would kill
+    # the process with no message and no clean-up. Python's handler stays (Ctrl-C during a
+    # solve then takes effect when it returns, within the time limit).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.max_time_in_seconds = max(0.05, float(time_limit))
     solver.parameters.num_workers = max(1, int(workers))
     solver.parameters.random_seed = int(seed)

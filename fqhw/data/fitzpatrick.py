@@ -103,5 +103,6 @@ def load_fitzpatrick17k(
         fractions=fractions,
         limit=limit,
         info=info,
+        rows=[f"{csv_path} line {line}" for line, *_ in kept],
         group_hint=f"{dropped} rows of unknown skin type were dropped; check the {type_col} column",
     )

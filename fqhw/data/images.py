@@ -6,12 +6,19 @@ The loaders (fitzpatrick, isic, csvfolder) only turn their own CSV layout into r
 
 Images are centre-cropped to a square (lesions are centred; a crop keeps the aspect ratio),
 resized with Pillow's antialiasing bilinear filter to image_size x image_size, converted to
-RGB and stored as uint8 N x 3 x H x W, as the built-in set is.
+RGB and stored as uint8 N x 3 x H x W, as the built-in set is. Conversions: grayscale is
+copied to the three channels, an alpha channel is dropped (the colour values are kept, not
+blended), a 16-bit image keeps its high byte (value // 256). Refused, each with the file and
+its CSV line: a file Pillow cannot decode (empty, truncated, not an image), an image smaller
+than MIN_SIDE px on a side (nothing to resize from) or of more than Pillow's
+Image.MAX_IMAGE_PIXELS (its decompression-bomb limit, checked before decoding), a
+floating-point image, and a name that leads outside the image folder (absolute, or `..`).
 """
 from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +28,7 @@ from ..errors import FqhwError
 from .dataset import DataSplits, GroupedImages
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+MIN_SIDE = 8  # px: the smallest --data-image-size; a smaller picture is a placeholder, not a lesion
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -105,6 +113,10 @@ def find_image(folder: Path, name: str, source: str, where: str) -> Path:
     """folder/name if it exists; else folder/name + .jpg/.jpeg/.png; else FqhwError."""
     if not name:
         fail(source, f"{where}: empty image name; fill it in or remove the row")
+    inside = os.path.normpath(folder / name)
+    if Path(name).is_absolute() or not Path(inside).is_relative_to(os.path.normpath(folder)):
+        fail(source, f"{where}: image {name!r} is outside the image folder {folder}; "
+                     "give names relative to that folder (no absolute path, no '..'), or pass the folder that holds them")
     base = folder / name
     if Path(name).suffix.lower() in IMAGE_EXTS and base.is_file():
         return base
@@ -119,30 +131,54 @@ def find_image(folder: Path, name: str, source: str, where: str) -> Path:
     raise AssertionError  # unreachable
 
 
-def read_image(path: Path, image_size: int, source: str) -> np.ndarray:
-    """One image as uint8 3 x S x S: centre square crop, antialiased resize, RGB."""
+def _to_rgb(im, path: Path, source: str, where: str):
+    """A decoded image in RGB (see the module docstring for the conversions)."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # 16-bit ("I;16", or "I" as some Pillow versions open it)
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+        im = Image.fromarray(arr.astype(np.uint8), "L")
+    elif im.mode == "F":
+        fail(source, f"{where}image {path} holds floating-point pixels; save it as an 8- or 16-bit image or remove its row")
+    return im.convert("RGB")
+
+
+def read_image(path: Path, image_size: int, source: str, where: str = "") -> np.ndarray:
+    """One image as uint8 3 x S x S: centre square crop, antialiased resize, RGB.
+    `where` ("CSV line N") goes into the error."""
     from PIL import Image, UnidentifiedImageError
 
+    where = f"{where}: " if where else ""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+            if w * h > Image.MAX_IMAGE_PIXELS:  # Pillow only warns below twice its limit
+                raise Image.DecompressionBombError(f"{w} x {h} = {w * h} px")
+            if min(w, h) < MIN_SIDE:
+                fail(source, f"{where}image {path} is {w} x {h} px, smaller than {MIN_SIDE} px on a side: "
+                             "replace it with the full-size picture or remove its row")
             # JPEG: let the decoder downscale by 1/2..1/8 first (much faster for big photos)
             im.draft("RGB", (image_size * 2, image_size * 2))
             im.load()  # raises on truncated or corrupt data
-            im = im.convert("RGB")
+            im = _to_rgb(im, path, source, where)
             w, h = im.size
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        size = str(e) if " px" in str(e) else str(e).split(" exceeds")[0]  # Pillow's own: "Image size (N pixels)"
+        fail(source, f"{where}image {path} is too large to decode safely ({size}, over the {Image.MAX_IMAGE_PIXELS} px of "
+                     "Pillow's decompression-bomb guard): downscale it or remove its row")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        fail(source, f"image {path} cannot be read ({e}); it is corrupt or truncated: re-download it or remove its row")
+        fail(source, f"{where}image {path} cannot be read ({e}); it is corrupt or truncated: re-download it or remove its row")
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def read_images(paths: list[Path], image_size: int, source: str) -> np.ndarray:
+def read_images(paths: list[Path], image_size: int, source: str, rows: list[str] | None = None) -> np.ndarray:
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
     for i, p in enumerate(paths):
-        out[i] = read_image(p, image_size, source)
+        out[i] = read_image(p, image_size, source, rows[i] if rows else "")
     return out
 
 
@@ -205,12 +241,13 @@ def build_splits(
     assigned: list[str] | None = None,
     info: dict | None = None,
     group_hint: str = "",
+    rows: list[str] | None = None,
 ) -> RealDataSplits:
     """Rows (path, class, group) -> RealDataSplits.
 
     class_order / group_order list the names in index order; names absent from the kept rows
     are dropped (and listed in info). `assigned` (one of train/val/test per row) replaces
-    the random split.
+    the random split. `rows`: where each row is ("CSV line N"), for the image errors.
     """
     info = dict(info or {})
     keep = subsample(len(paths), limit, seed)
@@ -219,6 +256,7 @@ def build_splits(
     paths = [paths[i] for i in keep]
     labels = [labels[i] for i in keep]
     groups = [groups[i] for i in keep]
+    rows = [rows[i] for i in keep] if rows is not None else None
     if assigned is not None:
         assigned = [assigned[i] for i in keep]
 
@@ -257,10 +295,31 @@ def build_splits(
         parts = stratified_split(g * len(class_names) + y, fractions, seed)
         info["split"] = f"seeded random {'/'.join(f'{f:g}' for f in fractions)}, stratified by group x class (seed {seed})"
 
-    images = read_images(paths, image_size, source)
+    images = read_images(paths, image_size, source, rows)
     info.update(n_used=len(paths), group_names=group_names, class_names=class_names, image_size=image_size)
     sets = [GroupedImages(images[p], y[p], g[p], list(group_names), list(class_names)) for p in parts]
     return RealDataSplits(train=sets[0], val=sets[1], test=sets[2], name=name, info=info)
+
+
+def require_coverage(splits: DataSplits, source: str) -> None:
+    """Every class in the train split (a class the model never sees cannot be learnt) and
+    every group in every split (its accuracy, importance and fine-tuning need rows): else one
+    line saying which. The compile asks this of a real data set; the loaders do not, so that
+    a small set can still be loaded and looked at."""
+    fix = "add rows of it, or assign the rows in a split column"
+    train = splits.train
+    for c, name in enumerate(train.class_names):
+        if not (train.labels == c).any():
+            n = sum(int((getattr(splits, s).labels == c).sum()) for s in SPLIT_NAMES)
+            fail(source, f"class {name!r} has no rows in the train split ({n} in val/test): the model would never learn it; "
+                         f"{fix}, or remove its rows")
+    for s in SPLIT_NAMES:
+        part = getattr(splits, s)
+        for k, name in enumerate(part.group_names):
+            if not (part.groups == k).any():
+                n = sum(int((getattr(splits, t).groups == k).sum()) for t in SPLIT_NAMES)
+                fail(source, f"group {name!r} has no rows in the {s} split ({n} rows in all): its accuracy and fairness terms "
+                             f"need rows in train, val and test; {fix}")
 
 
 def require_folder(path: Path, source: str, what: str, fix: str = "") -> Path:

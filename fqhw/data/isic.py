@@ -97,6 +97,7 @@ def load_isic2019(
         fractions=fractions,
         limit=limit,
         info=info,
+        rows=[f"{gt_path} line {line}" for line, *_ in kept],
         group_hint=(f"{dropped} rows of unknown sex were dropped; pass unknown_sex='group' to keep them as a group"
                     if unknown_sex == "drop" else "check the sex column of the metadata"),
     )
