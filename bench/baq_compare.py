@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from fqhw.flow import CompileConfig, _quantize, step_allocate, step_data, step_float_model, step_importance
-from fqhw.quant.baq import check_budget_met, learn_bits, weight_only_model
+from fqhw.quant.baq import learn_bits
+from fqhw.quant.baq_model import weight_only_model
+from fqhw.quant.projection import check_budget_met
 from fqhw.quant.qat import evaluate_groups
 
 

@@ -64,7 +64,8 @@ from fqhw.simulate import build_test_data
 def _hls4ml_figures(path: Path, finn_build: Path, images: np.ndarray, n_hls4ml: int, qonnx_repeats: int, bs) -> dict:
     """qonnx, the QONNX-built simulator and the hls4ml C simulation on the power-of-two model
     of the hls4ml build at `path` (same images, same process), with their ratios."""
-    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here, hls4ml_integer_trace
+    from fqhw.backends.hls4ml.csim import ensure_csim_here, hls4ml_integer_trace
+    from fqhw.backends.hls4ml.record import Hls4mlBuild
 
     a_finn = json.loads((finn_build / "allocation.json").read_text())
     a_hls = json.loads((path / "allocation.json").read_text())
@@ -196,7 +197,7 @@ def _groups_figures(path: Path, n_qonnx: int, repeats: int, bs) -> dict:
 def _resnet_figures(path: Path, n_qonnx: int, n_trace: int, repeats: int, bs) -> dict:
     """qonnx (execute_onnx float32 logits; the float64 integer trace) against the simulator
     on a ResNet's FINN build: residual adds, forks, GlobalAccPool."""
-    from fqhw.quant.generic import qonnx_execute, qonnx_integer_trace_generic
+    from fqhw.backends.qonnx_generic import qonnx_execute, qonnx_integer_trace_generic
 
     qpath = path / "model.qonnx.onnx"
     t0 = time.perf_counter()

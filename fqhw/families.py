@@ -6,13 +6,15 @@ moved off float rounding error, which exporter writes the QONNX file, which FINN
 builds it, and which functions read the integer codes each backend computes:
 
     fqcnn        QuantFairCNN (FINN's scheme) or the power-of-two model (hls4ml's);
-                 FINN's builder steps (fqhw.backends.finn_build) or an hls4ml project
+                 FINN's builder steps (fqhw.backends.finn) or an hls4ml project
     resnet       QuantResNet with shared join quantizers; FINN's conversion with the
-                 residual streamlining (fqhw.backends.finn_generic), every add a HW layer
+                 residual streamlining (fqhw.backends.finn.residual), every add a HW layer
     transformer  QuantTransformer (linear layers quantized, attention float); QONNX export
                  and qonnx execution; FINN is asked and its refusal reported (no build)
 
-`family(name)` gives the Family of a registry name; the flow calls its methods only.
+`family(name)` gives the Family of a registry name; the flow calls its methods only. What
+a backend builds, loads and traces, and which kinds it supports, the backend registry says
+(fqhw.backends.base).
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fqhw.backends.base import get_backend
 from fqhw.errors import FqhwError
-
-BACKENDS_OF = {"cnn": ("finn", "hls4ml"), "resnet": ("finn",), "transformer": ("finn",)}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Family:
 
     def check(self, backend: str, image_size: int) -> None:
         """Refuse, before any training, what this family cannot build."""
-        if backend not in BACKENDS_OF[self.kind] or (backend == "hls4ml" and self.model != "fqcnn"):
+        if not get_backend(backend).supports(self.kind) or (backend == "hls4ml" and self.model != "fqcnn"):
             raise FqhwError(f"--backend {backend} builds the default CNN only, not {self.model}: use --backend finn")
         if self.kind == "resnet" and image_size < 64:
             raise FqhwError(
@@ -55,12 +56,11 @@ class Family:
         import tempfile
 
         from fqhw.allocator.allocation import Allocation
-        from fqhw.backends.finn_generic import finn_refusal
 
         qmodel = self.quant_model(float_model, Allocation.uniform(net, 8), "finn").eval()
         with tempfile.TemporaryDirectory(prefix="fqhw-ask-finn-") as tmp:
             path = self.export(qmodel, input_shape, Path(tmp) / "model.qonnx.onnx")
-            err = finn_refusal(path, self.model, Path(tmp) / "finn")
+            err = get_backend("finn").refusal(path, self.model, Path(tmp) / "finn")
         if err is None:
             return None
         return FqhwError(f"{err}: compile {self.model} for an ASIC target (e.g. --target bitfusion) to get its allocation, QONNX model and bit-exact check")
@@ -87,11 +87,11 @@ class Family:
         hls4ml scheme's power-of-two boundaries are exact already, and a transformer's
         quantizers are not thresholds in any backend here."""
         if self.kind == "cnn" and backend == "finn":
-            from fqhw.quant.qmodel import snap_thresholds
+            from fqhw.quant.snap import snap_thresholds
 
             return snap_thresholds(qmodel)
         if self.kind == "resnet":
-            from fqhw.quant.generic import snap_resnet_thresholds
+            from fqhw.quant.resnet_snap import snap_resnet_thresholds
 
             return snap_resnet_thresholds(qmodel)
         return None
@@ -102,10 +102,10 @@ class Family:
 
             return export_qonnx(qmodel, input_shape, path)
         if self.kind == "resnet":
-            from fqhw.quant.generic import export_generic_qonnx
+            from fqhw.backends.qonnx_generic import export_generic_qonnx
 
             return Path(export_generic_qonnx(qmodel, input_shape, path))
-        from fqhw.quant.generic import export_transformer_qonnx
+        from fqhw.backends.qonnx_generic import export_transformer_qonnx
 
         return Path(export_transformer_qonnx(qmodel, input_shape, path))
 
@@ -113,24 +113,10 @@ class Family:
 
     def finn(self, qonnx_path: Path, alloc, build_dir: Path, cost_model):
         """The FINN build (FinnBuild for the default CNN, FinnResult for a ResNet)."""
-        if self.kind == "cnn":
-            from fqhw.backends.finn_build import finn_build
-
-            return finn_build(qonnx_path, alloc, build_dir, part=cost_model.limits.part, cost_model=cost_model)
-        if self.kind == "resnet":
-            from fqhw.backends.finn_generic import finn_dataflow_resnet, require_all_hw
-
-            return require_all_hw(finn_dataflow_resnet(qonnx_path, build_dir, alloc=alloc, part=cost_model.limits.part), self.model)
-        raise FqhwError(f"FINN cannot build {self.model}")  # check() refuses it first
+        return get_backend("finn").build(qonnx_path, alloc, build_dir, kind=self.kind, model=self.model, cost_model=cost_model)
 
     def load_finn(self, build_dir: Path):
-        if self.kind == "cnn":
-            from fqhw.backends.finn_build import FinnBuild
-
-            return FinnBuild.load(build_dir)
-        from fqhw.backends.finn_generic import FinnResult
-
-        return FinnResult.load(build_dir)
+        return get_backend("finn").load(build_dir, kind=self.kind)
 
     # ------------------------------------------------------------------ integer traces
 
@@ -143,30 +129,22 @@ class Family:
             from fqhw.backends.qonnx_export import qonnx_integer_trace
 
             if backend == "hls4ml":
-                from fqhw.backends.hls4ml_build import hls4ml_integer_trace
                 from fqhw.quant.po2 import po2_integer_trace
 
                 out = {"brevitas": po2_integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
-                if build is not None:
-                    out["hls4ml"] = hls4ml_integer_trace(build, x)
-                return out
-            from fqhw.backends.finn_build import finn_integer_trace
-            from fqhw.quant.qmodel import integer_trace
+            else:
+                from fqhw.quant.qmodel import integer_trace
 
-            out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
-            if build is not None:
-                out["finn"] = finn_integer_trace(build, x)
-            return out
-        from fqhw.quant.generic import integer_trace, qonnx_integer_trace_generic, qonnx_integer_trace_transformer
+                out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}
+        else:
+            from fqhw.backends.qonnx_generic import qonnx_integer_trace_generic, qonnx_integer_trace_transformer
+            from fqhw.quant.generic import integer_trace
 
-        if self.kind == "transformer":  # no build: FINN refuses it (check), an ASIC target has none
-            return {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_transformer(qonnx_path, x)}
-        out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_integer_trace_generic(qonnx_path, x)}
-        if build is not None:
-            from fqhw.backends.finn_generic import finn_dataflow_integer_trace
-
-            # the folded, specialized partition: what the accelerator is built from
-            out["finn"] = finn_dataflow_integer_trace(build, qonnx_path, x, graph="dataflow")
+            qonnx_trace = qonnx_integer_trace_transformer if self.kind == "transformer" else qonnx_integer_trace_generic
+            out = {"brevitas": integer_trace(qmodel, x), "qonnx": qonnx_trace(qonnx_path, x)}
+        if build is not None:  # none for an ASIC target; a transformer has none (FINN refuses it)
+            b = get_backend(backend)
+            out[b.trace_key] = b.integer_trace(build, qonnx_path, x, kind=self.kind)
         return out
 
 

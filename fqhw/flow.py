@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fqhw.allocator.allocation import Allocation
+from fqhw.backends.base import backend_names, get_backend
 from fqhw.data.dataset import DataSplits
 from fqhw.data.registry import describe, load_data
 from fqhw.data.synthetic import SyntheticDermConfig
@@ -41,7 +42,6 @@ from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, writ
 from fqhw.stepcache import StepCache, check_cache_writable, check_folder_writable, file_digest, input_key
 
 BIT_RANGE = (2, 8)
-BACKENDS = ("finn", "hls4ml")
 DEFAULT_CHANNELS = (16, 32, 64)  # the default CNN's
 
 
@@ -116,8 +116,8 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         raise FqhwError(f"budget {cfg.budget:g} is outside [{lo}, {hi}]: pass --budget between {lo} and {hi} bits per weight")
     if cfg.edge_bits is not None and not (lo <= cfg.edge_bits <= hi):
         raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
-    if cfg.backend not in BACKENDS:
-        raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(BACKENDS)}")
+    if cfg.backend not in backend_names():
+        raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(backend_names())}")
     fam = family(cfg.model)
     fam.check(cfg.backend, cfg.data.image_size)
     if cfg.channel_groups < 1:
@@ -141,9 +141,7 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     if cfg.cache_dir is not None:
         check_cache_writable(cfg.cache_dir)
     if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
-        from fqhw.backends.finn_build import check_synth_tools
-
-        check_synth_tools(shell_flow_type=_shell_flow(cfg.target))
+        get_backend("finn").check_synth_tools(_shell_flow(cfg.target))
     if cfg.checkpoint is not None:
         from fqhw.models.checkpoint import check_checkpoint_path
 
@@ -516,21 +514,17 @@ def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Pat
     return family(cfg.model).finn(qonnx_path, alloc, work / "finn", get_cost_model(cfg.target))
 
 def step_hls4ml(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
-    from fqhw.backends.hls4ml_build import hls4ml_build
+    from fqhw.hwmodels import get_cost_model
 
-    return hls4ml_build(qonnx_path, alloc, work / "hls4ml")
+    return get_backend("hls4ml").build(qonnx_path, alloc, work / "hls4ml", kind=family(cfg.model).kind, model=cfg.model,
+                                       cost_model=get_cost_model(cfg.target))
 
 
 def _load_hls4ml(cached: Path, dest: Path):
     """A stored hls4ml project copied into this run's folder, its C simulation rebuilt to
     read this folder's weights: the library holds the absolute weights path of the folder
-    it was compiled in, which is gone (see hls4ml_build.ensure_csim_here)."""
-    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here
-
-    shutil.copytree(cached, dest)
-    build = Hls4mlBuild.load(dest)
-    ensure_csim_here(build)
-    return build
+    it was compiled in, which is gone (see fqhw.backends.hls4ml.csim.ensure_csim_here)."""
+    return get_backend("hls4ml").load_copy(cached, dest)
 
 
 def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
@@ -567,6 +561,12 @@ def _write_allocation(alloc: Allocation, folder: Path) -> None:
 
 def _load_allocation(folder: Path) -> Allocation:
     return Allocation.load(folder / "allocation.json")
+
+
+def _backend(cfg: CompileConfig):
+    """The backend that builds for the target (fqhw.backends.base): --backend on an FPGA
+    board, the no-build one on an ASIC target."""
+    return get_backend(cfg.backend if _fpga(cfg) else "asic")
 
 
 def _load_finn(cfg: CompileConfig, cached: Path, dest: Path):
@@ -756,7 +756,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
                 write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
                 load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
             )
-        elif not _fpga(cfg):  # an ASIC target: priced by its cost model, nothing to build
+        elif not _backend(cfg).builds:  # an ASIC target: priced by its cost model, nothing to build
             finn = None
         else:
             finn = run(
@@ -771,9 +771,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
         if cfg.synth:
-            from fqhw.backends.finn_build import finn_synth
-
-            synth = run("synth", finn_synth, work / "finn")
+            synth = run("synth", get_backend("finn").synth, work / "finn")
             write_json(work / "synth.json", synth)
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(

@@ -1,6 +1,7 @@
 """Writing results: JSON-safe values and output folders that appear whole or not at all."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -68,11 +69,18 @@ MANIFEST = "manifest.json"
 _MANIFEST_SUFFIXES = {".json", ".onnx", ".pt", ".npy", ".npz", ".txt", ".h", ".cpp", ".sh", ".tcl"}
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: the key of a step that reads a file another step wrote (fqhw.stepcache), a manifest entry."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_manifest(folder: Path) -> None:
     """folder/manifest.json: the sha256 of each file of the finished output folder that a
     later command reads, so that a missing, truncated or edited file is found (check_manifest)."""
-    from fqhw.stepcache import file_digest
-
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and not p.is_symlink() and p.suffix in _MANIFEST_SUFFIXES and p.name != MANIFEST}
@@ -84,8 +92,6 @@ def check_manifest(folder: Path) -> bool:
     since the compile; True when all match, False when the folder has no manifest (written
     by an older fqhw)."""
     from fqhw.errors import FqhwError
-    from fqhw.stepcache import file_digest
-
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return False

@@ -8,7 +8,7 @@ images bit for bit against every other backend present in the compile output fol
                 dataflow graph and checked against FINN's Python execution of that graph
                 and qonnx's execution of model.qonnx.onnx. finn/finn_build.json is the
                 default CNN's build (with --channel-groups its graph forks and joins the
-                groups' streams); finn/finn_result.json a ResNet's (fqhw.backends.finn_generic:
+                groups' streams); finn/finn_result.json a ResNet's (fqhw.backends.finn.residual:
                 residual adds, forks, global pooling), whose traces are compared on the
                 tensors FINN materialises (a join's operands may not be);
     hls4ml/     (fqhw compile --backend hls4ml): the simulator is built from the
@@ -164,8 +164,9 @@ def _read_simulator(folder: BuildFolder):
 
 def _hls4ml_trace(folder: BuildFolder, x: np.ndarray, notes: list[str]) -> dict:
     """The hls4ml C simulation's integer trace of `x`, its library rebuilt first if it was
-    compiled in another folder (see hls4ml_build.ensure_csim_here)."""
-    from fqhw.backends.hls4ml_build import Hls4mlBuild, ensure_csim_here, hls4ml_integer_trace
+    compiled in another folder (see fqhw.backends.hls4ml.csim.ensure_csim_here)."""
+    from fqhw.backends.hls4ml.csim import ensure_csim_here, hls4ml_integer_trace
+    from fqhw.backends.hls4ml.record import Hls4mlBuild
 
     build = Hls4mlBuild.load(folder.hls4ml_dir)
     if ensure_csim_here(build):
@@ -224,19 +225,20 @@ def simulate(build_dir, data: GroupedImages, cross_check: int = 32, batch_size: 
         traces = {"intsim": {k: v for k, v in full.items() if k != "logits"}}
         partial: tuple[str, ...] = ()
         if folder.finn_kind == "result":  # a ResNet: FINN's own execution and the generic QONNX trace
-            from fqhw.backends.finn_generic import FinnResult, finn_dataflow_integer_trace
+            from fqhw.backends.finn.residual import FinnResult, finn_dataflow_integer_trace
 
             res = FinnResult.load(folder.finn_dir)
             traces["finn"] = finn_dataflow_integer_trace(res, folder.qonnx_path, x, graph="dataflow")
             if folder.qonnx_path is not None:
-                from fqhw.quant.generic import qonnx_integer_trace_generic
+                from fqhw.backends.qonnx_generic import qonnx_integer_trace_generic
 
                 traces["qonnx"] = qonnx_integer_trace_generic(folder.qonnx_path, x)
             # FINN adds the operands of a residual join without materialising every one;
             # the simulator computes what FINN's graph computes
             partial = ("finn", "intsim")
         elif folder.finn_dir is not None:
-            from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
+            from fqhw.backends.finn.common import FinnBuild
+            from fqhw.backends.finn.execute import finn_integer_trace
 
             traces["finn"] = finn_integer_trace(FinnBuild.load(folder.finn_dir), x)
         if folder.qonnx_path is not None and folder.finn_kind != "result":

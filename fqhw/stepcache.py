@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from fqhw.errors import FqhwError
+from fqhw.outputs import file_digest, pid_alive  # file_digest: also the keys of steps that read files (flow, checkpoints)
 
 T = TypeVar("T")
 
@@ -46,15 +47,6 @@ def input_key(inputs: Any) -> str:
     except TypeError as e:
         raise FqhwError(f"cache key must be JSON-serialisable: {e}") from e
     return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes: the key of a step that reads a file another step wrote."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -183,7 +175,6 @@ def check_folder_writable(path: Path, start: Path, what: str, flag: str) -> None
 
 def _sweep_dead(folder: Path) -> None:
     """Remove the temporary entries of writers that were killed mid-write (.KEY.PID.*.tmp)."""
-    from fqhw.outputs import pid_alive
 
     for p in folder.glob(".*.tmp"):
         parts = p.name.split(".")

@@ -11,12 +11,15 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import FinnBuild, finn_build, finn_integer_trace, threshold_check
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.common import FinnBuild
+from fqhw.backends.finn.execute import finn_integer_trace, threshold_check
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.errors import BitExactError, FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds, threshold_margins
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.snap import snap_thresholds, threshold_margins
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)
 SHAPE = (CFG.in_channels, CFG.image_size, CFG.image_size)
@@ -431,9 +434,9 @@ def test_qonnx_float64_and_float32_runs(snapped):
 def test_float64_copy_is_lowered_and_double(snapped):
     from onnx import TensorProto
 
-    from fqhw.backends.qonnx_export import _float64_copy
+    from fqhw.backends.qonnx_export import float64_copy
 
-    m = _float64_copy(snapped["mixed"]["path"])
+    m = float64_copy(snapped["mixed"]["path"])
     ops = [n.op_type for n in m.graph.node]
     assert "Conv" not in ops and ops.count("Im2Col") == 3 and ops.count("MatMul") == 4
     floats = [i.name for i in m.graph.initializer if i.data_type == TensorProto.FLOAT and i.name != "fqhw_f64_one"]
@@ -445,7 +448,7 @@ def test_float64_copy_is_lowered_and_double(snapped):
 def test_best_shift_is_the_widest_gap():
     """_best_shift against a brute-force search: the max-min distance to the integers, at
     least 1/(2K), and the shift nearest to zero among near-equal ones."""
-    from fqhw.quant.qmodel import _best_shift, _min_margin
+    from fqhw.quant.snap import _best_shift, min_margin
 
     rng = np.random.default_rng(0)
     grid = np.linspace(-0.5, 0.5, 20001)
@@ -453,18 +456,18 @@ def test_best_shift_is_the_widest_gap():
         k = int(rng.integers(1, 60))
         t = rng.uniform(-1e4, 1e4) + rng.uniform(0.3, 50.0) * np.arange(k)
         u = _best_shift(t, tie_tol=0.0)
-        got = _min_margin(t + u)
-        brute = max(_min_margin(t + g) for g in grid[::20])
+        got = min_margin(t + u)
+        brute = max(min_margin(t + g) for g in grid[::20])
         assert got >= brute - 1e-3 and got >= 1 / (2 * k) - 1e-9
         assert abs(u) <= 0.5
         # with a tolerance, never a worse margin than allowed and never a larger shift
         u2 = _best_shift(t, tie_tol=0.2)
-        assert _min_margin(t + u2) >= 0.8 * got - 1e-9 and abs(u2) <= abs(u) + 1e-12
+        assert min_margin(t + u2) >= 0.8 * got - 1e-9 and abs(u2) <= abs(u) + 1e-12
         # a needed margin: the smallest shift that gives it
         need = 0.5 * got
         u3 = _best_shift(t, tie_tol=0.0, need=need)
-        assert _min_margin(t + u3) >= need - 1e-9
-        ok = [g for g in grid[::4] if _min_margin(t + g) >= need + 1e-6]
+        assert min_margin(t + u3) >= need - 1e-9
+        ok = [g for g in grid[::4] if min_margin(t + g) >= need + 1e-6]
         assert abs(u3) <= min(abs(g) for g in ok) + 1e-9
 
 
@@ -488,7 +491,7 @@ def test_build_config_loads_with_finns_loader(flow):
         default_build_dataflow_steps,
     )
 
-    from fqhw.backends.finn_build import FOLDING_CONFIG, SYNTH_CONFIG, SYNTH_MODEL, SYNTH_SCRIPT
+    from fqhw.backends.finn.synth import FOLDING_CONFIG, SYNTH_CONFIG, SYNTH_MODEL, SYNTH_SCRIPT
 
     build: FinnBuild = flow["build"]
     root = Path(build.build_dir)
@@ -526,7 +529,7 @@ def test_folding_config_is_the_allocations(flow):
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
 
-    from fqhw.backends.finn_build import FOLDING_ATTRS
+    from fqhw.backends.finn.synth import FOLDING_ATTRS
 
     build: FinnBuild = flow["build"]
     folding = json.loads(Path(build.folding_config).read_text())
@@ -622,7 +625,7 @@ def _no_xilinx(monkeypatch, path: str):
 def test_synth_without_vivado_names_what_is_missing(flow, tmp_path, monkeypatch):
     """No Vivado: a one-line FqhwError naming what is missing, how to get it and the
     command to run elsewhere; the build folder is left exactly as it was."""
-    from fqhw.backends.finn_build import SYNTH_OUTPUT, finn_synth
+    from fqhw.backends.finn.synth import SYNTH_OUTPUT, finn_synth
 
     build: FinnBuild = flow["build"]
     root = Path(build.build_dir)
@@ -651,7 +654,7 @@ def test_synth_without_vivado_names_what_is_missing(flow, tmp_path, monkeypatch)
 
 
 def test_synth_refuses_a_folder_without_finns_configuration(tmp_path):
-    from fqhw.backends.finn_build import finn_synth
+    from fqhw.backends.finn.synth import finn_synth
 
     with pytest.raises(FqhwError, match="lacks dataflow_build_config.json"):
         finn_synth(tmp_path)
@@ -670,7 +673,7 @@ def test_synth_tool_detection(tmp_path, monkeypatch):
     """What finn-plus reads: XILINX_VIVADO with a version in its path, vivado and the HLS
     tool of that version (vitis_hls, vitis-run after 2024.2) on PATH or in
     FINN_TOOL_DIR_OVERRIDE, Vitis for Alveo, a C++ compiler."""
-    from fqhw.backends.finn_build import check_synth_tools, synth_tools_missing
+    from fqhw.backends.finn.synth import check_synth_tools, synth_tools_missing
 
     bin_ = tmp_path / "bin"
     _fake_tools(bin_, ["vivado", "vitis_hls", "g++"])
@@ -701,7 +704,7 @@ def test_synth_runs_finns_command(flow, tmp_path, monkeypatch):
     import shutil
     import sys
 
-    from fqhw.backends.finn_build import SYNTH_CONFIG, SYNTH_MODEL, finn_synth
+    from fqhw.backends.finn.synth import SYNTH_CONFIG, SYNTH_MODEL, finn_synth
 
     root = tmp_path / "finn"
     shutil.copytree(flow["build"].build_dir, root)

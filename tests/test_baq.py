@@ -13,21 +13,15 @@ from fqhw.allocator.allocation import Allocation
 from fqhw.allocator.cpsat import allocate, price
 from fqhw.data.registry import load_data
 from fqhw.data.synthetic import SyntheticDermConfig
+from fqhw.errors import InfeasibleError
+from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
+from fqhw.hwmodels.finn import DEFAULT_UTILISATION, FinnCostModel
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import network_spec, split_channel_groups
-from fqhw.quant.baq import (
-    ActFakeQuant,
-    BAQFairCNN,
-    BudgetError,
-    bitrate_penalty,
-    check_budget_met,
-    iterative_qat,
-    learn_bits,
-    project,
-    recover,
-    weight_only_model,
-)
+from fqhw.quant.baq import iterative_qat, learn_bits, recover
+from fqhw.quant.baq_model import ActFakeQuant, BAQFairCNN, weight_only_model
+from fqhw.quant.projection import BudgetError, bitrate_penalty, check_budget_met, project
 from fqhw.quant.qmodel import build_quant_model
 
 from conftest import sensitivity
@@ -123,9 +117,27 @@ def _distance(net, bits, learned):
     return sum(s.params * abs(b - learned[s.name]) for s, b in zip(net.layers, bits))
 
 
-@pytest.mark.parametrize("pinned,budget", [(None, 4.0), ({"features.0.conv": 8, "head": 8}, 6.0)])
-def test_projection_meets_budget_and_caps_and_is_nearest(setup, warm, cost, pinned, budget):
+def _fits(net, bits, warm, cost) -> bool:
+    """Whether these weight widths (the warm start's activations) fit the target's caps at
+    some folding: the allocator with every width pinned either finds a folding or cannot."""
+    zero = {s.name: {b: np.zeros(1) for b in range(2, 9)} for s in net.layers}
+    acts = {s.name: warm.layer(s.name).act_bits for s in net.layers if s.has_output_act}
+    table = Sensitivity(["none"], zero, {g: {a: np.zeros(1)} for g, a in acts.items()})
+    try:
+        allocate(net, table, cost, budget=8, pinned=dict(zip([s.name for s in net.layers], bits)), pinned_act=acts,
+                 act_bits=sorted(set(acts.values())), time_limit_s=10)
+    except InfeasibleError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("pinned,budget,lut", [(None, 4.0, None), ({"features.0.conv": 8, "head": 8}, 6.0, None), (None, 4.0, 2300)])
+def test_projection_meets_budget_and_caps_and_is_nearest(setup, warm, cost, pinned, budget, lut):
     _, net = setup
+    loose = cost
+    if lut is not None:  # a LUT cap the nearest widths under the board's own caps do not always meet
+        cost = FinnCostModel(TARGET, utilisation={**DEFAULT_UTILISATION, "LUT": lut / cost.limits.totals["LUT"]})
+    moved = 0
     rng = np.random.default_rng(1)
     names = [s.name for s in net.layers]
     vectors = [dict(zip(names, rng.uniform(1.5, 8.5, len(names)))) for _ in range(3)]
@@ -133,6 +145,9 @@ def test_projection_meets_budget_and_caps_and_is_nearest(setup, warm, cost, pinn
     total = Fraction(net.total_params)
     for learned in vectors:
         alloc = project(net, learned, warm, budget=budget, cost_model=cost, pinned=pinned, time_limit_s=10)
+        if lut is not None:
+            free = project(net, learned, warm, budget=budget, cost_model=loose, pinned=pinned, time_limit_s=10)
+            moved += [la.weight_bits for la in free.layers] != [la.weight_bits for la in alloc.layers]
         assert Fraction(sum(net.layer(la.name).params * la.weight_bits for la in alloc.layers)) / total <= Fraction(budget)
         assert alloc.avg_weight_bits(net) <= budget
         priced = price(net, alloc, cost)
@@ -142,27 +157,30 @@ def test_projection_meets_budget_and_caps_and_is_nearest(setup, warm, cost, pinn
             assert la.act_bits == warm.layer(la.name).act_bits
             if pinned and la.name in pinned:
                 assert la.weight_bits == pinned[la.name]
-        # nearest: no budget-feasible width vector (that fits) is closer to the learned widths
+        # nearest: no budget-feasible width vector that fits the caps is closer to the learned widths
         got = _distance(net, [la.weight_bits for la in alloc.layers], learned)
-        best = min(
-            _distance(net, bits, learned)
-            for bits in itertools.product(range(2, 9), repeat=len(names))
+        tol = 1e-6 * max(1.0, got) + 0.5 * len(names) * alloc.solver["loss_scale"] ** -1
+        closer = [
+            bits for bits in itertools.product(range(2, 9), repeat=len(names))
             if sum(s.params * b for s, b in zip(net.layers, bits)) <= budget * net.total_params
             and all(not pinned or n not in pinned or b == pinned[n] for n, b in zip(names, bits))
-        )
-        assert got == pytest.approx(best, abs=1e-6 * max(1.0, best) + 0.5 * len(names) * alloc.solver["loss_scale"] ** -1)
+            and _distance(net, bits, learned) < got - tol
+        ]
+        assert not any(_fits(net, bits, warm, cost) for bits in closer)
         check_budget_met(net, alloc, budget)  # does not raise
         # filling the budget only raises widths, stays within it and fits
         filled = project(net, learned, warm, budget=budget, cost_model=cost, pinned=pinned, fill_budget=True, time_limit_s=10)
         assert all(f.weight_bits >= a.weight_bits for f, a in zip(filled.layers, alloc.layers))
         assert alloc.avg_weight_bits(net) <= filled.avg_weight_bits(net) <= budget
         assert price(net, filled, cost)["total"]["fits"]
-        # ... and no single unit could go one bit wider within the budget
+        # ... and no single unit could go one bit wider within the budget and the caps
         for k, la in enumerate(filled.layers):
             if la.weight_bits < 8 and not (pinned and la.name in pinned):
-                assert filled.avg_weight_bits(net) + net.layers[k].params / net.total_params > budget
+                wider = [f.weight_bits + (j == k) for j, f in enumerate(filled.layers)]
+                assert filled.avg_weight_bits(net) + net.layers[k].params / net.total_params > budget or not _fits(net, wider, warm, cost)
+    assert lut is None or moved  # the tight cap did change some projection
     # the warm start's own widths project onto themselves when they meet the budget
-    if pinned is None:
+    if pinned is None and lut is None:
         same = project(net, {n: float(warm.layer(n).weight_bits) for n in names}, warm, budget=budget, cost_model=cost)
         assert [la.weight_bits for la in same.layers] == [la.weight_bits for la in warm.layers]
 

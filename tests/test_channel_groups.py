@@ -9,13 +9,17 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import MVAU_TYPES, finn_build, finn_integer_trace
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.common import MVAU_TYPES
+from fqhw.backends.finn.execute import finn_integer_trace
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.quant.channel_groups import GroupedQuantFairCNN, merge_group_keys, split_quant_model
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds
+from fqhw.quant.channel_groups import GroupedQuantFairCNN, split_quant_model
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.snap import snap_thresholds
+from fqhw.units import merge_group_keys
 
 CFG = CNNConfig(image_size=8, channels=(4, 8), num_classes=3)
 SHAPE = (CFG.in_channels, CFG.image_size, CFG.image_size)

@@ -10,7 +10,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from fqhw.backends.hls4ml_build import _parse, hls4ml_build, hls4ml_integer_trace
+from fqhw.backends.hls4ml.build import hls4ml_build
+from fqhw.backends.hls4ml.csim import hls4ml_integer_trace
+from fqhw.backends.hls4ml.graph import parse_type
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.errors import FqhwError
@@ -120,7 +122,7 @@ def test_hls4ml_config_gives_each_group_its_allocated_precision(built):
     hm = build.model
     layers = {ly.name: ly for ly in hm.get_layers()}
     for la in alloc.layers:
-        want = _parse(build.precisions[la.name]["weight"])
+        want = parse_type(build.precisions[la.name]["weight"])
         assert want.width == la.weight_bits, la.name
         ly = layers[build.hls_layers[la.name]]
         got = ly.types["weight_t"].precision
@@ -132,7 +134,7 @@ def test_hls4ml_config_gives_each_group_its_allocated_precision(built):
     # one Concatenate joins the groups, in the groups' shared activation type
     cats = [ly for ly in hm.get_layers() if ly.class_name == "Concatenate"]
     assert len(cats) == 1
-    act = _parse(build.precisions["features.1.conv:g0"]["act"])
+    act = parse_type(build.precisions["features.1.conv:g0"]["act"])
     got = cats[0].get_output_variable().type.precision
     assert (got.width, got.integer, got.signed) == (act.width, act.integer, act.signed)
     # channels-last (H, W, C) after FairCNN's last, global pool: the groups' channels joined

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fqhw import cli
-from fqhw.compare import add_compare_parser, compare, objective_value
+from fqhw.compare import compare, objective_value
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import FairCNN
 from fqhw.network import network_spec
@@ -124,33 +124,17 @@ def test_bad_target_is_one_line(net, sens):
         compare(net, sens, "pynq-z2", 4.0, objective="energy")  # an ASIC objective with no ASIC target
 
 
-def _main(argv, monkeypatch):
-    """cli.main with `compare` registered (as cli.build_parser will register it)."""
-    orig = cli.build_parser
-
-    def build_parser():
-        parser = orig()
-        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        if "compare" not in sub.choices:
-            add_compare_parser(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
-    return cli.main(argv)
-
-
-def test_cli_from_compile_outputs(net, sens, tmp_path, monkeypatch, capsys):
+def test_cli_from_compile_outputs(net, sens, tmp_path, capsys):
     (tmp_path / "network.json").write_text(json.dumps(net.to_dict()))
     sens.save(tmp_path / "sensitivity.json")
     files = ["--network", str(tmp_path / "network.json"), "--sensitivity", str(tmp_path / "sensitivity.json")]
     out = tmp_path / "out"
-    rc = _main(["compare", "--targets", "bitfusion,bitserial", "--budget", "4", "--objective", "energy", "--out", str(out), *files],
-               monkeypatch)
+    rc = cli.main(["compare", "--targets", "bitfusion,bitserial", "--budget", "4", "--objective", "energy", "--out", str(out), *files])
     assert rc == 0 and (out / "compare.md").exists()
     assert json.loads((out / "compare.json").read_text())["objectives"] == {"bitfusion": "energy", "bitserial": "energy"}
     assert capsys.readouterr().out.startswith(f"wrote {out}")
 
-    rc = _main(["compare", "--targets", "bitfusion", "--budgets", "3,4", "--out", str(tmp_path / "front"), *files], monkeypatch)
+    rc = cli.main(["compare", "--targets", "bitfusion", "--budgets", "3,4", "--out", str(tmp_path / "front"), *files])
     assert rc == 0 and (tmp_path / "front" / "pareto.png").exists()
 
     for argv, words in [
@@ -159,7 +143,7 @@ def test_cli_from_compile_outputs(net, sens, tmp_path, monkeypatch, capsys):
         (["--targets", "bitfusion", "--network", str(tmp_path / "nothere.json"), "--sensitivity", str(tmp_path / "x.json")], "does not exist"),
     ]:
         capsys.readouterr()
-        rc = _main(["compare", *argv, "--out", str(tmp_path / "bad")], monkeypatch)
+        rc = cli.main(["compare", *argv, "--out", str(tmp_path / "bad")])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and words in err and "\n" not in err, err
         assert not (tmp_path / "bad").exists()

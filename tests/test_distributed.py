@@ -63,7 +63,7 @@ class _QuantPlain(nn.Module):
         super().__init__()
         from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 
-        from fqhw.quant.qmodel import ActQuant, InputQuant, WeightQuant
+        from fqhw.quant.layers import ActQuant, InputQuant, WeightQuant
 
         self.inp = QuantIdentity(act_quant=InputQuant, return_quant_tensor=True)
         self.conv = QuantConv2d(3, 4, 3, padding=1, bias=False, weight_quant=WeightQuant, weight_bit_width=4)

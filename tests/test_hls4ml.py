@@ -12,7 +12,9 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.hls4ml_build import Hls4mlBuild, hls4ml_build, hls4ml_integer_trace
+from fqhw.backends.hls4ml.build import hls4ml_build
+from fqhw.backends.hls4ml.csim import hls4ml_integer_trace
+from fqhw.backends.hls4ml.record import Hls4mlBuild
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact, require_bit_exact
 from fqhw.data.registry import load_data
@@ -82,15 +84,28 @@ def built(data, tmp_path_factory):
     return out
 
 
-def test_bn_fold_is_exact_in_float(data):
+def test_bn_fold_gives_the_models_integer_weights(data):
     fm = _float_model(data.train.num_classes)
     block = fm.features[0]
     w, b = fold_bn(block.conv, block.bn)
     x, _, _ = data.test.tensors()
-    with torch.no_grad():
+    with torch.no_grad():  # in float the folded conv agrees with conv + BN to float32 rounding, not exactly
         ref = block.bn(block.conv(x[:8]))
         got = torch.nn.functional.conv2d(x[:8], w, b, padding=1)
     assert torch.allclose(ref, got, atol=1e-5)
+    # the integers: the po2 model's weight codes are the folded weights on the scheme's grid,
+    # narrow range, one scale per tensor, 2^(round(log2 max |w|) - (b - 1)) (Brevitas' PowerOfTwoIntScaling)
+    alloc = _alloc("mixed")
+    qm = build_po2_model(fm, alloc)
+    with torch.no_grad():
+        for i, name in enumerate(NAMES[:2]):
+            wf, _ = fold_bn(fm.features[i].conv, fm.features[i].bn)
+            top = 2 ** (alloc.layer(name).weight_bits - 1) - 1
+            qw = qm.layers[name].compute.quant_weight()
+            scale = float(qw.scale.reshape(-1)[0])
+            assert scale == 2.0 ** (round(float(torch.log2(wf.abs().max()))) - (alloc.layer(name).weight_bits - 1))
+            want = torch.clamp(torch.round(wf.double() / scale), -top, top).to(torch.int64)
+            assert torch.equal(qw.int().to(torch.int64), want), name
 
 
 def test_po2_model_structure(built):
@@ -236,7 +251,7 @@ def test_saved_build_can_move_and_run(built, tmp_path):
     copied folder: what the flow needs to resume after the hls4ml step."""
     import shutil
 
-    from fqhw.backends.hls4ml_build import compiled_weights_dir, ensure_csim_here
+    from fqhw.backends.hls4ml.csim import compiled_weights_dir, ensure_csim_here
 
     src = built["uniform8"]["build"]
     moved = tmp_path / "moved"

@@ -287,7 +287,7 @@ def test_real_full_disk_in_weight_files():
 
 
 def test_synth_without_vivado_fails_before_any_work(tmp_path, monkeypatch):
-    from fqhw.backends.finn_build import synth_tools_missing
+    from fqhw.backends.finn.synth import synth_tools_missing
 
     if not synth_tools_missing("vivado_zynq"):
         pytest.skip("this machine has the Xilinx tools")

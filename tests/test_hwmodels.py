@@ -311,7 +311,7 @@ def test_unbuildable_hls_width_is_refused():
 def test_folding_matches_the_finn_backend(faircnn, seed):
     """fqhw's FINN backend folds the units around each MVAU itself: its folding (and so
     FINN's estimates of the graph it builds) must be the one this model priced."""
-    fb = pytest.importorskip("fqhw.backends.finn_build")
+    fb = pytest.importorskip("fqhw.backends.finn.folding")
     from finn.analysis.fpgadataflow.exp_cycles_per_layer import exp_cycles_per_layer
     from finn.analysis.fpgadataflow.res_estimation import res_estimation
     from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
@@ -337,7 +337,7 @@ def test_folding_matches_the_finn_backend(faircnn, seed):
         for attr in ("SIMD", "PE"):
             if attr in inst.get_nodeattr_types() and node.op_type not in ("MVAU_hls", "MVAU_rtl"):
                 inst.set_nodeattr(attr, 1)
-    model, folding = fb._step_apply_folding(model, alloc, [s.name for s in faircnn.layers])
+    model, folding = fb.fold_layers(model, alloc, [s.name for s in faircnn.layers])
     cycles = model.analysis(exp_cycles_per_layer)
     res = model.analysis(lambda m: res_estimation(m, PART))
     for node, u in zip(model.graph.node, expect):

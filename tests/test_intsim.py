@@ -7,17 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from fqhw.backends.finn_build import FinnBuild, finn_integer_trace
-from fqhw.backends.intsim import (
-    IntegerSimulator,
-    _carrier,
-    _im2col,
-    _int_thresholds,
-    _node_fn,
-    _threshold_reference,
-    _ThresholdTable,
-    _window_reduce,
-)
+from fqhw.backends.finn.common import FinnBuild
+from fqhw.backends.finn.execute import finn_integer_trace
+from fqhw.backends.intsim import IntegerSimulator
+from fqhw.backends.intsim.dataflow import node_fn
+from fqhw.backends.intsim.kernels import ThresholdTable, carrier, im2col, int_thresholds, threshold_reference, window_reduce
 from fqhw.backends.qonnx_export import qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.data.dataset import INPUT_SCALE
@@ -72,12 +66,12 @@ def _accumulators(rng, thr_int, lo, hi, rows, ch):
 )
 def test_threshold_table_equals_per_channel_binary_search(seed, ch, n_thr, lo, hi, act_val):
     rng = np.random.default_rng(seed)
-    thr = _int_thresholds(_jittered_thresholds(rng, ch, n_thr, lo, hi), ch, "test")
+    thr = int_thresholds(_jittered_thresholds(rng, ch, n_thr, lo, hi), ch, "test")
     acc = _accumulators(rng, thr, lo, hi, 2000, ch)
-    dt = _carrier(max(abs(lo), abs(hi)))
-    ref = _threshold_reference(acc, thr, act_val)
+    dt = carrier(max(abs(lo), abs(hi)))
+    ref = threshold_reference(acc, thr, act_val)
     np.testing.assert_array_equal(ref, _count_reached(acc, thr, act_val))
-    table = _ThresholdTable(thr, act_val, lo, hi, dt, np.float32)
+    table = ThresholdTable(thr, act_val, lo, hi, dt, np.float32)
     assert table.mode == "bucket"
     got = table.apply(acc.astype(dt))
     assert got.dtype == np.float32
@@ -86,7 +80,7 @@ def test_threshold_table_equals_per_channel_binary_search(seed, ch, n_thr, lo, h
     clo = np.minimum(acc.min(axis=0), rng.integers(lo, hi + 1, ch))
     chi = np.maximum(acc.max(axis=0), clo)
     out = np.empty(acc.shape, dtype=np.float32)
-    _ThresholdTable(thr, act_val, clo, chi, dt, np.float32).apply(acc.astype(dt), out=out)
+    ThresholdTable(thr, act_val, clo, chi, dt, np.float32).apply(acc.astype(dt), out=out)
     np.testing.assert_array_equal(out.astype(np.int64), ref)
 
 
@@ -100,8 +94,8 @@ def test_threshold_table_with_duplicates_unreachable_and_accumulators_on_thresho
     acc = np.repeat(np.arange(-9, 11, dtype=np.int64)[:, None], 4, axis=1)
     for act_val in (0, -4, 2):
         ref = _count_reached(acc, thr, act_val)
-        np.testing.assert_array_equal(_threshold_reference(acc, thr, act_val), ref)
-        table = _ThresholdTable(thr, act_val, -9, 10, np.float32, np.float32)
+        np.testing.assert_array_equal(threshold_reference(acc, thr, act_val), ref)
+        table = ThresholdTable(thr, act_val, -9, 10, np.float32, np.float32)
         assert table.mode == "bucket"
         np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), ref)
 
@@ -111,27 +105,27 @@ def test_threshold_table_falls_back_where_buckets_would_not_pay_or_not_be_exact(
     # one gap of 1 in a span of 10^7: the buckets would number 10^7 per channel
     thr = np.sort(np.concatenate([[0, 1], rng.integers(-(10**7), 10**7, 30)]))[None, :].repeat(4, 0)
     acc = _accumulators(rng, thr, -(10**7), 10**7, 500, 4)
-    table = _ThresholdTable(thr, 0, -(10**7), 10**7, np.float32, np.float32)
+    table = ThresholdTable(thr, 0, -(10**7), 10**7, np.float32, np.float32)
     assert table.mode == "reference"
     np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), _count_reached(acc, thr, 0))
     # accumulators beyond float64's exact integers: int64 and the binary search
     big = 2**60
     thr = np.sort(rng.integers(-big, big, (3, 20)), axis=1)
     acc = _accumulators(rng, thr, -big, big, 500, 3)
-    table = _ThresholdTable(thr, 1, -big, big, np.int64, np.float32)
+    table = ThresholdTable(thr, 1, -big, big, np.int64, np.float32)
     assert table.mode == "reference"
     np.testing.assert_array_equal(table.apply(acc).astype(np.int64), _count_reached(acc, thr, 1))
     # float32 accumulators whose bucket arithmetic needs more than 24 bits: float64
     thr = np.sort(rng.integers(2**23, 2**24 - 1, (2, 40)), axis=1)
-    table = _ThresholdTable(thr, 0, -(2**24) + 1, 2**24 - 1, np.float32, np.float32)
+    table = ThresholdTable(thr, 0, -(2**24) + 1, 2**24 - 1, np.float32, np.float32)
     assert table.mode == "bucket" and table.dtype is np.float64
     acc = _accumulators(rng, thr, -(2**24) + 1, 2**24 - 1, 500, 2)
     np.testing.assert_array_equal(table.apply(acc.astype(np.float32)).astype(np.int64), _count_reached(acc, thr, 0))
 
 
 def test_carrier_holds_its_integers_exactly():
-    assert _carrier(2**24 - 1) is np.float32 and _carrier(2**24) is np.float64
-    assert _carrier(2**53 - 1) is np.float64 and _carrier(2**53) is np.int64
+    assert carrier(2**24 - 1) is np.float32 and carrier(2**24) is np.float64
+    assert carrier(2**53 - 1) is np.float64 and carrier(2**53) is np.int64
     v = np.array([2**24 - 1, -(2**24) + 1], dtype=np.int64)
     assert np.array_equal(v.astype(np.float32).astype(np.int64), v)
 
@@ -154,14 +148,14 @@ def _im2col_loop(x, k, s, d):
 def test_im2col_and_fused_pools_equal_plain_loops(k, s, d, hw):
     rng = np.random.default_rng(sum(k) + sum(s))
     x = rng.integers(-50, 256, size=(3, *hw, 5)).astype(np.float32)
-    cols = _im2col(x, k, s, d)
+    cols = im2col(x, k, s, d)
     np.testing.assert_array_equal(cols, _im2col_loop(x, k, s, d))
     win = cols.reshape(*cols.shape[:3], k[0] * k[1], 5)
-    np.testing.assert_array_equal(_window_reduce(x, k, s, d, "MaxPool", np.float32), win.max(axis=3))
-    np.testing.assert_array_equal(_window_reduce(x, k, s, d, "AccPool", np.float64), win.sum(axis=3, dtype=np.float64))
+    np.testing.assert_array_equal(window_reduce(x, k, s, d, "MaxPool", np.float32), win.max(axis=3))
+    np.testing.assert_array_equal(window_reduce(x, k, s, d, "AccPool", np.float64), win.sum(axis=3, dtype=np.float64))
     # a strided (non-contiguous) input gives the same columns
     xs = np.concatenate([x, x], axis=-1)[..., ::2]
-    np.testing.assert_array_equal(_im2col(xs, k, s, d), _im2col_loop(xs, k, s, d))
+    np.testing.assert_array_equal(im2col(xs, k, s, d), _im2col_loop(xs, k, s, d))
 
 
 def _one_mvau(w, thr=None, act_val=0):
@@ -214,9 +208,9 @@ def test_mvau_is_exact_in_the_type_it_picks(wmax, mw, xlo, xhi, gemm, with_thres
         thr = np.sort(rng.integers(lo, hi + 1, size=(mh, 7)), axis=1).astype(np.float64)
         thr[:, 3] = thr[:, 2]  # a repeated threshold
     m, node = _one_mvau(w, thr, act_val=-2 if with_thresholds else 0)
-    fn, key, iv, dt = _node_fn(m, node, {}, (xlo, xhi), _carrier(max(abs(xlo), abs(xhi))))
-    expect = acc if thr is None else _threshold_reference(acc, _int_thresholds(thr, mh, "t"), -2)
-    got = fn(x.astype(_carrier(max(abs(xlo), abs(xhi)))))
+    fn, key, iv, dt = node_fn(m, node, {}, (xlo, xhi), carrier(max(abs(xlo), abs(xhi))))
+    expect = acc if thr is None else threshold_reference(acc, int_thresholds(thr, mh, "t"), -2)
+    got = fn(x.astype(carrier(max(abs(xlo), abs(xhi)))))
     assert got.dtype == (gemm if thr is None else np.float32)
     assert dt is got.dtype.type
     np.testing.assert_array_equal(got.astype(np.int64), expect)
@@ -317,7 +311,7 @@ def test_po2_rescale_rounds_half_to_even_exactly_in_every_carrier():
     rounding half to even, ties included, and clip to the code range (ReLU folded in)."""
     from fractions import Fraction
 
-    from fqhw.backends.intsim import _Dyadic, _requant_fn, _shift_round, _shift_round_int64
+    from fqhw.backends.intsim.po2 import _Dyadic, _requant_fn, _shift_round, _shift_round_int64
 
     def exact(v, d):
         f = Fraction(v, 1) / Fraction(2) ** d if d > 0 else Fraction(v * 2 ** (-d))
@@ -331,9 +325,9 @@ def test_po2_rescale_rounds_half_to_even_exactly_in_every_carrier():
         ref = np.array([exact(int(v), d) for v in vals])
         np.testing.assert_array_equal([_shift_round(int(v), d) for v in vals], ref)
         np.testing.assert_array_equal(_shift_round_int64(vals.astype(np.int64), d), ref)
-        for carrier in (np.float32, np.float64, np.int64):
-            x = _Dyadic("t", -8, (int(vals.min()), int(vals.max())), carrier, (len(vals),), "flat", relu=True)
+        for kind in (np.float32, np.float64, np.int64):
+            x = _Dyadic("t", -8, (int(vals.min()), int(vals.max())), kind, (len(vals),), "flat", relu=True)
             fn, iv, dt = _requant_fn(x, {"exp": -8 + d, "lo": -7, "hi": 6}, "test")
-            got = fn(vals.astype(carrier)).astype(np.int64)
-            np.testing.assert_array_equal(got, np.clip(ref, 0, 6), err_msg=f"d={d} {carrier}")
+            got = fn(vals.astype(kind)).astype(np.int64)
+            np.testing.assert_array_equal(got, np.clip(ref, 0, 6), err_msg=f"d={d} {kind}")
             assert iv[0] <= got.min() and got.max() <= iv[1]

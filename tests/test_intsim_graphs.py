@@ -49,10 +49,11 @@ def _no_logits(out: dict) -> dict:
 def grouped(tmp_path_factory):
     """A FairCNN (8 x 8 inputs, channels 4, 8) with features.1.conv in two groups of 4
     output channels at 3 and 6 weight bits, through QONNX and FINN (estimate-only)."""
-    from fqhw.backends.finn_build import finn_build
+    from fqhw.backends.finn.build import finn_build
     from fqhw.backends.qonnx_export import export_qonnx
     from fqhw.models.cnn import CNNConfig, FairCNN
-    from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
+    from fqhw.quant.qmodel import build_quant_model, calibrate
+    from fqhw.quant.snap import snap_thresholds
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def grouped(tmp_path_factory):
 
 
 def test_grouped_build_simulator_equals_finn_and_qonnx(grouped):
-    from fqhw.backends.finn_build import finn_integer_trace
+    from fqhw.backends.finn.execute import finn_integer_trace
     from fqhw.backends.qonnx_export import qonnx_integer_trace
 
     sim = IntegerSimulator.from_build(grouped["root"])
@@ -144,10 +145,12 @@ def resnet(tmp_path_factory):
     """A narrow ResNet-18 (channels 64, 16, 16, 16; 64 x 64 inputs) at a mixed allocation,
     exported and built by FINN as a compile output folder lays it out (model.qonnx.onnx
     beside finn/finn_result.json)."""
-    from fqhw.backends.finn_generic import finn_dataflow_resnet, require_all_hw
+    from fqhw.backends.finn.residual import finn_dataflow_resnet, require_all_hw
     from fqhw.models import registry
     from fqhw.network import network_spec
-    from fqhw.quant.generic import export_generic_qonnx, quantize_model, snap_resnet_thresholds
+    from fqhw.backends.qonnx_generic import export_generic_qonnx
+    from fqhw.quant.generic import quantize_model
+    from fqhw.quant.resnet_snap import snap_resnet_thresholds
     from fqhw.quant.qmodel import calibrate
 
     torch.set_num_threads(1)
@@ -169,8 +172,8 @@ def resnet(tmp_path_factory):
 
 
 def test_resnet_simulator_equals_finn_and_qonnx(resnet):
-    from fqhw.backends.finn_generic import finn_dataflow_integer_trace
-    from fqhw.quant.generic import qonnx_execute, qonnx_integer_trace_generic
+    from fqhw.backends.finn.residual import finn_dataflow_integer_trace
+    from fqhw.backends.qonnx_generic import qonnx_execute, qonnx_integer_trace_generic
 
     sim = IntegerSimulator.from_build(resnet["root"])  # finds finn/finn_result.json
     ops = [n.op_type.split("_")[0] for n in sim.nodes]
@@ -236,23 +239,23 @@ def _join_graph():
 
 
 def test_joins_and_topological_order_on_a_small_graph():
-    from fqhw.backends.intsim import _join_fn, _topological
+    from fqhw.backends.intsim.dataflow import join_fn, topological
 
     m = _join_graph()
-    assert [n.name for n in _topological(m)] == ["dup", "add", "cat"]
+    assert [n.name for n in topological(m)] == ["dup", "add", "cat"]
     add, cat = m.get_node_from_name("add"), m.get_node_from_name("cat")
     x = np.random.default_rng(0).integers(-128, 128, size=(5, 2, 2, 3)).astype(np.float32)
-    fn, iv, dt = _join_fn(m, add, [(-128, 127)], [np.float32])
+    fn, iv, dt = join_fn(m, add, [(-128, 127)], [np.float32])
     s = fn(x)
     assert iv == (-228, 154) and dt is np.float32
     np.testing.assert_array_equal(s, x + np.array([-100, 0, 27], dtype=np.float32))
-    fn, iv, dt = _join_fn(m, cat, [(-128, 127), iv], [np.float32, dt])
+    fn, iv, dt = join_fn(m, cat, [(-128, 127), iv], [np.float32, dt])
     np.testing.assert_array_equal(fn(x, s), np.concatenate([x, s], axis=-1))
     assert iv == (-228, 154)
     with pytest.raises(FqhwError, match="ChannelsPerStream says 3"):
         fn(x[..., :2], s)
     # a sum past float32's exact integers is carried as float64, and stays exact
-    fn, iv, dt = _join_fn(m, add, [(0, 2**24)], [np.float64])
+    fn, iv, dt = join_fn(m, add, [(0, 2**24)], [np.float64])
     assert dt is np.float64
     big = np.full((1, 2, 2, 3), 2**24, dtype=np.float64)
     assert fn(big)[0, 0, 0, 2] == 2**24 + 27

@@ -166,7 +166,9 @@ def test_network_spec_transformers():
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    from fqhw.quant.generic import export_generic_qonnx, quantize_model, snap_resnet_thresholds
+    from fqhw.backends.qonnx_generic import export_generic_qonnx
+    from fqhw.quant.generic import quantize_model
+    from fqhw.quant.resnet_snap import snap_resnet_thresholds
     from fqhw.quant.qmodel import calibrate
 
     torch.set_num_threads(1)
@@ -186,7 +188,7 @@ def resnet(tmp_path_factory):
 
 
 def test_resnet18_allocation_is_mixed(resnet):
-    from fqhw.quant.generic import resnet_threshold_margins
+    from fqhw.quant.resnet_snap import resnet_threshold_margins
 
     assert len(resnet["snap"]["layers"]) == 20 and resnet["snap"]["min_margin"] >= 1e-3
     assert min(resnet_threshold_margins(resnet["q"]).values()) >= 1e-3
@@ -196,7 +198,8 @@ def test_resnet18_allocation_is_mixed(resnet):
 
 
 def test_resnet18_refusals(resnet, tmp_path):
-    from fqhw.quant.generic import export_generic_qonnx, quantize_model
+    from fqhw.backends.qonnx_generic import export_generic_qonnx
+    from fqhw.quant.generic import quantize_model
 
     with pytest.raises(FqhwError, match="at least 64 x 64"):
         export_generic_qonnx(resnet["q"], (3, 32, 32), tmp_path / "small.onnx")
@@ -209,7 +212,8 @@ def test_resnet18_refusals(resnet, tmp_path):
 
 
 def test_resnet18_brevitas_equals_qonnx(resnet):
-    from fqhw.quant.generic import compare_traces, integer_trace, qonnx_integer_trace_generic
+    from fqhw.backends.qonnx_generic import compare_traces, qonnx_integer_trace_generic
+    from fqhw.quant.generic import integer_trace
 
     x = _images(2, seed=2)
     ref = integer_trace(resnet["q"], x)
@@ -223,8 +227,9 @@ def test_resnet18_brevitas_equals_qonnx(resnet):
 
 @pytest.mark.slow
 def test_resnet18_finn_all_hw_and_bit_exact(resnet):
-    from fqhw.backends.finn_generic import finn_dataflow_integer_trace, finn_dataflow_resnet, require_all_hw
-    from fqhw.quant.generic import compare_traces, integer_trace
+    from fqhw.backends.finn.residual import finn_dataflow_integer_trace, finn_dataflow_resnet, require_all_hw
+    from fqhw.backends.qonnx_generic import compare_traces
+    from fqhw.quant.generic import integer_trace
 
     res = require_all_hw(finn_dataflow_resnet(resnet["path"], resnet["root"] / "finn", alloc=resnet["alloc"]), "resnet18")
     ops = res.hw_op_counts
@@ -246,8 +251,9 @@ def test_resnet18_finn_all_hw_and_bit_exact(resnet):
 
 
 def test_deit_export_runs_and_finn_refuses(tmp_path):
-    from fqhw.backends.finn_generic import finn_refusal
-    from fqhw.quant.generic import export_transformer_qonnx, qonnx_execute, quantize_model
+    from fqhw.backends.finn.residual import finn_refusal
+    from fqhw.backends.qonnx_generic import export_transformer_qonnx, qonnx_execute
+    from fqhw.quant.generic import quantize_model
     from fqhw.quant.qmodel import calibrate
 
     torch.manual_seed(0)
@@ -275,7 +281,8 @@ def test_tinyvit_brevitas_equals_qonnx_at_the_integer_level(tmp_path):
     windows: the traces are compared per image). At 64 px: at 32 px the last stage's map is
     1 pixel high, which qonnx's Im2Col refuses."""
     from fqhw.backends.verify import check_bit_exact
-    from fqhw.quant.generic import export_transformer_qonnx, integer_trace, qonnx_integer_trace_transformer, quantize_model
+    from fqhw.backends.qonnx_generic import export_transformer_qonnx, qonnx_integer_trace_transformer
+    from fqhw.quant.generic import integer_trace, quantize_model
     from fqhw.quant.qmodel import calibrate
 
     torch.manual_seed(0)

@@ -36,12 +36,14 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.finn_build import finn_build, finn_integer_trace
+from fqhw.backends.finn.build import finn_build
+from fqhw.backends.finn.execute import finn_integer_trace
 from fqhw.backends.intsim import IntegerSimulator
 from fqhw.backends.qonnx_export import export_qonnx, qonnx_integer_trace
 from fqhw.backends.verify import check_bit_exact
 from fqhw.models.cnn import CNNConfig, FairCNN
-from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace, snap_thresholds
+from fqhw.quant.qmodel import build_quant_model, calibrate, integer_trace
+from fqhw.quant.snap import snap_thresholds
 
 EXAMPLES = int(os.environ.get("FQHW_PROPERTY_EXAMPLES", "8"))
 # FQHW_PROPERTY_RANDOM=1: fresh random examples on every run (a local search beyond CI's)
@@ -224,7 +226,8 @@ HLS4ML_EXAMPLES = int(os.environ.get("FQHW_PROPERTY_HLS4ML_EXAMPLES", "3"))
 )
 @given(case=cases())
 def test_po2_brevitas_qonnx_and_hls4ml_agree_on_every_integer(case):
-    from fqhw.backends.hls4ml_build import hls4ml_build, hls4ml_integer_trace
+    from fqhw.backends.hls4ml.build import hls4ml_build
+    from fqhw.backends.hls4ml.csim import hls4ml_integer_trace
     from fqhw.quant.po2 import build_po2_model, po2_integer_trace
 
     cfg, alloc, seed = case

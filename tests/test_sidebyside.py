@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_methods_at_one_budget_and_resume(compiled, tmp_path, capsys):
-    _, cache = compiled
+    compiled_out, cache = compiled
     out = tmp_path / "sbs"
-    methods = "uniform4,fairquantize,fq_baq,fqhw"
+    methods = "uniform4,fairquantize,fq_qat,fq_baq,fqhw"
     args = ["sidebyside", "--out", str(out), "--cache-dir", str(cache), "--seeds", "0,1", "--methods", methods, "--baq-epochs", "1", *TINY]
     assert main(args) == 0
     res = json.loads((out / "sidebyside.json").read_text())
@@ -33,14 +33,19 @@ def test_methods_at_one_budget_and_resume(compiled, tmp_path, capsys):
         assert res["summary"][m]["worst_group_acc"]["mean"] == pytest.approx(sum(accs) / len(accs))
     baq = [r for r in res["runs"] if r["method"] in ("fq_baq", "fqhw")]
     assert all(r["baq"]["projected"] == r["weight_bits"] for r in baq)
-    # the BAQ run that starts from FairQuant's quantile allocation really starts there
-    fq_warm = next(r for r in res["runs"] if r["method"] == "fq_baq" and r["seed"] == 0)["baq"]["warm_start"]
-    assert set(fq_warm) == set(res["runs"][0]["weight_bits"])
+    # each BAQ run really starts from its warm start: fq_baq from FairQuant's quantile
+    # allocation (fq_qat's, seed by seed), fqhw from the solver's (at seed 0 the compile's)
+    for seed in (0, 1):
+        run = {r["method"]: r for r in res["runs"] if r["seed"] == seed}
+        assert run["fq_baq"]["baq"]["warm_start"] == run["fq_qat"]["weight_bits"]
+    solver = json.loads((compiled_out / "allocation.json").read_text())
+    fqhw0 = next(r for r in res["runs"] if r["method"] == "fqhw" and r["seed"] == 0)
+    assert fqhw0["baq"]["warm_start"] == {la["name"]: la["weight_bits"] for la in solver["layers"]}
 
     # every test prediction is kept, and fqhw is compared with each other method on them
     n_test = res["runs"][0]["test"]["n"]
     assert all(len(r["test_pred"]) == n_test for r in res["runs"])
-    assert res["reference"] == "fqhw" and sorted(res["comparisons"]) == ["fairquantize", "fq_baq", "uniform4"]  # no fqhw_qat here
+    assert res["reference"] == "fqhw" and sorted(res["comparisons"]) == ["fairquantize", "fq_baq", "fq_qat", "uniform4"]  # no fqhw_qat here
     assert sum(res["test_counts"].values()) == n_test
     fq_worst = [r["test"]["worst_group_acc"] for r in res["runs"] if r["method"] == "fqhw"]
     for m, c in res["comparisons"].items():

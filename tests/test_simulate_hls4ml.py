@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
-from fqhw.backends.hls4ml_build import Hls4mlBuild, compiled_weights_dir, ensure_csim_here, hls4ml_build
+from fqhw.backends.hls4ml.build import hls4ml_build
+from fqhw.backends.hls4ml.csim import compiled_weights_dir, ensure_csim_here
+from fqhw.backends.hls4ml.record import Hls4mlBuild
 from fqhw.backends.intsim import IntegerSimulator
 from fqhw.backends.qonnx_export import export_qonnx
 from fqhw.cli import main

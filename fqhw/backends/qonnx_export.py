@@ -23,9 +23,9 @@ import torch
 from onnx import numpy_helper
 
 from fqhw.errors import FqhwError
-from fqhw.quant.channel_groups import merge_group_keys
-
-INT_TOL = 1e-3
+from fqhw.intcodes import CODES_SUFFIX, INT_TOL, LAYER_NAMES_KEY, int_range, to_int
+from fqhw.onnxgraph import canonical, const_value, consumers_of, node_attrs, producer_of, quant_const, quant_nodes, quant_params
+from fqhw.units import merge_group_keys
 
 
 @contextlib.contextmanager
@@ -87,7 +87,7 @@ def export_qonnx(qmodel, input_shape, path) -> Path:
             model = _brevitas_export(qmodel, shape, zero_bias=True)
     finally:
         qmodel.train(was_training)
-    model = _canonical(_conv_bias_quant_params_1d(model.model))
+    model = canonical(_conv_bias_quant_params_1d(model.model))
     names = list(qmodel.layers) if hasattr(qmodel, "layers") else None
     if names:
         model.metadata_props.add(key=LAYER_NAMES_KEY, value=json.dumps(names))
@@ -112,7 +112,7 @@ def _conv_bias_quant_params_1d(model: onnx.ModelProto) -> onnx.ModelProto:
     for conv in model.graph.node:
         if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 3:
             continue
-        q = _producer(model, conv.input[2])
+        q = producer_of(model, conv.input[2])
         if q is None or q.op_type != "Quant":
             continue
         for t in q.input[1:3]:
@@ -133,46 +133,6 @@ def _conv_bias_quant_params_1d(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _canonical(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Strip the metadata that differs between otherwise identical exports."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    model.producer_version = ""
-    model.doc_string = ""
-    del model.metadata_props[:]
-    for node in model.graph.node:
-        node.doc_string = ""
-    model.graph.doc_string = ""
-    return model
-
-
-def _quant_nodes(model: onnx.ModelProto):
-    return [n for n in model.graph.node if n.op_type == "Quant"]
-
-
-def _const(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None
-
-
-def _producer(model: onnx.ModelProto, tensor: str):
-    for n in model.graph.node:
-        if tensor in n.output:
-            return n
-    return None
-
-
-def _to_int(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, what: str) -> np.ndarray:
-    pre = value.astype(np.float64) / scale.astype(np.float64) + zero_point.astype(np.float64)
-    rounded = np.round(pre)
-    err = float(np.abs(pre - rounded).max()) if pre.size else 0.0
-    if err > INT_TOL:
-        raise AssertionError(f"{what}: Quant output / scale is {err:.3g} away from an integer")
-    return rounded.astype(np.int64)
-
-
-LAYER_NAMES_KEY = "fqhw_layer_names"  # metadata: JSON list of the layer names, in order
 # ops between the last activation Quant and the head that keep integer codes unchanged
 _CODE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Transpose", "Identity", "Concat")
 
@@ -187,15 +147,15 @@ def _through_concat(model: onnx.ModelProto, node) -> str:
         return node.input[0]
     params = []
     for t in node.input:
-        p = _producer(model, t)
+        p = producer_of(model, t)
         while p is not None and p.op_type in _CODE_PRESERVING and p.op_type != "Quant":
-            p = _producer(model, _through_concat(model, p))
+            p = producer_of(model, _through_concat(model, p))
         if p is None or p.op_type != "Quant":
             raise FqhwError(f"Concat {node.name}: input {t} does not come from a Quant node")
-        vals = [_const(model, x) for x in p.input[1:4]]
+        vals = [const_value(model, x) for x in p.input[1:4]]
         if any(v is None for v in vals):
             raise FqhwError(f"Concat {node.name}: the Quant feeding {t} has non-constant parameters")
-        params.append((vals, _attrs(p)))
+        params.append((vals, node_attrs(p)))
     first_vals, first_attrs = params[0]
     for vals, attrs in params[1:]:
         if attrs != first_attrs or any(not np.array_equal(a, b) for a, b in zip(vals, first_vals)):
@@ -207,7 +167,7 @@ class _QonnxLayout:
     """Which nodes of the exported graph carry which of our keys."""
 
     def __init__(self, model: onnx.ModelProto):
-        act_quants = [n for n in _quant_nodes(model) if _const(model, n.input[0]) is None]
+        act_quants = [n for n in quant_nodes(model) if const_value(model, n.input[0]) is None]
         if not act_quants:
             raise FqhwError("the QONNX graph has no activation Quant nodes")
         self.input_quant = act_quants[0]
@@ -228,7 +188,7 @@ class _QonnxLayout:
                 f"QONNX graph has {len(self.act_quants) + 1} quantized layers, its names say {names}"
             )
         self.layer_names = names
-        wq = _producer(model, self.head.input[1])
+        wq = producer_of(model, self.head.input[1])
         if wq is None or wq.op_type != "Quant":
             raise FqhwError("the head's weight does not come straight from a Quant node")
         self.head_weight_quant = wq
@@ -236,13 +196,13 @@ class _QonnxLayout:
             a.name == "transB" and a.i == 1 for a in self.head.attribute
         )
         if self.head.op_type == "Gemm" and len(self.head.input) == 3:
-            bias = _const(model, self.head.input[2])
+            bias = const_value(model, self.head.input[2])
             if bias is None or np.any(bias != 0):
                 raise FqhwError("the head's Gemm has a non-zero bias: its accumulator is not an integer")
         # the activation Quant that feeds the head, through pooling / layout ops only
         t, node = self.head.input[0], None
         while True:
-            node = _producer(model, t)
+            node = producer_of(model, t)
             if node is None or node.op_type == "Quant":
                 break
             if node.op_type not in _CODE_PRESERVING:
@@ -253,16 +213,7 @@ class _QonnxLayout:
         self.head_input_quant = node
 
 
-def _quant_params(ctx, model, node):
-    scale = ctx[node.input[1]] if node.input[1] in ctx else _const(model, node.input[1])
-    zp = ctx[node.input[2]] if node.input[2] in ctx else _const(model, node.input[2])
-    return np.asarray(scale), np.asarray(zp)
-
-
-CODES_SUFFIX = "_codes"  # float64 copy: the integer-code output of a split Quant
-
-
-def _float64_copy(path):
+def float64_copy(path):
     """A copy of the QONNX model at `path` that qonnx's `execute_onnx` runs in float64.
 
     Rewrites (the file on disk is not touched), each leaving the arithmetic the graph
@@ -333,7 +284,7 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
     with qonnx's executor; return int64 codes: "input", "<layer>.act" (each ReLU's Quant
     codes), "head.acc" (integer head weights x integer head input, exact).
 
-    precision="float64" (the default) runs `_float64_copy` of the graph: every tensor in
+    precision="float64" (the default) runs `float64_copy` of the graph: every tensor in
     float64, so a code can only flip for a pre-activation within ~1e-15 (relative) of a
     rounding boundary. precision="float32" runs the file as it is (onnxruntime and qonnx's
     custom ops in float32): a pre-activation within float32 rounding of a boundary can round
@@ -346,7 +297,7 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
     model = onnx.load(str(path))
     lay = _QonnxLayout(model)
     if precision == "float64":
-        wrapper, dtype, split = _float64_copy(path), np.float64, True
+        wrapper, dtype, split = float64_copy(path), np.float64, True
     elif precision == "float32":
         wrapper, dtype, split = ModelWrapper(str(path)), np.float32, False
         if wrapper.get_tensor_shape(wrapper.graph.input[0].name)[0] != 1:
@@ -357,10 +308,10 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
     iname = model.graph.input[0].name
 
     def codes(ctx, q, what):
-        s, z = _quant_params(ctx, model, q)
-        value = _to_int(ctx[q.output[0]], s, z, what)
+        s, z = quant_params(ctx, model, q)
+        value = to_int(ctx[q.output[0]], s, z, what)
         if split:  # the middle Quant's output is the codes themselves
-            direct = _to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, what)
+            direct = to_int(ctx[q.output[0] + CODES_SUFFIX], np.ones(1), z, what)
             if not np.array_equal(direct, value):
                 raise AssertionError(f"{what}: codes x scale / scale is not the codes")
         return value, s
@@ -376,8 +327,8 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
             per_key.setdefault(f"{name}.act", []).append(c)
         # head accumulator: integer weights x integer input codes
         w_int, ws = codes(ctx, lay.head_weight_quant, "head weight")
-        a_s, a_z = _quant_params(ctx, model, lay.head_input_quant)
-        a_int = _to_int(ctx[lay.head.input[0]], a_s, a_z, "head input").reshape(1, -1)
+        a_s, a_z = quant_params(ctx, model, lay.head_input_quant)
+        a_int = to_int(ctx[lay.head.input[0]], a_s, a_z, "head input").reshape(1, -1)
         acc = a_int @ (w_int.T if lay.head_transB else w_int)
         # the graph's own float result must be that accumulator times the scales
         out = ctx[lay.head.output[0]].astype(np.float64)
@@ -390,32 +341,6 @@ def qonnx_integer_trace(path, x, precision: str = "float64") -> dict[str, np.nda
 
 
 # --------------------------------------------------------------------------- float64 thresholds
-
-
-def _attrs(node) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _consumers(model: onnx.ModelProto, tensor: str):
-    return [n for n in model.graph.node if tensor in n.input]
-
-
-def _quant_const(model, node, what: str):
-    """(scale, zero point, bit width, signed, narrow) of a Quant node, all float64 constants."""
-    vals = [_const(model, t) for t in node.input[1:4]]
-    if any(v is None for v in vals):
-        raise FqhwError(f"{what}: the Quant node's scale / zero point / bit width are not constants")
-    a = _attrs(node)
-    scale, zp, bits = (np.asarray(v, dtype=np.float64) for v in vals)
-    if np.any(zp != 0):
-        raise FqhwError(f"{what}: non-zero zero point")
-    return scale, zp, int(bits.reshape(-1)[0]), bool(a.get("signed", 1)), bool(a.get("narrow", 0))
-
-
-def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
-    if signed:
-        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1 - int(narrow)
 
 
 def qonnx_threshold_reference(path) -> "dict[str, dict]":
@@ -437,42 +362,42 @@ def qonnx_threshold_reference(path) -> "dict[str, dict]":
     for name, conv in zip(names, convs):
         if len(conv.input) > 2:
             raise FqhwError(f"{name}: conv with a bias is not supported by the threshold reference")
-        wq = _producer(model, conv.input[1])
-        if wq is None or wq.op_type != "Quant" or _const(model, wq.input[0]) is None:
+        wq = producer_of(model, conv.input[1])
+        if wq is None or wq.op_type != "Quant" or const_value(model, wq.input[0]) is None:
             raise FqhwError(f"{name}: the conv weight does not come from a Quant of a constant")
-        w = _const(model, wq.input[0]).astype(np.float64)
-        s_w, _, wbits, wsigned, wnarrow = _quant_const(model, wq, f"{name} weight")
-        lo, hi = _int_range(wbits, wsigned, wnarrow)
+        w = const_value(model, wq.input[0]).astype(np.float64)
+        s_w, _, wbits, wsigned, wnarrow = quant_const(model, wq, f"{name} weight")
+        lo, hi = int_range(wbits, wsigned, wnarrow)
         w_int = np.round(np.clip(w / s_w, lo, hi)).astype(np.int64)  # qonnx Quant: clip, round
         # input codes: the Quant in front, through code-preserving ops
         t = conv.input[0]
         while True:
-            p = _producer(model, t)
+            p = producer_of(model, t)
             if p is None or p.op_type == "Quant" or p.op_type not in _CODE_PRESERVING:
                 break
             t = _through_concat(model, p)
         if p is None or p.op_type != "Quant":
             raise FqhwError(f"{name}: the conv input does not come from a Quant through pooling / layout ops")
-        s_in, _, ibits, isigned, inarrow = _quant_const(model, p, f"{name} input")
+        s_in, _, ibits, isigned, inarrow = quant_const(model, p, f"{name} input")
         if isigned or s_in.size != 1:
             raise FqhwError(f"{name}: the conv input must be unsigned with a per-tensor scale")
-        in_max = _int_range(ibits, isigned, inarrow)[1]
+        in_max = int_range(ibits, isigned, inarrow)[1]
         # BN (optional), Relu, activation Quant
-        node = _consumers(model, conv.output[0])
+        node = consumers_of(model, conv.output[0])
         c_out = w_int.shape[0]
         inv, mean, beta = np.ones(c_out), np.zeros(c_out), np.zeros(c_out)
         if len(node) == 1 and node[0].op_type == "BatchNormalization":
             bn = node[0]
-            gamma, beta, mean, var = (_const(model, x).astype(np.float64) for x in bn.input[1:5])
-            eps = float(_attrs(bn).get("epsilon", 1e-5))
+            gamma, beta, mean, var = (const_value(model, x).astype(np.float64) for x in bn.input[1:5])
+            eps = float(node_attrs(bn).get("epsilon", 1e-5))
             inv = gamma / np.sqrt(var + eps)
-            node = _consumers(model, bn.output[0])
+            node = consumers_of(model, bn.output[0])
         if len(node) != 1 or node[0].op_type != "Relu":
             raise FqhwError(f"{name}: expected Conv [-> BatchNormalization] -> Relu -> Quant")
-        aq = _consumers(model, node[0].output[0])
+        aq = consumers_of(model, node[0].output[0])
         if len(aq) != 1 or aq[0].op_type != "Quant":
             raise FqhwError(f"{name}: the Relu does not feed a Quant")
-        s_a, _, abits, asigned, anarrow = _quant_const(model, aq[0], f"{name} activation")
+        s_a, _, abits, asigned, anarrow = quant_const(model, aq[0], f"{name} activation")
         if asigned or anarrow or s_a.size != 1:
             raise FqhwError(f"{name}: the activation quantizer must be unsigned, wide, per-tensor")
         s_a = float(s_a.reshape(-1)[0])

@@ -55,7 +55,8 @@ from fqhw.allocator.allocation import Allocation
 from fqhw.data.dataset import INPUT_SCALE
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import FairCNN, copy_pool
-from fqhw.quant.qmodel import InputQuant, QuantLayer, _codes, quant_conv_like, trace_codes
+from fqhw.quant.layers import InputQuant, QuantLayer, int_codes, quant_conv_like
+from fqhw.quant.qmodel import trace_codes
 
 SCHEME = "po2"  # the name reports and the flow use for this quantization scheme
 
@@ -121,7 +122,8 @@ class Po2FairCNN(nn.Module):
     scheme = SCHEME
 
     def __init__(self, float_model: FairCNN, alloc: Allocation, weight_quant=Po2WeightQuant, act_quant=Po2ActQuant):
-        from fqhw.quant.channel_groups import GroupedConvBlock, group_conv_geometry, layer_groups, parse_unit
+        from fqhw.quant.channel_groups import GroupedConvBlock, group_conv_geometry, layer_groups
+        from fqhw.units import parse_unit
 
         super().__init__()
         cfg = float_model.cfg
@@ -337,7 +339,7 @@ def float64_po2_twin(qmodel: Po2FairCNN) -> Po2FairCNN:
         with torch.no_grad():
             for (name, ql), tl in zip(qmodel.layers.items(), twin.layers.values()):
                 qw, tw = ql.compute.quant_weight(), tl.compute.quant_weight()
-                if not (torch.equal(_codes(tw, f"{name} weight"), _codes(qw, f"{name} weight")) and torch.equal(tw.scale.detach(), qw.scale.detach().double())):
+                if not (torch.equal(int_codes(tw, f"{name} weight"), int_codes(qw, f"{name} weight")) and torch.equal(tw.scale.detach(), qw.scale.detach().double())):
                     raise AssertionError(f"{name}: the float64 twin's weight codes or scale differ")
                 if ql.act is not None:
                     if not torch.equal(tl.act.act_quant.scale().detach(), ql.act.act_quant.scale().detach().double()):
@@ -396,7 +398,8 @@ def compare_schemes(
     import time
 
     from fqhw.quant.qat import evaluate_groups, finetune
-    from fqhw.quant.qmodel import build_quant_model, calibrate, snap_thresholds
+    from fqhw.quant.qmodel import build_quant_model, calibrate
+    from fqhw.quant.snap import snap_thresholds
 
     keys = ("overall_acc", "mean_group_acc", "worst_group_acc")
 

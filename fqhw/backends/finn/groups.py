@@ -1,8 +1,8 @@
 """FINN build of a model with output-channel groups (fqhw.quant.channel_groups).
 
 A grouped layer exports as G Conv -> BN -> Relu -> Quant -> MaxPool branches that read one
-tensor and meet in a Concat; `fqhw.backends.finn_build.finn_build` calls the functions here
-when the allocation has channel groups, so that the dataflow graph is the one
+tensor and meet in a Concat; `fqhw.backends.finn.build.finn_build` runs GROUPS_STEPS and calls
+the functions here when the allocation has channel groups, so that the dataflow graph is the one
 `fqhw.hwmodels.finn` prices:
 
     ... -> FMPadding -> ConvolutionInputGenerator -> DuplicateStreams -+-> MVAU_0 -> pool_0 -+
@@ -13,7 +13,7 @@ when the allocation has channel groups, so that the dataflow graph is the one
   one shared quantizer, leaves the Concat as one Mul that the next layer absorbs), then
   convs lowered to MatMul and the layouts made channels-last (the Concat on the last
   axis, which is what FINN's StreamingConcat takes).
-- `share_windows`: the G Im2Col nodes of a grouped conv (same input, same geometry) become
+- `ShareWindows` (fqhw.backends.finn.transforms): the G Im2Col nodes of a grouped conv (same input, same geometry) become
   one, whose output forks to the G MatMuls: one padding + sliding window per layer, as the
   cost model prices it (with group 0), and FINN inserts a DuplicateStreams at the fork.
 - `match_mvaus`: which MVAU is which unit, by its weights (FINN's topological sorts do not
@@ -31,37 +31,32 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from fqhw.backends.finn_generic import until_fixed
+from fqhw.backends.finn.common import MVAU_TYPES, POOL_TYPES, lower_convs_channels_last, until_fixed
+from fqhw.backends.finn.steps import finn_step
+from fqhw.backends.finn.transforms import ShareWindows
 from fqhw.errors import FqhwError
-from fqhw.quant.channel_groups import parse_unit
+from fqhw.onnxgraph import node_attr
+from fqhw.units import parse_unit
 
 JOIN_TYPES = ("StreamingConcat", "StreamingConcat_hls")
 FORK_TYPES = ("DuplicateStreams", "DuplicateStreams_hls")
-
-
-def is_grouped_graph(model) -> bool:
-    """Whether the (QONNX / FINN) graph joins channel groups with a Concat."""
-    return any(n.op_type == "Concat" for n in model.graph.node)
 
 
 def _until_fixed(model, transforms):
     return until_fixed(model, transforms, tidy=False, unsettled="FINN's streamlining of the channel groups did not settle")
 
 
-def streamline_groups(model):
+@finn_step("streamline_groups")
+def streamline_groups(model, cfg=None):
     """FINN's Streamline with the fork / Concat-join moves a grouped layer needs, convs
-    lowered, layouts channels-last, and the groups' Im2Cols shared (`share_windows`)."""
+    lowered, layouts channels-last, and the groups' Im2Cols shared (`ShareWindows`)."""
     import finn.transformation.streamline.absorb as absorb
     import finn.transformation.streamline.reorder as reorder
     from finn.transformation.streamline import Streamline
     from qonnx.transformation.bipolar_to_xnor import ConvertBipolarMatMulToXnorPopcount
     from qonnx.transformation.general import RemoveUnusedTensors
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
-    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
-
-    from fqhw.backends.finn_generic import _merge_forked_transposes_after_maxpool, _tidy
 
     joins = [
         Streamline(),
@@ -73,20 +68,8 @@ def streamline_groups(model):
     model = model.transform(absorb.AbsorbScalarBiasIntoMultiThreshold())
     model = _until_fixed(model, joins)
     if model.get_nodes_by_op_type("Conv"):
-        model = _tidy(model.transform(LowerConvsToMatMul()))
-        # MakeMaxPoolNHWC follows a MaxPool's first consumer only: one Transpose per fork
-        model, _ = _merge_forked_transposes_after_maxpool(model)
-        model = _until_fixed(
-            model,
-            [
-                reorder.MakeMaxPoolNHWC(),
-                absorb.AbsorbTransposeIntoMultiThreshold(),
-                reorder.MoveTransposePastFork(),
-                reorder.MoveTransposePastJoinConcat(),
-                absorb.AbsorbConsecutiveTransposes(),
-            ],
-        )
-        model = share_windows(model)
+        model = lower_convs_channels_last(model, reorder.MoveTransposePastJoinConcat(), _until_fixed)
+        model = model.transform(ShareWindows(), cleanup=False)
     model = model.transform(ConvertBipolarMatMulToXnorPopcount())
     model = _until_fixed(model, joins)
     model = model.transform(absorb.AbsorbScalarMulAddIntoTopK())
@@ -111,28 +94,6 @@ def _is_output_tail(model, node) -> bool:
         node = cons[0]
 
 
-def share_windows(model):
-    """One Im2Col per input tensor and geometry: the channel groups of a conv read the same
-    tensor through identical Im2Cols; all but the first are removed and their consumers read
-    the first's output (one sliding window per layer, forked)."""
-    first: dict[tuple, str] = {}
-    for node in list(model.graph.node):
-        if node.op_type != "Im2Col":
-            continue
-        attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute))
-        key = (node.input[0], attrs)
-        if key not in first:
-            first[key] = node.output[0]
-            continue
-        keep = first[key]
-        for other in model.graph.node:
-            for i, t in enumerate(other.input):
-                if t == node.output[0]:
-                    other.input[i] = keep
-        model.graph.node.remove(node)
-    return model
-
-
 # --------------------------------------------------------------------------- units and nodes
 
 
@@ -140,7 +101,9 @@ def _expected_weights(qonnx_path, units: list[str]) -> dict[str, np.ndarray]:
     """Each unit's integer weight codes from the QONNX file as FINN's (MW, MH) matrix: the
     convs (in file order = unit order, checked against the metadata's layer names by
     qonnx_threshold_reference) and the head MatMul / Gemm weights (rows = inputs)."""
-    from fqhw.backends.qonnx_export import _const, _int_range, _producer, _quant_const, qonnx_threshold_reference
+    from fqhw.backends.qonnx_export import qonnx_threshold_reference
+    from fqhw.intcodes import int_range
+    from fqhw.onnxgraph import const_value, producer_of, quant_const
 
     ref = qonnx_threshold_reference(qonnx_path)
     out: dict[str, np.ndarray] = {}
@@ -153,12 +116,12 @@ def _expected_weights(qonnx_path, units: list[str]) -> dict[str, np.ndarray]:
     if len(mms) != len(heads):
         raise FqhwError(f"the QONNX file has {len(mms)} MatMul/Gemm nodes for the units {heads}")
     for name, mm in zip(heads, mms):
-        q = _producer(model, mm.input[1])
+        q = producer_of(model, mm.input[1])
         if q is None or q.op_type != "Quant":
             raise FqhwError(f"{name}: its weight does not come from a Quant node")
-        s, _, bits, signed, narrow = _quant_const(model, q, f"{name} weight")
-        lo, hi = _int_range(bits, signed, narrow)
-        w = np.round(np.clip(_const(model, q.input[0]).astype(np.float64) / s, lo, hi)).astype(np.int64)
+        s, _, bits, signed, narrow = quant_const(model, q, f"{name} weight")
+        lo, hi = int_range(bits, signed, narrow)
+        w = np.round(np.clip(const_value(model, q.input[0]).astype(np.float64) / s, lo, hi)).astype(np.int64)
         trans_b = mm.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in mm.attribute)
         out[name] = w.T if trans_b else w
     return out
@@ -167,8 +130,6 @@ def _expected_weights(qonnx_path, units: list[str]) -> dict[str, np.ndarray]:
 def match_mvaus(model, qonnx_path, units: list[str]) -> dict[str, str]:
     """unit -> MVAU node name, by weights (see the module docstring). Refuses a unit that
     matches no MVAU or several."""
-    from fqhw.backends.finn_build import MVAU_TYPES
-
     expected = _expected_weights(qonnx_path, units)
     mvaus = [n for n in model.graph.node if n.op_type in MVAU_TYPES]
     if len(mvaus) != len(units):
@@ -191,8 +152,6 @@ def layer_of_nodes(model, mvau_of_layer: dict[str, str]) -> dict[str, str]:
     belongs to group 0 with the shared window) and its pooling behind it; a StreamingConcat
     to the last group of the layer it joins; anything else to the unit of the nearest MVAU
     upstream (the first unit when none)."""
-    from fqhw.backends.finn_build import POOL_TYPES
-
     unit_of_mvau = {v: k for k, v in mvau_of_layer.items()}
     layer_of: dict[str, str] = {}
     for node in model.graph.node:
@@ -209,7 +168,7 @@ def layer_of_nodes(model, mvau_of_layer: dict[str, str]) -> dict[str, str]:
             layer_of[p.name] = owner
             p = model.find_producer(p.input[0])
         cons = model.find_consumers(node.output[0]) or []
-        while len(cons) == 1 and (cons[0].op_type in POOL_TYPES or (cons[0].op_type.startswith("ConvolutionInputGenerator") and _attr(cons[0], "depthwise") == 1)):
+        while len(cons) == 1 and (cons[0].op_type in POOL_TYPES or (cons[0].op_type.startswith("ConvolutionInputGenerator") and node_attr(cons[0], "depthwise") == 1)):
             layer_of[cons[0].name] = unit
             cons = model.find_consumers(cons[0].output[0]) or []
     first = next(iter(mvau_of_layer))
@@ -223,13 +182,6 @@ def layer_of_nodes(model, mvau_of_layer: dict[str, str]) -> dict[str, str]:
         p = model.find_producer(node.input[0]) if node.input else None
         layer_of[node.name] = layer_of.get(p.name, first) if p is not None else first
     return layer_of
-
-
-def _attr(node, name):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
 
 
 def _smallest_fold(total: int, per_step_cycles, target: int) -> int:
