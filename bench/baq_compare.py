@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fqhw.flow import CompileConfig, _quantize, step_allocate, step_data, step_float_model, step_importance
+from fqhw.flow import CompileConfig, quantize_finetune, step_allocate, step_data, step_float_model, step_importance
 from fqhw.quant.baq import learn_bits
 from fqhw.quant.baq_model import weight_only_model
 from fqhw.quant.projection import check_budget_met
@@ -67,13 +67,13 @@ def main() -> None:
 
     if not args.only_baq:
         t = time.perf_counter()
-        qa = _quantize(cfg, fm, alloc, splits, desc="QAT")
+        qa = quantize_finetune(cfg, fm, alloc, splits, desc="QAT")
         rows["A: solver + QAT"] = row(qa.test_metrics, alloc.avg_weight_bits(fm.net), time.perf_counter() - t)
 
     if not (args.no_longer_qat or args.only_baq):
         t = time.perf_counter()
         long_cfg = replace(cfg, qat_epochs=args.baq_epochs + args.qat_epochs)
-        ql = _quantize(long_cfg, fm, alloc, splits, desc="QAT long")
+        ql = quantize_finetune(long_cfg, fm, alloc, splits, desc="QAT long")
         rows[f"A+: solver + QAT x{args.baq_epochs + args.qat_epochs}"] = row(ql.test_metrics, alloc.avg_weight_bits(fm.net), time.perf_counter() - t)
 
     t = time.perf_counter()
@@ -84,7 +84,7 @@ def main() -> None:
     )
     t_baq = time.perf_counter() - t
     fm_baq = replace(fm, model=res.float_model(fm.model))
-    qb = _quantize(cfg, fm_baq, res.allocation, splits, desc="QAT after BAQ")
+    qb = quantize_finetune(cfg, fm_baq, res.allocation, splits, desc="QAT after BAQ")
     check_budget_met(fm.net, qb.allocation, cfg.budget)
     b_label = "B: solver + BAQ + projection" + (" (fill)" if args.fill_budget else "") + " + QAT"
     rows[b_label] = row(qb.test_metrics, res.allocation.avg_weight_bits(fm.net), time.perf_counter() - t)

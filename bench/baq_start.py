@@ -21,7 +21,7 @@ import numpy as np
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.fairness.stats import compare_paired
-from fqhw.flow import CompileConfig, _quantize, step_data, step_float_model
+from fqhw.flow import CompileConfig, quantize_finetune, step_data, step_float_model
 from fqhw.quant.qat import predict
 from fqhw.sidebyside import METHODS, SideBySideConfig, run_inputs
 from fqhw.stepcache import StepCache
@@ -57,7 +57,7 @@ def main() -> None:
         fm = step_float_model(cfg, splits)
         ref, baq = cached_record(cache, cfg, fm, "fqhw_qat"), cached_record(cache, cfg, fm, "fqhw")
         alloc = Allocation("baq-projected", [LayerAllocation(k, b, baq["act_bits"][k]) for k, b in baq["weight_bits"].items()])
-        qm = _quantize(cfg, fm, alloc, splits, desc=f"QAT from float, seed {seed}")
+        qm = quantize_finetune(cfg, fm, alloc, splits, desc=f"QAT from float, seed {seed}")
         preds["solver_qat"][seed] = np.asarray(ref["test_pred"])
         preds["baq_weights"][seed] = np.asarray(baq["test_pred"])
         preds["baq_bits_float_start"][seed] = predict(qm.model, splits.test)

@@ -85,7 +85,7 @@ def flow_inputs(model: str, cache_dir: Path, model_kwargs: dict | None = None) -
         sens.save(path)
     source = (f"importance ({sens.method}) of a float {model} trained by fqhw.flow's steps on the built-in data "
               f"(float accuracy {fm.info.get('test_acc', fm.info.get('accuracy', 'n/a'))}; key {fm.key[:12]})")
-    return fm.net, sens, flow._pinned(cfg, fm.net) or {}, source
+    return fm.net, sens, flow.pinned_edges(cfg, fm.net) or {}, source
 
 
 def resnet18_inputs() -> tuple[NetworkSpec, Sensitivity, dict, str]:

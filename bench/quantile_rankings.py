@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fqhw.allocator.quantile import quantile_baseline
-from fqhw.flow import CompileConfig, _pinned, step_data, step_float_model
+from fqhw.flow import CompileConfig, pinned_edges, step_data, step_float_model
 from fqhw.sidebyside import METHODS, _two_groups
 
 
@@ -37,7 +37,7 @@ def main() -> None:
                         **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     splits = step_data(cfg)
     fm = step_float_model(cfg, splits)
-    pinned = _pinned(cfg, fm.net)
+    pinned = pinned_edges(cfg, fm.net)
     names = [m for m, meth in METHODS.items() if meth.allocator == "quantile" and not meth.baq]
     ranks, layer_of, allocs = {}, None, {}
     for name in names:

@@ -36,7 +36,7 @@ import torch
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.families import family
-from fqhw.flow import CompileConfig, _pinned, _quantize, step_data, step_float_model, step_importance
+from fqhw.flow import CompileConfig, pinned_edges, quantize_finetune, step_data, step_float_model, step_importance
 from fqhw.quant.qmodel import calibrate
 
 BUDGETS = (3, 4, 5)
@@ -103,7 +103,7 @@ def main() -> None:
     float_loss, float_acc = group_losses(fm.model, splits.test)
     rng = np.random.default_rng(args.seed)
     per_budget = -(-args.draws // len(BUDGETS))
-    drawn = draw_allocations(fm.net, _pinned(cfg, fm.net), per_budget, rng)
+    drawn = draw_allocations(fm.net, pinned_edges(cfg, fm.net), per_budget, rng)
     # interleave budgets so that the QAT subset covers all three
     drawn = [drawn[b * per_budget + i] for i in range(per_budget) for b in range(len(BUDGETS))]
     rows = []
@@ -120,7 +120,7 @@ def main() -> None:
             "predicted": pred.tolist(), "ptq_loss_increase": (ptq_loss - float_loss).tolist(), "ptq_acc": ptq_acc.tolist(),
         }
         if k < args.qat:
-            q = _quantize(cfg, fm, alloc, splits, desc=f"QAT draw {k}")
+            q = quantize_finetune(cfg, fm, alloc, splits, desc=f"QAT draw {k}")
             qat_loss, qat_acc = group_losses(q.model, splits.test)
             row.update(qat_loss_increase=(qat_loss - float_loss).tolist(), qat_acc=qat_acc.tolist())
         rows.append(row)

@@ -159,7 +159,7 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
         if err is not None:
             raise err
     if cfg.data_spec == "builtin":
-        check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=_pinned(cfg, net))
+        check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=pinned_edges(cfg, net))
 
 def _shell_flow(target: str) -> str:
     """FINN's shell for the target's board: Alveo cards build through Vitis, Zynq boards through Vivado."""
@@ -206,7 +206,7 @@ def _build_model(cfg: CompileConfig, num_classes: int) -> torch.nn.Module:
         return FairCNN(mcfg)
     return create(cfg.model, num_classes, cfg.data.image_size, **mcfg["kwargs"])
 
-def _pinned(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
+def pinned_edges(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
     """The first and last layer's weights at --edge-bits: every unit of them (channel groups)."""
     if cfg.edge_bits is None:
         return None
@@ -339,7 +339,7 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity, utili
         sens,
         get_cost_model(cfg.target, **({"utilisation": utilisation} if utilisation else {})),
         budget=cfg.budget,
-        pinned=_pinned(cfg, net),
+        pinned=pinned_edges(cfg, net),
         min_fps=cfg.min_fps,
         # with a rate to meet, the cheapest design that meets it; else the fastest that fits
         objective="resources" if cfg.min_fps else None,
@@ -409,7 +409,7 @@ def step_baq(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Data
     res = learn_bits(
         fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=cfg.baq_epochs, lr=cfg.qat_lr,
         fairness_lambda=cfg.fairness_lambda, bitrate_lambda=cfg.baq_bitrate_lambda, seed=cfg.seed,
-        cost_model=get_cost_model(cfg.target), pinned=_pinned(cfg, fm.net), min_fps=cfg.min_fps,
+        cost_model=get_cost_model(cfg.target), pinned=pinned_edges(cfg, fm.net), min_fps=cfg.min_fps,
         time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress,
     )
     check_budget_met(fm.net, res.allocation, cfg.budget)
@@ -434,7 +434,7 @@ class QuantModel:
     qat: dict
     test_metrics: dict
 
-def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
+def quantize_finetune(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
     from fqhw.quant.qat import evaluate_groups, finetune, tune
     from fqhw.quant.qmodel import calibrate
 
@@ -450,7 +450,7 @@ def _quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: Dat
     snap = family(cfg.model).snap(qmodel, cfg.backend)  # code boundaries off float rounding error
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
-def _qat_inputs(cfg: CompileConfig) -> dict:
+def qat_inputs(cfg: CompileConfig) -> dict:
     scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
     grid = {"grid": [list(map(float, c)) for c in cfg.qat_grid]} if cfg.qat_grid else {}  # untuned: keys as before
     return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme, **grid}
@@ -474,7 +474,7 @@ def _load_quant(cfg: CompileConfig, fm: FloatModel) -> Callable[[Path], QuantMod
 
 
 def step_quantize(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> QuantModel:
-    return _quantize(cfg, fm, alloc, splits, desc="QAT compiled")
+    return quantize_finetune(cfg, fm, alloc, splits, desc="QAT compiled")
 
 def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache: StepCache | None = None) -> dict[str, dict]:
     """Test metrics of the float model and of Uniform 8-bit / 4-bit QAT at the same settings.
@@ -490,7 +490,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache
         got = cache.run(
             f"uniform{bits}",
             _baseline_inputs(cfg, fm, bits),
-            lambda: _quantize(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit").test_metrics,
+            lambda: quantize_finetune(cfg, fm, Allocation.uniform(fm.net, bits), splits, desc=f"QAT uniform {bits}-bit").test_metrics,
             lambda metrics, folder: write_json(folder / "test_metrics.json", metrics),
             _read_metrics,
         )
@@ -498,7 +498,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache
     return out
 
 def _baseline_inputs(cfg: CompileConfig, fm: FloatModel, bits: int) -> dict:
-    return {"float": fm.key, "bits": bits, "qat": _qat_inputs(cfg)}
+    return {"float": fm.key, "bits": bits, "qat": qat_inputs(cfg)}
 
 
 def _read_metrics(folder: Path) -> dict:
@@ -722,7 +722,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             baq = run(
                 "baq", step_baq, cfg, fm, alloc, splits, ranks="main",
                 inputs={"float": fm.key, "allocation": _allocation_content(alloc), "budget": cfg.budget, "target": cfg.target,
-                        "epochs": cfg.baq_epochs, "bitrate_lambda": cfg.baq_bitrate_lambda, "qat": _qat_inputs(cfg),
+                        "epochs": cfg.baq_epochs, "bitrate_lambda": cfg.baq_bitrate_lambda, "qat": qat_inputs(cfg),
                         "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps},
                 write=_write_baq, load=_load_baq,
             )
@@ -736,7 +736,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         steps["baselines"]["reused"] = stored
         qm = run(
             "quantize", step_quantize, cfg, start, alloc, splits,
-            inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": _qat_inputs(cfg)},
+            inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": qat_inputs(cfg)},
             write=_write_quant, load=_load_quant(cfg, start), ranks="all",
         )
         if not dist.is_main():  # the training is done; the rest is rank 0's

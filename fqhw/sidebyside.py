@@ -157,7 +157,7 @@ def _two_groups(data):
 def _allocation(cfg, method: Method, fm, splits, sens, found: dict):
     from fqhw.allocator.allocation import Allocation
     from fqhw.allocator.quantile import quantile_baseline
-    from fqhw.flow import _pinned, step_allocate
+    from fqhw.flow import pinned_edges, step_allocate
 
     if method.allocator == "uniform":
         return Allocation.uniform(fm.net, method.bits)
@@ -170,7 +170,7 @@ def _allocation(cfg, method: Method, fm, splits, sens, found: dict):
     data = _two_groups(splits.val) if method.reducer == "subtractive" else splits.val
     res = quantile_baseline(
         fm.model, fm.net, data, cfg.budget, method=method.importance, reducer=method.reducer, unit="channel",
-        per_weight=True, pinned=_pinned(cfg, fm.net), act_bits=8, max_per_group=cfg.importance_samples, seed=cfg.seed,
+        per_weight=True, pinned=pinned_edges(cfg, fm.net), act_bits=8, max_per_group=cfg.importance_samples, seed=cfg.seed,
     )
     return res.allocation
 
@@ -183,7 +183,7 @@ def _stored_allocation(rec: dict):
 
 def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, found: dict) -> dict:
     """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
-    from fqhw.flow import _pinned, _quantize
+    from fqhw.flow import pinned_edges, quantize_finetune
     from fqhw.hwmodels import get_cost_model
     from fqhw.quant.qat import evaluate_groups, predict
 
@@ -198,14 +198,14 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
         res = learn_bits(
             fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=sc.baq_epochs, lr=cfg.qat_lr,
             fairness_lambda=cfg.fairness_lambda, bitrate_lambda=sc.bitrate_lambda, seed=cfg.seed,
-            cost_model=get_cost_model(cfg.target), pinned=_pinned(cfg, fm.net), min_fps=cfg.min_fps,
+            cost_model=get_cost_model(cfg.target), pinned=pinned_edges(cfg, fm.net), min_fps=cfg.min_fps,
             time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress, desc=f"BAQ {method.name}",
         )
         check_budget_met(fm.net, res.allocation, cfg.budget)
         baq_info = res.summary()
         alloc = res.allocation
         start = dataclasses.replace(fm, model=res.float_model(fm.model))
-    qm = _quantize(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
+    qm = quantize_finetune(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
     test_pred = predict(qm.model, splits.test)
     return {
         "method": method.name,
@@ -245,10 +245,10 @@ def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
 
 def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     """What one (seed, method) record depends on: its step-cache key."""
-    from fqhw.flow import _qat_inputs
+    from fqhw.flow import qat_inputs
 
     return {
-        "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": _qat_inputs(cfg),
+        "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": qat_inputs(cfg),
         # a uniform allocation reads neither the budget nor the target: one entry serves every budget
         **({} if method.allocator == "uniform" else {
             "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,

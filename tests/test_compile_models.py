@@ -47,7 +47,7 @@ def _cli(*args):
         (dict(model="resnet18", image_size=64, channel_groups=2), "--channel-groups builds the default CNN only, not resnet18"),
         (dict(channel_groups=0), "--channel-groups 0 must be at least 1"),
         (dict(model="deit_tiny_patch16_224", image_size=32, channels=(8, 8), target="bitfusion"), "--channels sets"),
-        (dict(model="vgg16"), "unknown model 'vgg16': known models are fqcnn, resnet18"),
+        (dict(model="vgg16"), "unknown model 'vgg16': known models are fqcnn, cnv, resnet18"),
         (dict(model_kwargs={"depth": 3}), "fqcnn: .*depth"),
     ],
 )

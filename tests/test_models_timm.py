@@ -66,7 +66,7 @@ def _mixed_allocation(net: NetworkSpec) -> Allocation:
 
 
 def test_known_models_and_unknown_name():
-    assert registry.known_models() == ["fqcnn", "resnet18", "resnet50", "deit_tiny_patch16_224", "tiny_vit_5m_224"]
+    assert registry.known_models() == ["fqcnn", "cnv", "resnet18", "resnet50", "deit_tiny_patch16_224", "tiny_vit_5m_224"]
     with pytest.raises(FqhwError) as e:
         registry.create("resnet19", 4, 32)
     msg = str(e.value)
