@@ -32,7 +32,10 @@ start and keeps the run, and within it the epoch, with the best validation worst
 accuracy (--no-tune: the fixed --fairness-lambda and learning rate, epoch still chosen on
 validation). BAQ itself runs at the fixed settings (its projection reads no test data); the
 QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
-by its inputs, so an interrupted run resumes.
+by its inputs, so an interrupted run resumes. The seeds are independent jobs of one
+executor (fqhw.executor): `--jobs N` runs N of them at once in worker processes, `--executor
+ray` as Ray tasks; every job runs at `--threads-per-job` torch threads (default 1) whatever N
+is, so the table does not depend on N.
 
 Every record keeps each test image's prediction, so that fqhw (--reference, by default
 fqhw_qat: what `fqhw compile` deploys) is compared with
@@ -258,60 +261,86 @@ def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     }
 
 
-def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
-    from fqhw.flow import step_data, step_float_model, step_importance, validate
+def seed_runs(job: tuple) -> dict:
+    """One executor job: every method of one seed (they share the seed's float model, and a
+    warm start reads another method's allocation). Each (seed, method) record is a step-cache
+    entry, stored as soon as it is computed, so a rerun after a lost job recomputes only the
+    records it had not finished. Returns the records in method order and a digest of the
+    seed's test split (the paired statistics need the same test images for every seed)."""
+    from fqhw.flow import step_data, step_float_model, step_importance
     from fqhw.stepcache import StepCache
+
+    sc, seed, lines = job
+    cfg = dataclasses.replace(sc.compile, seed=seed)
+    cache = StepCache(cfg.cache_dir)
+    splits = step_data(cfg)
+    fm = step_float_model(cfg, splits)
+    sens: list = []  # the importance, computed when a solver method first needs it (not when every run is cached)
+
+    def importance():
+        if not sens:
+            sens.append(step_importance(cfg, fm, splits))
+        return sens[0]
+
+    found: dict = {}
+    runs = []
+    for name in run_order(sc.methods):
+        method = METHODS[name]
+        if lines:
+            print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
+        got = cache.run(
+            "sidebyside", run_inputs(cfg, method, fm, sc),
+            lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
+            lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
+            lambda folder: json.loads((folder / "run.json").read_text()),
+        )
+        if got.hit:  # a later method may start from this one's allocation
+            found[name] = _stored_allocation(got.value)
+        runs.append(got.value)
+    return {"seed": seed, "runs": runs, "test_digest": split_digest(splits.test)}
+
+
+def run_order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts last, after what they read
+
+
+def split_digest(split) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (split.labels, split.groups, split.images):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
+    """Every (seed, method) record, one executor job per seed (fqhw.executor: `--jobs`,
+    `--executor ray`), then the summary, the statistics and the outputs."""
+    from fqhw.executor import Executor
+    from fqhw.flow import step_data, validate
 
     _check(sc)
     validate(dataclasses.replace(sc.compile, out_dir=sc.out_dir), markers=("sidebyside.json",))
+    ex = executor or Executor()
     t0 = time.perf_counter()
     base = sc.compile
-    cache = StepCache(base.cache_dir)
     res = SideBySideResult(base.target, base.budget, list(sc.seeds), list(sc.methods), {m: METHODS[m].label for m in sc.methods})
-    order = sorted(sc.methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts first
-    same_test = True  # the paired statistics need one test split for every seed
-    first_test = None
-    for seed in sc.seeds:
-        cfg = dataclasses.replace(base, seed=seed)
-        splits = step_data(cfg)
-        if first_test is None:
-            first_test = splits.test
-        same_test = same_test and _same_split(first_test, splits.test)
-        fm = step_float_model(cfg, splits)
-        sens: list = []  # the importance, computed when a solver method first needs it (not when every run is cached)
-
-        def importance(cfg=cfg, fm=fm, splits=splits, sens=sens):
-            if not sens:
-                sens.append(step_importance(cfg, fm, splits))
-            return sens[0]
-
-        found: dict = {}
-        for name in order:
-            method = METHODS[name]
-            if cfg.progress:
-                print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
-            inputs = run_inputs(cfg, method, fm, sc)
-            got = cache.run(
-                "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
-                lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
-                lambda folder: json.loads((folder / "run.json").read_text()),
-            )
-            if got.hit:  # a later method may start from this one's allocation
-                found[name] = _stored_allocation(got.value)
-            res.runs.append(got.value)
+    # several jobs at once: no progress bars (they would interleave), one line per method
+    job_sc = dataclasses.replace(sc, compile=dataclasses.replace(base, progress=False, verbose=False)) if ex.parallel else sc
+    done = ex.map(seed_runs, [(job_sc, seed, base.progress) for seed in sc.seeds])
+    runs_by_seed = {d["seed"]: d["runs"] for d in done}
+    order = run_order(sc.methods)
+    for seed in sc.seeds:  # the order a one-process run lists them in
+        res.runs.extend(sorted(runs_by_seed[seed], key=lambda r: order.index(r["method"])))
     res.summary = summarize(res.runs, list(sc.methods))
     reference = sc.reference or next((m for m in ("fqhw_qat", "fqhw") if m in sc.methods), None)
-    if same_test:
-        add_statistics(res, splits.test, reference)
+    if len({d["test_digest"] for d in done}) == 1:  # the paired statistics need one test split for every seed
+        add_statistics(res, step_data(dataclasses.replace(base, seed=sc.seeds[-1])).test, reference)
     elif base.progress:
         print("fqhw: the test split differs between seeds (the data set splits by seed): no paired statistics", file=sys.stderr)
     res.wall_time_s = round(time.perf_counter() - t0, 1)
     write_outputs(res, sc.out_dir)
     return res
-
-
-def _same_split(a, b) -> bool:
-    return len(a) == len(b) and np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups) and np.array_equal(a.images, b.images)
 
 
 def add_statistics(res: SideBySideResult, test, reference: str | None) -> None:
@@ -433,7 +462,7 @@ def write_outputs(res: SideBySideResult, out_dir: Path) -> Path:
 
 
 def add_sidebyside_parser(subparsers) -> None:
-    from fqhw.cliargs import add_common, edge_bits, parse_tuple
+    from fqhw.cliargs import add_common, add_executor_args, edge_bits, parse_tuple
 
     p = subparsers.add_parser("sidebyside", help="every method (uniform, FairGRAPE, FairQuantize, HAWQ, FairQuant QAT/BAQ, fqhw) at one budget over seeds")
     p.add_argument("--target", default=None, help="hardware target for fqhw's allocation and the projections (default pynq-z2)")
@@ -449,16 +478,19 @@ def add_sidebyside_parser(subparsers) -> None:
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
     add_common(p)
+    add_executor_args(p)
     p.set_defaults(func=cmd_sidebyside, tune=True)
 
 
 def cmd_sidebyside(args) -> int:
     from fqhw.cliargs import compile_config
+    from fqhw.executor import Executor
 
+    ex = Executor.from_args(args)
     cfg = compile_config(args)
     sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs,
                           reference=args.reference)
-    res = side_by_side(sc)
+    res = side_by_side(sc, ex)
     print(markdown(res), end="")
     print(f"wrote {res.out_dir}")
     return 0
