@@ -6,7 +6,7 @@ Runs the same small sweep (two seeds, four methods, the default CNN on a smaller
 set) as a fresh `fqhw sidebyside` command, each from an empty step cache, first with
 `--jobs 1` (one process) and then with `--jobs N` (N spawned worker processes), both at the
 default `--threads-per-job 1`; with --rounds R it alternates the order R times and takes each
-one's median. Writes the wall times, their ratio (jobs N over jobs 1), whether the two
+one's median. Writes the wall times, the CPU seconds and the cores kept busy, their ratio (jobs N over jobs 1), whether the two
 sidebyside.json files agree in everything but their clocks, the machine's cores and its load
 average before and after (another job on the machine slows the parallel run most).
 """
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,12 +31,19 @@ SWEEP = [
 ]
 
 
-def run(jobs: int, root: Path) -> tuple[float, dict]:
+def cpu_s() -> float:
+    """CPU seconds (user + system) of every child process reaped so far, the pool's workers
+    included (each is reaped by its parent, and that parent by us)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run(jobs: int, root: Path) -> tuple[float, float, dict]:
     out, cache = root / "out", root / "cache"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     subprocess.run([sys.executable, "-m", "fqhw.cli", "sidebyside", "--out", str(out), "--cache-dir", str(cache), "--jobs", str(jobs), *SWEEP],
                    check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0, json.loads((out / "sidebyside.json").read_text())
+    return time.perf_counter() - t0, cpu_s() - c0, json.loads((out / "sidebyside.json").read_text())
 
 
 def results(res: dict) -> dict:
@@ -53,14 +61,18 @@ def main() -> None:
 
     load_before = os.getloadavg()
     times: dict[int, list[float]] = {1: [], args.jobs: []}
+    cpu: dict[int, list[float]] = {1: [], args.jobs: []}
+    record_s: dict[int, list[float]] = {1: [], args.jobs: []}
     got: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for jobs in ((1, args.jobs) if r % 2 == 0 else (args.jobs, 1)):
-                wall, res = run(jobs, Path(tmp) / f"r{r}-j{jobs}")
+                wall, used, res = run(jobs, Path(tmp) / f"r{r}-j{jobs}")
                 times[jobs].append(round(wall, 2))
+                cpu[jobs].append(round(used, 2))
+                record_s[jobs].append(round(sum(x["seconds"] for x in res["runs"]), 2))
                 got.setdefault(jobs, res)
-                print(f"round {r}: --jobs {jobs}: {wall:.1f} s", flush=True)
+                print(f"round {r}: --jobs {jobs}: {wall:.1f} s wall, {used:.1f} s CPU ({used / wall:.2f} cores busy)", flush=True)
                 same = results(res) == results(got[jobs])
                 if not same:
                     raise SystemExit(f"--jobs {jobs} gave other results in round {r} than in round 0")
@@ -74,6 +86,14 @@ def main() -> None:
         "jobs": args.jobs,
         "wall_s": {"jobs_1": times[1], f"jobs_{args.jobs}": times[args.jobs]},
         "ratio": round(many / one, 3),
+        # CPU seconds of the whole command (workers included) and cores it kept busy on average:
+        # jobs N can only approach 1/N of the wall time when N cores are free for it
+        "cpu_s": {"jobs_1": cpu[1], f"jobs_{args.jobs}": cpu[args.jobs]},
+        "cores_busy": {"jobs_1": [round(c / w, 2) for c, w in zip(cpu[1], times[1])],
+                       f"jobs_{args.jobs}": [round(c / w, 2) for c, w in zip(cpu[args.jobs], times[args.jobs])]},
+        # the records' own clocks (allocate + fine-tune + evaluate, summed): longer under --jobs N
+        # when the jobs did not each have a core of their own
+        "records_s": {"jobs_1": record_s[1], f"jobs_{args.jobs}": record_s[args.jobs]},
         "identical": identical,
         "records": len(got[1]["runs"]),
     }
