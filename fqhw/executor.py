@@ -62,15 +62,28 @@ class Executor:
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list:
         """fn(job) for every job, in the order of `jobs`. The first job that raises stops the
         sweep with its exception (the jobs that finished have stored their entries)."""
-        jobs = list(jobs)
-        if not jobs:
-            return []
+        with self.session() as run:
+            return run.map(fn, jobs)
+
+    @contextlib.contextmanager
+    def session(self):
+        """A runner whose `map` may be called several times (rounds of a sweep that depend on
+        the one before) on the same workers: one pool, or one Ray connection."""
         if self.kind == "ray":
-            return _ray_map(fn, jobs, self)
-        if self.jobs == 1 or len(jobs) == 1:
+            with _ray_session(self) as run:
+                yield run
+        elif self.jobs == 1:
             with torch_threads(self.threads_per_job):
-                return [fn(j) for j in jobs]
-        return _pool_map(fn, jobs, self)
+                yield _InProcess()
+        else:
+            with _pool_session(self) as run:
+                yield run
+
+
+class _InProcess:
+    @staticmethod
+    def map(fn, jobs):
+        return [fn(j) for j in jobs]
 
 
 @contextlib.contextmanager
@@ -122,25 +135,33 @@ def _ray_job(fn, job, threads: int, quiet: tuple):
     return fn(job)
 
 
-def _pool_map(fn, jobs: list, ex: Executor) -> list:
+class _Pool:
+    def __init__(self, pool, threads: int):
+        self.pool, self.threads = pool, threads
+
+    def map(self, fn, jobs):
+        futures = [self.pool.submit(_run_job, fn, j, self.threads) for j in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+@contextlib.contextmanager
+def _pool_session(ex: Executor):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")
-    workers = min(ex.jobs, len(jobs))
     # the children inherit the environment: their thread pools start at threads_per_job
     saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({v: str(ex.threads_per_job) for v in saved})
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        with ProcessPoolExecutor(max_workers=ex.jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(ex.threads_per_job, _quiet_state())) as pool:
-            futures = [pool.submit(_run_job, fn, j, ex.threads_per_job) for j in jobs]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            yield _Pool(pool, ex.threads_per_job)
     finally:
         for v, old in saved.items():
             if old is None:
@@ -157,7 +178,19 @@ def ray_available() -> bool:
     return True
 
 
-def _ray_map(fn, jobs: list, ex: Executor) -> list:
+class _Ray:
+    def __init__(self, ray, ex: Executor):
+        self.ray, self.threads = ray, ex.threads_per_job
+        # a task whose worker dies is retried (max_retries); what it had stored is reused
+        self.task = ray.remote(num_cpus=ex.threads_per_job, max_retries=2)(_ray_job)
+        self.quiet = _quiet_state()
+
+    def map(self, fn, jobs):
+        return self.ray.get([self.task.remote(fn, j, self.threads, self.quiet) for j in jobs])
+
+
+@contextlib.contextmanager
+def _ray_session(ex: Executor):
     try:
         import ray
     except ImportError:
@@ -165,14 +198,10 @@ def _ray_map(fn, jobs: list, ex: Executor) -> list:
     started = False
     if not ray.is_initialized():
         kw = {"address": ex.ray_address} if ex.ray_address else {"num_cpus": ex.jobs * ex.threads_per_job, "include_dashboard": False}
-        ray.init(log_to_driver=True, **kw)
+        ray.init(**kw)
         started = True
     try:
-        # a task whose worker dies is retried (max_retries); what it had stored is reused
-        task = ray.remote(num_cpus=ex.threads_per_job, max_retries=2)(_ray_job)
-        quiet = _quiet_state()
-        refs = [task.remote(fn, j, ex.threads_per_job, quiet) for j in jobs]
-        return ray.get(refs)
+        yield _Ray(ray, ex)
     finally:
         if started:
             ray.shutdown()

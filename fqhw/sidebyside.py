@@ -32,8 +32,8 @@ start and keeps the run, and within it the epoch, with the best validation worst
 accuracy (--no-tune: the fixed --fairness-lambda and learning rate, epoch still chosen on
 validation). BAQ itself runs at the fixed settings (its projection reads no test data); the
 QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
-by its inputs, so an interrupted run resumes. The seeds are independent jobs of one
-executor (fqhw.executor): `--jobs N` runs N of them at once in worker processes, `--executor
+by its inputs, so an interrupted run resumes. The (seed, method) records are the
+independent jobs of one executor (fqhw.executor), after one job per seed for its float model: `--jobs N` runs N of them at once in worker processes, `--executor
 ray` as Ray tasks; every job runs at `--threads-per-job` torch threads (default 1) whatever N
 is, so the table does not depend on N.
 
@@ -261,43 +261,67 @@ def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     }
 
 
-def seed_runs(job: tuple) -> dict:
-    """One executor job: every method of one seed (they share the seed's float model, and a
-    warm start reads another method's allocation). Each (seed, method) record is a step-cache
-    entry, stored as soon as it is computed, so a rerun after a lost job recomputes only the
-    records it had not finished. Returns the records in method order and a digest of the
-    seed's test split (the paired statistics need the same test images for every seed)."""
-    from fqhw.flow import step_data, step_float_model, step_importance
+_SEED_STATE: dict = {}  # this process's last seed: its data, float model and importance (cells of one seed share them)
+
+
+def _seed_state(cfg):
+    """The seed's data splits, float model (a step-cache entry after its first cell) and a
+    lazily computed importance, kept for the next cell of the same seed in this process."""
+    from fqhw.flow import step_data, step_float_model
+
+    key = repr(cfg)
+    if key not in _SEED_STATE:
+        _SEED_STATE.clear()
+        splits = step_data(cfg)
+        _SEED_STATE[key] = (splits, step_float_model(cfg, splits), [])
+    return _SEED_STATE[key]
+
+
+def float_job(job: tuple) -> str:
+    """An executor job: the seed's float model, trained once and stored, before its cells run
+    (so that two cells of one seed do not wait on one training); the test split's digest."""
+    sc, seed = job
+    splits, _fm, _sens = _seed_state(dataclasses.replace(sc.compile, seed=seed))
+    return split_digest(splits.test)
+
+
+def cell_job(job: tuple) -> dict:
+    """An executor job: one (seed, method) record, from the step cache or computed and
+    stored there. A warm-started method reads its warm start's allocation from that
+    method's stored record (its cell runs in a later round), or computes it when that method
+    is not in the sweep."""
+    from fqhw.flow import step_importance
     from fqhw.stepcache import StepCache
 
-    sc, seed, lines = job
+    sc, seed, name, lines = job
     cfg = dataclasses.replace(sc.compile, seed=seed)
     cache = StepCache(cfg.cache_dir)
-    splits = step_data(cfg)
-    fm = step_float_model(cfg, splits)
-    sens: list = []  # the importance, computed when a solver method first needs it (not when every run is cached)
+    splits, fm, sens = _seed_state(cfg)
+    method = METHODS[name]
 
     def importance():
-        if not sens:
+        if not sens:  # computed when a solver method first needs it (not when its record is cached)
             sens.append(step_importance(cfg, fm, splits))
         return sens[0]
 
     found: dict = {}
-    runs = []
-    for name in run_order(sc.methods):
-        method = METHODS[name]
-        if lines:
-            print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
-        got = cache.run(
-            "sidebyside", run_inputs(cfg, method, fm, sc),
-            lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
-            lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
-            lambda folder: json.loads((folder / "run.json").read_text()),
-        )
-        if got.hit:  # a later method may start from this one's allocation
-            found[name] = _stored_allocation(got.value)
-        runs.append(got.value)
-    return {"seed": seed, "runs": runs, "test_digest": split_digest(splits.test)}
+    ws = method.warm_start
+    if ws is not None and ws in sc.methods:
+        rec = cache.get("sidebyside", cache.key("sidebyside", run_inputs(cfg, METHODS[ws], fm, sc)), _load_record)
+        if rec is not None:
+            found[ws] = _stored_allocation(rec)
+    if lines:
+        print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
+    return cache.run(
+        "sidebyside", run_inputs(cfg, method, fm, sc),
+        lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
+        lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
+        _load_record,
+    ).value
+
+
+def _load_record(folder: Path) -> dict:
+    return json.loads((folder / "run.json").read_text())
 
 
 def run_order(methods) -> list[str]:
@@ -314,8 +338,9 @@ def split_digest(split) -> str:
 
 
 def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
-    """Every (seed, method) record, one executor job per seed (fqhw.executor: `--jobs`,
-    `--executor ray`), then the summary, the statistics and the outputs."""
+    """Every (seed, method) record as an executor job (fqhw.executor: `--jobs`, `--executor
+    ray`), after one job per seed that trains its float model, then the summary, the
+    statistics and the outputs."""
     from fqhw.executor import Executor
     from fqhw.flow import step_data, validate
 
@@ -327,14 +352,23 @@ def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
     res = SideBySideResult(base.target, base.budget, list(sc.seeds), list(sc.methods), {m: METHODS[m].label for m in sc.methods})
     # several jobs at once: no progress bars (they would interleave), one line per method
     job_sc = dataclasses.replace(sc, compile=dataclasses.replace(base, progress=False, verbose=False)) if ex.parallel else sc
-    done = ex.map(seed_runs, [(job_sc, seed, base.progress) for seed in sc.seeds])
-    runs_by_seed = {d["seed"]: d["runs"] for d in done}
     order = run_order(sc.methods)
-    for seed in sc.seeds:  # the order a one-process run lists them in
-        res.runs.extend(sorted(runs_by_seed[seed], key=lambda r: order.index(r["method"])))
+    # round 2: every (seed, method) record; round 3: those warm-started from a round-2 record
+    rounds = [[m for m in order if METHODS[m].warm_start not in sc.methods], [m for m in order if METHODS[m].warm_start in sc.methods]]
+    got = {}
+    try:
+        with ex.session() as run:
+            digests = run.map(float_job, [(job_sc, seed) for seed in sc.seeds])  # round 1: every seed's float model
+            for names in rounds:
+                cells = [(seed, m) for seed in sc.seeds for m in names]
+                for cell, rec in zip(cells, run.map(cell_job, [(job_sc, seed, m, base.progress) for seed, m in cells])):
+                    got[cell] = rec
+    finally:
+        _SEED_STATE.clear()  # in this process (--jobs 1): the last seed's data and model
+    res.runs = [got[(seed, m)] for seed in sc.seeds for m in order]  # the order a one-process run lists them in
     res.summary = summarize(res.runs, list(sc.methods))
     reference = sc.reference or next((m for m in ("fqhw_qat", "fqhw") if m in sc.methods), None)
-    if len({d["test_digest"] for d in done}) == 1:  # the paired statistics need one test split for every seed
+    if len(set(digests)) == 1:  # the paired statistics need one test split for every seed
         add_statistics(res, step_data(dataclasses.replace(base, seed=sc.seeds[-1])).test, reference)
     elif base.progress:
         print("fqhw: the test split differs between seeds (the data set splits by seed): no paired statistics", file=sys.stderr)
