@@ -51,8 +51,8 @@ class Executor:
 
     @classmethod
     def from_args(cls, args) -> "Executor":
-        return cls(kind=getattr(args, "executor", "local") or "local", jobs=getattr(args, "jobs", 1) or 1,
-                   threads_per_job=getattr(args, "threads_per_job", 1) or 1, ray_address=getattr(args, "ray_address", None))
+        return cls(kind=getattr(args, "executor", "local"), jobs=getattr(args, "jobs", 1),
+                   threads_per_job=getattr(args, "threads_per_job", 1), ray_address=getattr(args, "ray_address", None))
 
     @property
     def parallel(self) -> bool:

@@ -98,8 +98,35 @@ def test_bad_settings_are_refused(kw, needle):
         Executor(**kw)
 
 
-def test_cli_refuses_ray_address_without_ray(tmp_path, capsys):
-    rc = main(["sidebyside", "--out", str(tmp_path / "x"), "--ray-address", "10.0.0.1:6379", *TINY])
+@pytest.mark.parametrize("cmd", ["sidebyside", "compare"])
+@pytest.mark.parametrize("flags, needle", [
+    (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --executor ray"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_cli_refuses_bad_executor_flags_before_any_work(tmp_path, capsys, cmd, flags, needle):
+    tiny = [a for i, a in enumerate(TINY) if "--qat-epochs" not in TINY[max(i - 1, 0):i + 1]]  # compare trains no QAT
+    extra = ["--targets", "bitfusion", "--budgets", "3,4"] if cmd == "compare" else []
+    rc = main([cmd, "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "cache"), *extra, *flags, *(tiny if cmd == "compare" else TINY)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and len(err) == 1 and "--ray-address needs --executor ray" in err[0]
-    assert not (tmp_path / "x").exists()
+    assert rc != 0 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "cache").exists()
+
+
+def test_compare_budgets_on_two_jobs_gives_the_same_front():
+    """`fqhw compare --budgets`: one job per budget; every solve here ends OPTIMAL (no time
+    limit reached), so the front is the same on one process or two."""
+    from fqhw.compare import compare
+    from fqhw.models.cnn import FairCNN
+    from fqhw.network import network_spec
+
+    from conftest import sensitivity
+
+    net = network_spec(FairCNN(), (3, 32, 32), name="fqcnn")
+    sens = sensitivity(net)
+    one = compare(net, sens, ["bitfusion"], budgets=[1.5, 3, 4, 5], time_limit_s=10)
+    two = compare(net, sens, ["bitfusion"], budgets=[1.5, 3, 4, 5], time_limit_s=10, executor=Executor(jobs=2))
+    assert [p["budget"] for p in two.front] == [1.5, 3, 4, 5] and not two.front[0]["feasible"]
+    assert all(p["allocation"]["solver"]["status"] == "OPTIMAL" for p in one.front[1:])
+    strip = lambda p: {k: v for k, v in p.items() if k != "allocation"} | (  # noqa: E731
+        {"layers": p["allocation"]["layers"]} if "allocation" in p else {})
+    assert [strip(p) for p in two.front] == [strip(p) for p in one.front]
