@@ -113,12 +113,13 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="choose QAT's settings on validation (4x the QAT time)")
     ap.add_argument("--readme", action="store_true", help="also write the table into README.md")
     ap.add_argument("--out", type=Path, default=RESULTS / "evidence.json")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (fqhw sidebyside --jobs; the same numbers as 1)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     sbs = {}
     for b in args.budgets.split(","):
         out = args.work / f"budget{b}"
-        rc = fqhw_main(sidebyside_args(b, args.seeds, out, args.cache_dir, args.tune))
+        rc = fqhw_main([*sidebyside_args(b, args.seeds, out, args.cache_dir, args.tune), "--jobs", str(args.jobs)])
         if rc != 0:
             sys.exit(rc)
         sbs[b] = json.loads((out / "sidebyside.json").read_text())

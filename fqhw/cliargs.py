@@ -151,3 +151,16 @@ def compile_config(args):
     if getattr(args, "edge_bits", None) is not None:
         updates["edge_bits"] = None if args.edge_bits == "none" else args.edge_bits
     return dataclasses.replace(cfg, **updates)
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """--jobs, --threads-per-job, --executor, --ray-address: how a sweep runs its jobs (fqhw.executor)."""
+    from fqhw.executor import KINDS
+
+    g = p.add_argument_group("running the sweep's jobs (fqhw.executor)")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="jobs run at once: worker processes of the local executor, or the CPUs of a local Ray (default 1: in this process)")
+    g.add_argument("--threads-per-job", type=int, default=1, metavar="T",
+                   help="torch threads of every job whatever --jobs is, so that results do not depend on --jobs (default 1); keep N x T <= cores")
+    g.add_argument("--executor", choices=KINDS, default="local", help="local processes (default) or Ray tasks (pip install -e '.[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="ADDR", help="a running Ray cluster to join (--executor ray; default: start a local Ray)")

@@ -255,6 +255,18 @@ def _check_budgets(budgets, resolved: list) -> list[float] | None:
     return budgets
 
 
+def front_point(job: tuple) -> dict:
+    """An executor job: one budget's point of the Pareto front (allocate, then price)."""
+    from fqhw.allocator.cpsat import allocate, price
+
+    net, sens, cost, b, pins, min_fps, objective, loss_slack, kw = job
+    try:
+        a = allocate(net, sens, cost, b, pinned=pins, min_fps=min_fps, objective=objective, loss_slack=loss_slack, **kw)
+    except InfeasibleError as e:
+        return {"budget": b, "feasible": False, "why": str(e)}
+    return {"budget": b, "feasible": True, **_metrics(net, sens, a, price(net, a, cost)), "allocation": a.to_dict()}
+
+
 def compare(
     net,
     sens,
@@ -272,6 +284,7 @@ def compare(
     seed: int = 0,
     out_dir: Path | None = None,
     source: dict | None = None,
+    executor=None,
 ) -> CompareResult:
     """Allocate for each target (names, or CostModel objects) and price every allocation
     on every target (budgets None),
@@ -304,15 +317,11 @@ def compare(
     kw = dict(time_limit_s=time_limit_s, workers=workers, seed=seed)
 
     if budgets is not None:
+        from fqhw.executor import Executor
+
         (t, cost), = resolved
-        for b in budgets:
-            try:
-                a = allocate(net, sens, cost, b, pinned=pins, min_fps=min_fps, objective=objectives[t], loss_slack=loss_slack, **kw)
-            except InfeasibleError as e:
-                res.front.append({"budget": b, "feasible": False, "why": str(e)})
-                continue
-            m = _metrics(net, sens, a, price(net, a, cost))
-            res.front.append({"budget": b, "feasible": True, **m, "allocation": a.to_dict()})
+        # one executor job per budget (fqhw.executor: --jobs, --executor ray)
+        res.front = (executor or Executor()).map(front_point, [(net, sens, cost, b, pins, min_fps, objectives[t], loss_slack, kw) for b in budgets])
         pts = [p for p in res.front if p["feasible"]]
         if not pts:
             raise InfeasibleError(f"no budget of {', '.join(f'{b:g}' for b in budgets)} is feasible on {t}: {res.front[0]['why']}")
@@ -586,7 +595,7 @@ def _floats(text: str) -> list[float]:
 
 def add_compare_parser(subparsers) -> None:
     """Register `fqhw compare` on the CLI's subparsers."""
-    from fqhw.cliargs import add_common
+    from fqhw.cliargs import add_common, add_executor_args
 
     p = subparsers.add_parser(
         "compare",
@@ -605,12 +614,15 @@ def add_compare_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("fqhw-compare"), help="output folder (default fqhw-compare)")
     p.add_argument("--time-limit", type=float, default=30.0, help="solver time limit per allocation in s (default 30)")
     add_common(p)
+    add_executor_args(p)
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
     from fqhw.cliargs import compile_config
+    from fqhw.executor import Executor
 
+    ex = Executor.from_args(args)
     if args.budget is not None and args.budgets is not None:
         raise FqhwError("pass --budget (a cross table) or --budgets (a Pareto front), not both")
     edge = None if str(args.edge_bits).lower() == "none" else _int_flag(args.edge_bits, "--edge-bits")
@@ -620,7 +632,7 @@ def cmd_compare(args) -> int:
     res = compare(
         net, sens, args.targets, 4.0 if args.budget is None else args.budget, budgets=args.budgets, objective=args.objective,
         min_fps=args.fps, loss_slack=args.loss_slack, edge_bits=edge, time_limit_s=args.time_limit, seed=args.seed,
-        out_dir=args.out, source=source,
+        out_dir=args.out, source=source, executor=ex,
     )
     if res.mode == "pareto":
         t = res.targets[0]

@@ -32,7 +32,10 @@ start and keeps the run, and within it the epoch, with the best validation worst
 accuracy (--no-tune: the fixed --fairness-lambda and learning rate, epoch still chosen on
 validation). BAQ itself runs at the fixed settings (its projection reads no test data); the
 QAT after it is tuned like every other method's. Each (seed, method) result is a step-cache entry keyed
-by its inputs, so an interrupted run resumes.
+by its inputs, so an interrupted run resumes. The (seed, method) records are the
+independent jobs of one executor (fqhw.executor), after one job per seed for its float model: `--jobs N` runs N of them at once in worker processes, `--executor
+ray` as Ray tasks; every job runs at `--threads-per-job` torch threads (default 1) whatever N
+is, so the table does not depend on N.
 
 Every record keeps each test image's prediction, so that fqhw (--reference, by default
 fqhw_qat: what `fqhw compile` deploys) is compared with
@@ -258,60 +261,120 @@ def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     }
 
 
-def side_by_side(sc: SideBySideConfig) -> SideBySideResult:
-    from fqhw.flow import step_data, step_float_model, step_importance, validate
+_SEED_STATE: dict = {}  # this process's last seed: its data, float model and importance (cells of one seed share them)
+
+
+def _seed_state(cfg):
+    """The seed's data splits, float model (a step-cache entry after its first cell) and a
+    lazily computed importance, kept for the next cell of the same seed in this process."""
+    from fqhw.flow import step_data, step_float_model
+
+    key = repr(cfg)
+    if key not in _SEED_STATE:
+        _SEED_STATE.clear()
+        splits = step_data(cfg)
+        _SEED_STATE[key] = (splits, step_float_model(cfg, splits), [])
+    return _SEED_STATE[key]
+
+
+def float_job(job: tuple) -> str:
+    """An executor job: the seed's float model, trained once and stored, before its cells run
+    (so that two cells of one seed do not wait on one training); the test split's digest."""
+    sc, seed = job
+    splits, _fm, _sens = _seed_state(dataclasses.replace(sc.compile, seed=seed))
+    return split_digest(splits.test)
+
+
+def cell_job(job: tuple) -> dict:
+    """An executor job: one (seed, method) record, from the step cache or computed and
+    stored there. A warm-started method reads its warm start's allocation from that
+    method's stored record (its cell runs in a later round), or computes it when that method
+    is not in the sweep."""
+    from fqhw.flow import step_importance
     from fqhw.stepcache import StepCache
+
+    sc, seed, name, lines = job
+    cfg = dataclasses.replace(sc.compile, seed=seed)
+    cache = StepCache(cfg.cache_dir)
+    splits, fm, sens = _seed_state(cfg)
+    method = METHODS[name]
+
+    def importance():
+        if not sens:  # computed when a solver method first needs it (not when its record is cached)
+            sens.append(step_importance(cfg, fm, splits))
+        return sens[0]
+
+    found: dict = {}
+    ws = method.warm_start
+    if ws is not None and ws in sc.methods:
+        rec = cache.get("sidebyside", cache.key("sidebyside", run_inputs(cfg, METHODS[ws], fm, sc)), _load_record)
+        if rec is not None:
+            found[ws] = _stored_allocation(rec)
+    if lines:
+        print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
+    return cache.run(
+        "sidebyside", run_inputs(cfg, method, fm, sc),
+        lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
+        lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
+        _load_record,
+    ).value
+
+
+def _load_record(folder: Path) -> dict:
+    return json.loads((folder / "run.json").read_text())
+
+
+def run_order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts last, after what they read
+
+
+def split_digest(split) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (split.labels, split.groups, split.images):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
+    """Every (seed, method) record as an executor job (fqhw.executor: `--jobs`, `--executor
+    ray`), after one job per seed that trains its float model, then the summary, the
+    statistics and the outputs."""
+    from fqhw.executor import Executor
+    from fqhw.flow import step_data, validate
 
     _check(sc)
     validate(dataclasses.replace(sc.compile, out_dir=sc.out_dir), markers=("sidebyside.json",))
+    ex = executor or Executor()
     t0 = time.perf_counter()
     base = sc.compile
-    cache = StepCache(base.cache_dir)
     res = SideBySideResult(base.target, base.budget, list(sc.seeds), list(sc.methods), {m: METHODS[m].label for m in sc.methods})
-    order = sorted(sc.methods, key=lambda m: METHODS[m].warm_start is not None)  # warm starts first
-    same_test = True  # the paired statistics need one test split for every seed
-    first_test = None
-    for seed in sc.seeds:
-        cfg = dataclasses.replace(base, seed=seed)
-        splits = step_data(cfg)
-        if first_test is None:
-            first_test = splits.test
-        same_test = same_test and _same_split(first_test, splits.test)
-        fm = step_float_model(cfg, splits)
-        sens: list = []  # the importance, computed when a solver method first needs it (not when every run is cached)
-
-        def importance(cfg=cfg, fm=fm, splits=splits, sens=sens):
-            if not sens:
-                sens.append(step_importance(cfg, fm, splits))
-            return sens[0]
-
-        found: dict = {}
-        for name in order:
-            method = METHODS[name]
-            if cfg.progress:
-                print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
-            inputs = run_inputs(cfg, method, fm, sc)
-            got = cache.run(
-                "sidebyside", inputs, lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
-                lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
-                lambda folder: json.loads((folder / "run.json").read_text()),
-            )
-            if got.hit:  # a later method may start from this one's allocation
-                found[name] = _stored_allocation(got.value)
-            res.runs.append(got.value)
+    # several jobs at once: no progress bars (they would interleave), one line per method
+    job_sc = dataclasses.replace(sc, compile=dataclasses.replace(base, progress=False, verbose=False)) if ex.parallel else sc
+    order = run_order(sc.methods)
+    # round 2: every (seed, method) record; round 3: those warm-started from a round-2 record
+    rounds = [[m for m in order if METHODS[m].warm_start not in sc.methods], [m for m in order if METHODS[m].warm_start in sc.methods]]
+    got = {}
+    try:
+        with ex.session() as run:
+            digests = run.map(float_job, [(job_sc, seed) for seed in sc.seeds])  # round 1: every seed's float model
+            for names in rounds:
+                cells = [(seed, m) for seed in sc.seeds for m in names]
+                for cell, rec in zip(cells, run.map(cell_job, [(job_sc, seed, m, base.progress) for seed, m in cells])):
+                    got[cell] = rec
+    finally:
+        _SEED_STATE.clear()  # in this process (--jobs 1): the last seed's data and model
+    res.runs = [got[(seed, m)] for seed in sc.seeds for m in order]  # the order a one-process run lists them in
     res.summary = summarize(res.runs, list(sc.methods))
     reference = sc.reference or next((m for m in ("fqhw_qat", "fqhw") if m in sc.methods), None)
-    if same_test:
-        add_statistics(res, splits.test, reference)
+    if len(set(digests)) == 1:  # the paired statistics need one test split for every seed
+        add_statistics(res, step_data(dataclasses.replace(base, seed=sc.seeds[-1])).test, reference)
     elif base.progress:
         print("fqhw: the test split differs between seeds (the data set splits by seed): no paired statistics", file=sys.stderr)
     res.wall_time_s = round(time.perf_counter() - t0, 1)
     write_outputs(res, sc.out_dir)
     return res
-
-
-def _same_split(a, b) -> bool:
-    return len(a) == len(b) and np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups) and np.array_equal(a.images, b.images)
 
 
 def add_statistics(res: SideBySideResult, test, reference: str | None) -> None:
@@ -433,7 +496,7 @@ def write_outputs(res: SideBySideResult, out_dir: Path) -> Path:
 
 
 def add_sidebyside_parser(subparsers) -> None:
-    from fqhw.cliargs import add_common, edge_bits, parse_tuple
+    from fqhw.cliargs import add_common, add_executor_args, edge_bits, parse_tuple
 
     p = subparsers.add_parser("sidebyside", help="every method (uniform, FairGRAPE, FairQuantize, HAWQ, FairQuant QAT/BAQ, fqhw) at one budget over seeds")
     p.add_argument("--target", default=None, help="hardware target for fqhw's allocation and the projections (default pynq-z2)")
@@ -449,16 +512,19 @@ def add_sidebyside_parser(subparsers) -> None:
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="QAT at the fixed fairness weight and learning rate, not chosen on validation among qat.DEFAULT_GRID")
     add_common(p)
+    add_executor_args(p)
     p.set_defaults(func=cmd_sidebyside, tune=True)
 
 
 def cmd_sidebyside(args) -> int:
     from fqhw.cliargs import compile_config
+    from fqhw.executor import Executor
 
+    ex = Executor.from_args(args)
     cfg = compile_config(args)
     sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs,
                           reference=args.reference)
-    res = side_by_side(sc)
+    res = side_by_side(sc, ex)
     print(markdown(res), end="")
     print(f"wrote {res.out_dir}")
     return 0
