@@ -275,7 +275,7 @@ def main() -> None:
     args = ap.parse_args()
     import logging
 
-    from fqhw.flow import default_cache_dir
+    from fqhw.config import default_cache_dir
 
     logging.getLogger("finn_logger").setLevel(logging.ERROR)  # SetFolding warns of every missed target
 

@@ -250,7 +250,7 @@ def compare(
         raise FqhwError(f"--objective {objective} applies to ASIC targets only; FPGA targets maximise throughput (or, with --fps, minimise resources)")
     pins = dict(edge_pins(net, edge_bits) if pinned is None else pinned)
     if out_dir is not None:
-        from fqhw.flow import check_writable
+        from fqhw.config import check_writable
 
         check_writable(Path(out_dir), markers=("compare.json", "pareto.json"))
     budgets = _check_budgets(budgets, resolved)
