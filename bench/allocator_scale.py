@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fqhw.allocator.cpsat import allocate, allocate_widths
+from fqhw.allocator.cpsat import allocate
+from fqhw.allocator.widths import allocate_widths
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
 from fqhw.network import NetworkSpec, network_spec, split_channel_groups

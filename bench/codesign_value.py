@@ -51,7 +51,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation  # noqa: E402
-from fqhw.allocator.cpsat import allocate, allocate_widths, price  # noqa: E402
+from fqhw.allocator.cpsat import allocate, price  # noqa: E402
+from fqhw.allocator.widths import allocate_widths  # noqa: E402
 from fqhw.errors import InfeasibleError  # noqa: E402
 from fqhw.fairness.sensitivity import Sensitivity  # noqa: E402
 from fqhw.hwmodels import get_cost_model  # noqa: E402
