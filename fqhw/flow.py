@@ -49,6 +49,7 @@ from fqhw.models.cnn import CNNConfig
 from fqhw.network import NetworkSpec, network_spec
 from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, write_manifest
 from fqhw.stepcache import StepCache, file_digest, input_key
+from fqhw.stepkeys import KEYS
 
 
 # ---------------------------------------------------------------- the steps
@@ -88,19 +89,8 @@ def _data_fingerprint(spec: str) -> list:
 def _float_key(cfg: CompileConfig, mcfg: CNNConfig | dict) -> dict:
     data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size,
                                                                    "files": _data_fingerprint(cfg.data_spec)}
-    return {
-        "data": data,
-        "model": mcfg.to_dict() if isinstance(mcfg, CNNConfig) else mcfg,
-        "epochs": cfg.float_epochs,
-        "lr": cfg.float_lr,
-        "seed": cfg.seed,
-        "version": 1,
-        # weights from a file: the baselines' cache key must follow the file's contents
-        **({"checkpoint": _checkpoint_sha(cfg.checkpoint)} if cfg.checkpoint is not None else {}),
-    }
-
-def _checkpoint_sha(path) -> str:
-    return file_digest(Path(path))
+    # weights from a file: the key (and the baselines' after it) follows the file's contents
+    return KEYS["float_model"].key(cfg, data=data, model=mcfg.to_dict() if isinstance(mcfg, CNNConfig) else mcfg)
 
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float
@@ -251,12 +241,6 @@ def quantize_finetune(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, spl
     snap = family(cfg.model).snap(qmodel, cfg.backend)  # code boundaries off float rounding error
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
-def qat_inputs(cfg: CompileConfig) -> dict:
-    scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
-    grid = {"grid": [list(map(float, c)) for c in cfg.qat_grid]} if cfg.qat_grid else {}  # untuned: keys as before
-    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme, **grid}
-
-
 def _write_quant(qm: QuantModel, folder: Path) -> None:
     save_tensors(qm.model.state_dict(), folder / "quant_model.pt")
     write_json(folder / "quant.json", {"allocation": qm.allocation.to_dict(), "qat": qm.qat, "test_metrics": qm.test_metrics})
@@ -299,7 +283,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache
     return out
 
 def _baseline_inputs(cfg: CompileConfig, fm: FloatModel, bits: int) -> dict:
-    return {"float": fm.key, "bits": bits, "qat": qat_inputs(cfg)}
+    return KEYS["uniform"].key(cfg, float=fm.key, bits=bits)
 
 
 def _read_metrics(folder: Path) -> dict:
@@ -494,23 +478,20 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         write_json(work / "network.json", fm.net.to_dict())
         sens = run(
             "importance", step_importance, cfg, fm, splits, ranks="main",
-            inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher",
-                    **({"channel_groups": cfg.channel_groups} if cfg.channel_groups > 1 else {})},
+            inputs=KEYS["importance"].key(cfg, float=fm.key),
             write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
         )
         sens.save(work / "sensitivity.json")
         alloc = run(
             "allocate", step_allocate, cfg, fm.net, sens, ranks="main",
-            inputs={"importance": sens.to_dict(), "net": fm.net.to_dict(), "target": cfg.target, "budget": cfg.budget,
-                    "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps, "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed},
+            inputs=KEYS["allocate"].key(cfg, importance=sens.to_dict(), net=fm.net.to_dict()),
             write=_write_allocation, load=_load_allocation,
         )
         if family(cfg.model).kind == "resnet" and is_fpga(cfg):  # FINN's estimates, not only the cost model's
             alloc = run(
                 "fit", step_fit, cfg, fm, alloc, sens, splits, ranks="main",
-                inputs={"allocation": _allocation_content(alloc), "float": fm.key, "importance": steps["importance"]["key"],
-                        "target": cfg.target, "budget": cfg.budget, "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps,
-                        "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed, "rounds": FIT_ROUNDS, "margin": FIT_MARGIN},
+                inputs=KEYS["fit"].key(cfg, allocation=_allocation_content(alloc), float=fm.key, importance=steps["importance"]["key"],
+                                       rounds=FIT_ROUNDS, margin=FIT_MARGIN),
                 write=_write_allocation, load=_load_allocation,
             )
         alloc.save(work / "allocation.json")
@@ -522,9 +503,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         if cfg.baq_epochs > 0:  # learned widths from the solver's, projected back by the solver
             baq = run(
                 "baq", step_baq, cfg, fm, alloc, splits, ranks="main",
-                inputs={"float": fm.key, "allocation": _allocation_content(alloc), "budget": cfg.budget, "target": cfg.target,
-                        "epochs": cfg.baq_epochs, "bitrate_lambda": cfg.baq_bitrate_lambda, "qat": qat_inputs(cfg),
-                        "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps},
+                inputs=KEYS["baq"].key(cfg, float=fm.key, allocation=_allocation_content(alloc)),
                 write=_write_baq, load=_load_baq,
             )
             alloc = baq.allocation
@@ -537,7 +516,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         steps["baselines"]["reused"] = stored
         qm = run(
             "quantize", step_quantize, cfg, start, alloc, splits,
-            inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": qat_inputs(cfg)},
+            inputs=KEYS["quantize"].key(cfg, float=start.key, allocation=_allocation_content(alloc)),
             write=_write_quant, load=_load_quant(cfg, start), ranks="all",
         )
         if not dist.is_main():  # the training is done; the rest is rank 0's
@@ -546,14 +525,14 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         save_tensors(qm.model.state_dict(), work / "quant_model.pt")
         qonnx_path = run(
             "export", step_export, cfg, qm, splits, work,
-            inputs={"quantize": steps["quantize"]["key"], "input_shape": list(splits.train.input_shape)},
+            inputs=KEYS["export"].key(cfg, quantize=steps["quantize"]["key"], input_shape=list(splits.train.input_shape)),
             write=lambda path, d: shutil.copy2(path, d / path.name),
             load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
         )
         if cfg.backend == "hls4ml":
             finn = run(
                 "hls4ml", step_hls4ml, cfg, qonnx_path, alloc, work,
-                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target},
+                inputs=KEYS["hls4ml"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
                 write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
                 load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
             )
@@ -562,7 +541,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         else:
             finn = run(
                 "finn", step_finn, cfg, qonnx_path, alloc, work,
-                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
+                inputs=KEYS["finn"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
                 write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
                 load=lambda d: _load_finn(cfg, d / "finn", work / "finn"),
             )

@@ -247,7 +247,7 @@ def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
 
 def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     """What one (seed, method) record depends on: its step-cache key."""
-    from fqhw.flow import qat_inputs
+    from fqhw.stepkeys import qat_inputs
 
     return {
         "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": qat_inputs(cfg),
