@@ -10,7 +10,7 @@ estimate analyses on a specialised FINN graph of HW nodes, fqhw.hwmodels.finn_gr
              calls it): widths and folding, the worst group's predicted loss first, then
              the throughput, then the LUTs, within the board's caps
   baseline   the same sensitivity and budget solved for widths only, no hardware terms
-             (fqhw.allocator.cpsat.allocate_widths: the least worst-group loss, ties to the
+             (fqhw.allocator.widths.allocate_widths: the least worst-group loss, ties to the
              least loss summed over groups), then FINN's own SetFolding transformation
              (finn-plus 1.6.1, FINN's builder defaults: mvau_wwidth_max 36, two-pass
              relaxation) at the highest target rate whose folded design fits the board,
