@@ -14,7 +14,7 @@ For each case: the status, wall time and CPU time of each stage (1: worst-group 
 2: bottleneck cycles, 3: LUTs; each stage's time includes building its models), the loss's
 optimality gap (from CP-SAT's bound), the bottleneck, the tables' time (pricing every
 choice), the whole allocation's wall and CPU time against its time limit, and, in the same
-run, a widths-only solve of the same network (fqhw.allocator.cpsat.allocate_widths with no
+run, a widths-only solve of the same network (fqhw.allocator.widths.allocate_widths with no
 tie-break: stage 1 without any hardware, the problem a bit-rate-only ILP such as HAWQ-V3's
 solves, with the case's relative gap) with the ratio of the two times. Per-layer cases must be proven optimal in every
 stage; the channel-group case asks CP-SAT for a 1 % gap and is judged on stage 1.
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fqhw.allocator.cpsat import allocate, allocate_widths
+from fqhw.allocator.cpsat import allocate
+from fqhw.allocator.widths import allocate_widths
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
 from fqhw.network import NetworkSpec, network_spec, split_channel_groups

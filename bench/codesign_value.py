@@ -10,7 +10,7 @@ estimate analyses on a specialised FINN graph of HW nodes, fqhw.hwmodels.finn_gr
              calls it): widths and folding, the worst group's predicted loss first, then
              the throughput, then the LUTs, within the board's caps
   baseline   the same sensitivity and budget solved for widths only, no hardware terms
-             (fqhw.allocator.cpsat.allocate_widths: the least worst-group loss, ties to the
+             (fqhw.allocator.widths.allocate_widths: the least worst-group loss, ties to the
              least loss summed over groups), then FINN's own SetFolding transformation
              (finn-plus 1.6.1, FINN's builder defaults: mvau_wwidth_max 36, two-pass
              relaxation) at the highest target rate whose folded design fits the board,
@@ -51,7 +51,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation  # noqa: E402
-from fqhw.allocator.cpsat import allocate, allocate_widths, price  # noqa: E402
+from fqhw.allocator.cpsat import allocate, price  # noqa: E402
+from fqhw.allocator.widths import allocate_widths  # noqa: E402
 from fqhw.errors import InfeasibleError  # noqa: E402
 from fqhw.fairness.sensitivity import Sensitivity  # noqa: E402
 from fqhw.hwmodels import get_cost_model  # noqa: E402
@@ -275,7 +276,7 @@ def main() -> None:
     args = ap.parse_args()
     import logging
 
-    from fqhw.flow import default_cache_dir
+    from fqhw.config import default_cache_dir
 
     logging.getLogger("finn_logger").setLevel(logging.ERROR)  # SetFolding warns of every missed target
 

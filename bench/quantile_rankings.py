@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from fqhw.allocator.quantile import quantile_baseline
-from fqhw.flow import CompileConfig, pinned_edges, step_data, step_float_model
+from fqhw.config import CompileConfig, pinned_edges
+from fqhw.flow import step_data, step_float_model
 from fqhw.sidebyside import METHODS, _two_groups
 
 

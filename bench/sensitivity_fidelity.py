@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
+from fqhw.config import CompileConfig, pinned_edges
 from fqhw.families import family
-from fqhw.flow import CompileConfig, pinned_edges, quantize_finetune, step_data, step_float_model, step_importance
+from fqhw.flow import quantize_finetune, step_data, step_float_model, step_importance
 from fqhw.quant.qmodel import calibrate
 
 BUDGETS = (3, 4, 5)

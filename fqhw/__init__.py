@@ -10,7 +10,7 @@ def compile(target: str = "pynq-z2", budget: float = 4.0, out_dir="fqhw-out", **
     """
     from pathlib import Path
 
-    from fqhw.flow import CompileConfig
+    from fqhw.config import CompileConfig
     from fqhw.flow import compile as run
 
     return run(CompileConfig(target=target, budget=budget, out_dir=Path(out_dir), **options))

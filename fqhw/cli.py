@@ -59,7 +59,7 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fqhw.flow import CompileConfig
+    from fqhw.config import CompileConfig
 
     d = CompileConfig()
     parser = argparse.ArgumentParser(prog="fqhw", description="Hardware-aware compiler for fair quantized medical image classifiers")
@@ -152,7 +152,7 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if "matplotlib" not in sys.modules:
         # matplotlib's font cache goes with fqhw's own cache, not into HOME (unless the user chose)
-        from fqhw.flow import default_cache_dir
+        from fqhw.config import default_cache_dir
 
         os.environ.setdefault("MPLCONFIGDIR", str(Path(getattr(args, "cache_dir", None) or default_cache_dir()) / "matplotlib"))
     from fqhw.models import distributed as dist

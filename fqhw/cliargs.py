@@ -107,7 +107,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def compile_config(args):
-    from fqhw.flow import CompileConfig
+    from fqhw.config import CompileConfig
 
     cfg = CompileConfig(data=data_config(args), data_spec=args.data_spec, seed=args.seed, progress=not args.quiet, verbose=args.verbose and not args.quiet)
     updates = {}

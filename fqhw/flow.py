@@ -15,12 +15,11 @@ import copy
 import dataclasses
 import errno
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,227 +27,30 @@ import numpy as np
 import torch
 
 from fqhw.allocator.allocation import Allocation
-from fqhw.backends.base import backend_names, get_backend
+from fqhw.backends.base import get_backend
+from fqhw.config import (
+    BIT_RANGE,
+    CompileConfig,
+    allocation_net,
+    build_model,
+    is_fpga,
+    model_config,
+    out_folder,
+    pinned_edges,
+    validate,
+)
 from fqhw.data.dataset import DataSplits
 from fqhw.data.registry import describe, load_data
-from fqhw.data.synthetic import SyntheticDermConfig
 from fqhw.errors import FqhwError
 from fqhw.families import family
 from fqhw.fairness.importance import group_sensitivity
 from fqhw.fairness.sensitivity import Sensitivity
-from fqhw.models.cnn import CNNConfig, FairCNN
+from fqhw.models.cnn import CNNConfig
 from fqhw.network import NetworkSpec, network_spec
 from fqhw.outputs import save_tensors, staging_folder, swap_in, write_json, write_manifest
-from fqhw.stepcache import StepCache, check_cache_writable, check_folder_writable, file_digest, input_key
+from fqhw.stepcache import StepCache, file_digest, input_key
+from fqhw.stepkeys import KEYS
 
-BIT_RANGE = (2, 8)
-DEFAULT_CHANNELS = (16, 32, 64)  # the default CNN's
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FQHW_CACHE_DIR", Path.home() / ".cache" / "fqhw"))
-
-
-@dataclass
-class CompileConfig:
-    target: str = "pynq-z2"
-    budget: float = 4.0
-    out_dir: Path = Path("fqhw-out")
-    data: SyntheticDermConfig = field(default_factory=SyntheticDermConfig)
-    # "builtin" (the synthetic set configured by `data`), "fitzpatrick17k:PATH",
-    # "isic2019:PATH" or "csv:CSV[,IMAGE_DIR]" (fqhw.data.registry)
-    data_spec: str = "builtin"
-    # a fqhw.models.registry name: fqcnn (the default CNN), resnet18, resnet50,
-    # deit_tiny_patch16_224, tiny_vit_5m_224
-    model: str = "fqcnn"
-    # the default CNN's block channels, or a ResNet's stage channels (timm's `channels`);
-    # None: the model's own (fqcnn: DEFAULT_CHANNELS)
-    channels: tuple[int, ...] | None = None
-    model_kwargs: dict = field(default_factory=dict)  # more constructor arguments (e.g. depth=1)
-    # > 1: every conv of the default CNN but the first whose output channels it divides is allocated in this
-    # many output-channel groups, each its own width and folding, built as one layer per
-    # group (fqhw.network.split_channel_groups, fqhw.quant.channel_groups)
-    channel_groups: int = 1
-    float_epochs: int = 12
-    float_lr: float = 3e-3
-    qat_epochs: int = 3
-    qat_lr: float = 5e-4
-    fairness_lambda: float = 0.5
-    # (fairness weight, learning rate) pairs QAT tries, keeping the best on validation
-    # (fqhw.quant.qat.tune; --tune gives qat.DEFAULT_GRID); empty: only the two above
-    qat_grid: tuple[tuple[float, float], ...] = ()
-    baq_epochs: int = 0  # > 0: learn the widths (BAQ) from the solver's allocation, then project (fqhw.quant.baq)
-    baq_bitrate_lambda: float = 2.0
-    edge_bits: int | None = 8  # weights of the first and last layer pinned here (None: free)
-    min_fps: float | None = None
-    verify_images: int = 32
-    importance_samples: int = 256  # per group
-    solver_time_limit_s: float = 30.0
-    seed: int = 0
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    checkpoint: Path | None = None  # float weights from this file (a state_dict) instead of training
-    progress: bool = True  # progress bars and one line per step on stderr
-    verbose: bool = False  # also each step's details (solver, FINN sub-steps)
-    synth: bool = False  # also run FINN's remaining steps to a bitfile (needs Vivado)
-    # "finn": per-channel float scales and BatchNorm, absorbed into FINN's thresholds;
-    # "hls4ml": power-of-two scales, BatchNorm folded, quantized bias (fqhw.quant.po2)
-    backend: str = "finn"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        d["cache_dir"] = str(self.cache_dir)
-        d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
-        return d
-
-
-# ---------------------------------------------------------------- validation
-
-
-def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) -> None:
-    """Reject bad requests before any work is done (one line each, naming the fix).
-    markers: the files that make an existing --out folder one this command may replace."""
-    from fqhw.hwmodels import get_cost_model
-
-    get_cost_model(cfg.target)  # raises FqhwError listing the known targets
-    lo, hi = BIT_RANGE
-    if not (lo <= cfg.budget <= hi) or not np.isfinite(cfg.budget):
-        raise FqhwError(f"budget {cfg.budget:g} is outside [{lo}, {hi}]: pass --budget between {lo} and {hi} bits per weight")
-    if cfg.edge_bits is not None and not (lo <= cfg.edge_bits <= hi):
-        raise FqhwError(f"--edge-bits {cfg.edge_bits} is outside [{lo}, {hi}]")
-    if cfg.backend not in backend_names():
-        raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(backend_names())}")
-    fam = family(cfg.model)
-    fam.check(cfg.backend, cfg.data.image_size)
-    if cfg.channel_groups < 1:
-        raise FqhwError(f"--channel-groups {cfg.channel_groups} must be at least 1")
-    if cfg.channel_groups > 1 and cfg.model != "fqcnn":
-        raise FqhwError(f"--channel-groups builds the default CNN only, not {cfg.model}: drop --channel-groups, or use --model fqcnn")
-    if cfg.channels is not None and family(cfg.model).kind == "transformer":
-        raise FqhwError(f"--channels sets the default CNN's or a ResNet's widths, not {cfg.model}'s: pass --model-arg (e.g. embed_dim=96)")
-    if cfg.backend == "hls4ml" and cfg.target != "pynq-z2":
-        raise FqhwError(f"--backend hls4ml builds for the PYNQ-Z2 (hls4ml's VivadoAccelerator board), not {cfg.target}: use --target pynq-z2")
-    if cfg.backend == "hls4ml" and cfg.synth:
-        raise FqhwError("--synth runs FINN's remaining steps: it needs --backend finn (an hls4ml project is synthesised with its own build script)")
-    if cfg.baq_epochs < 0:
-        raise FqhwError(f"--baq-epochs {cfg.baq_epochs} is negative: pass 0 (off) or more")
-    for lam, lr in cfg.qat_grid:
-        if not (np.isfinite(lam) and lam >= 0 and np.isfinite(lr) and lr > 0):
-            raise FqhwError(f"QAT grid entry (fairness lambda {lam:g}, lr {lr:g}) is invalid: lambda must be >= 0 and lr > 0")
-    if cfg.verify_images < 1:
-        raise FqhwError("--verify-images must be at least 1")
-    check_writable(cfg.out_dir, markers)
-    if cfg.cache_dir is not None:
-        check_cache_writable(cfg.cache_dir)
-    if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
-        get_backend("finn").check_synth_tools(_shell_flow(cfg.target))
-    if cfg.checkpoint is not None:
-        from fqhw.models.checkpoint import check_checkpoint_path
-
-        check_checkpoint_path(cfg.checkpoint)
-    # The budget against the pinned layers needs only the network's shape: check it before
-    # any training, on the untrained model. (For a real data set the class count is known
-    # only after loading; allocate() checks again.)
-    from fqhw.allocator.cpsat import check_budget
-
-    size = cfg.data.image_size
-    untrained = _build_model(cfg, cfg.data.num_classes)
-    net = _allocation_net(cfg, network_spec(untrained, (3, size, size), name=cfg.model))
-    if fam.kind == "transformer" and _fpga(cfg):  # FINN is asked now, not after the training
-        err = fam.finn_refusal(untrained, (3, size, size), net)
-        if err is not None:
-            raise err
-    if cfg.data_spec == "builtin":
-        check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=pinned_edges(cfg, net))
-
-def _shell_flow(target: str) -> str:
-    """FINN's shell for the target's board: Alveo cards build through Vitis, Zynq boards through Vivado."""
-    from finn.util.basic import alveo_part_map
-
-    from fqhw.hwmodels import get_cost_model
-
-    return "vitis_alveo" if get_cost_model(target).limits.part in alveo_part_map.values() else "vivado_zynq"
-
-
-def _fpga(cfg: CompileConfig) -> bool:
-    """The target is an FPGA board (FINN's cost model): the flow builds for it. An ASIC
-    target is priced by its cost model only; the flow stops at the QONNX model."""
-    from fqhw.hwmodels import get_cost_model
-    from fqhw.hwmodels.finn import FinnCostModel
-
-    return isinstance(get_cost_model(cfg.target), FinnCostModel)
-
-
-def _model_config(cfg: CompileConfig, num_classes: int) -> CNNConfig | dict:
-    """What the float model is built from: the default CNN's CNNConfig (its cache key as
-    before), else the registry name, size and constructor arguments."""
-    if cfg.model == "fqcnn":
-        try:
-            return CNNConfig(in_channels=3, image_size=cfg.data.image_size, num_classes=num_classes,
-                             channels=tuple(cfg.channels or DEFAULT_CHANNELS), **cfg.model_kwargs)
-        except TypeError as e:
-            raise FqhwError(f"fqcnn: {e}: see fqhw.models.cnn.CNNConfig for its arguments") from None
-    if cfg.model == "cnv":
-        from fqhw.models.registry import cnn_config
-
-        if cfg.channels is not None:
-            raise FqhwError("cnv: --channels does not apply (its channels are FINN's CNV's): use --model-arg width=W")
-        return cnn_config("cnv", num_classes, cfg.data.image_size, **cfg.model_kwargs)
-    kwargs = dict(cfg.model_kwargs, **({"channels": tuple(cfg.channels)} if cfg.channels is not None else {}))
-    return {"model": cfg.model, "num_classes": num_classes, "image_size": cfg.data.image_size, "kwargs": kwargs}
-
-
-def _build_model(cfg: CompileConfig, num_classes: int) -> torch.nn.Module:
-    from fqhw.models.registry import create
-
-    mcfg = _model_config(cfg, num_classes)
-    if isinstance(mcfg, CNNConfig):
-        return FairCNN(mcfg)
-    return create(cfg.model, num_classes, cfg.data.image_size, **mcfg["kwargs"])
-
-def pinned_edges(cfg: CompileConfig, net: NetworkSpec) -> dict[str, int] | None:
-    """The first and last layer's weights at --edge-bits: every unit of them (channel groups)."""
-    if cfg.edge_bits is None:
-        return None
-    edges = {net.layers[0].act_group, net.layers[-1].act_group}
-    return {s.name: cfg.edge_bits for s in net.layers if s.act_group in edges}
-
-
-def _allocation_net(cfg: CompileConfig, net: NetworkSpec) -> NetworkSpec:
-    """The units the allocator sees: the layers, or their channel groups (--channel-groups).
-    The classifier head stays whole (its accumulator is one output), and so does the first
-    conv: it reads the pixels, and FINN cannot move the input's layout transpose past the
-    fork that would feed its groups (a Shuffle would be left inside the accelerator)."""
-    if cfg.channel_groups <= 1:
-        return net
-    from fqhw.network import split_channel_groups
-
-    return split_channel_groups(net, {s.name: cfg.channel_groups for s in net.layers[1:] if s.kind == "conv"})
-
-
-def out_folder(out_dir) -> Path:
-    """The folder --out names, absolute; a symlink's target (the link stays, the target is
-    replaced: the staging folder is made beside it, on its file system)."""
-    out_dir = Path(out_dir).absolute()
-    return out_dir.resolve() if out_dir.is_symlink() else out_dir
-
-
-def check_writable(out_dir: Path, markers: tuple[str, ...] = ("config.json",)) -> None:
-    """The folder can be written and may be replaced: it is absent, empty, or an earlier
-    output of the same command (it holds one of `markers`)."""
-    out_dir = out_folder(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FqhwError(f"output folder {out_dir} exists and is not a folder: choose another --out")
-    check_folder_writable(out_dir, out_dir.parent, "output folder", "--out")
-    if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
-        raise FqhwError(f"output folder {out_dir} cannot be written (no write permission): choose another --out")
-    # A successful compile replaces the output folder whole: only ever replace an earlier
-    # fqhw output (or an empty folder), never a folder of the user's own files.
-    cwd = Path.cwd().absolute()
-    if out_dir == cwd or out_dir in cwd.parents:
-        raise FqhwError(f"output folder {out_dir} holds the current folder and would be replaced: choose a new folder for --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in markers):
-        raise FqhwError(f"output folder {out_dir} is not empty and is not an fqhw output (it would be replaced): choose a new folder for --out")
 
 # ---------------------------------------------------------------- the steps
 
@@ -287,28 +89,17 @@ def _data_fingerprint(spec: str) -> list:
 def _float_key(cfg: CompileConfig, mcfg: CNNConfig | dict) -> dict:
     data = asdict(cfg.data) if cfg.data_spec == "builtin" else {"spec": cfg.data_spec, "image_size": cfg.data.image_size,
                                                                    "files": _data_fingerprint(cfg.data_spec)}
-    return {
-        "data": data,
-        "model": mcfg.to_dict() if isinstance(mcfg, CNNConfig) else mcfg,
-        "epochs": cfg.float_epochs,
-        "lr": cfg.float_lr,
-        "seed": cfg.seed,
-        "version": 1,
-        # weights from a file: the baselines' cache key must follow the file's contents
-        **({"checkpoint": _checkpoint_sha(cfg.checkpoint)} if cfg.checkpoint is not None else {}),
-    }
-
-def _checkpoint_sha(path) -> str:
-    return file_digest(Path(path))
+    # weights from a file: the key (and the baselines' after it) follows the file's contents
+    return KEYS["float_model"].key(cfg, data=data, model=mcfg.to_dict() if isinstance(mcfg, CNNConfig) else mcfg)
 
 def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     from fqhw.models.train import cached_float_model, train_float
 
-    mcfg = _model_config(cfg, splits.train.num_classes)
+    mcfg = model_config(cfg, splits.train.num_classes)
 
     def build():
         torch.manual_seed(cfg.seed)
-        return _build_model(cfg, splits.train.num_classes)
+        return build_model(cfg, splits.train.num_classes)
 
     def train(model):
         return train_float(model, splits, epochs=cfg.float_epochs, lr=cfg.float_lr, batch_size=64, seed=cfg.seed, progress=cfg.progress)
@@ -321,7 +112,7 @@ def step_float_model(cfg: CompileConfig, splits: DataSplits) -> FloatModel:
     else:
         model, info, hit = cached_float_model(_float_key(cfg, mcfg), build, train, cfg.cache_dir)
     model.eval()
-    net = _allocation_net(cfg, network_spec(model, splits.train.input_shape, name=cfg.model))
+    net = allocation_net(cfg, network_spec(model, splits.train.input_shape, name=cfg.model))
     return FloatModel(model, mcfg, net, info, hit, key=input_key(_float_key(cfg, mcfg)))
 
 def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> Sensitivity:
@@ -450,12 +241,6 @@ def quantize_finetune(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, spl
     snap = family(cfg.model).snap(qmodel, cfg.backend)  # code boundaries off float rounding error
     return QuantModel(qmodel, alloc, {**asdict(res), "threshold_snap": snap}, evaluate_groups(qmodel, splits.test))
 
-def qat_inputs(cfg: CompileConfig) -> dict:
-    scheme = {} if cfg.backend == "finn" else {"scheme": cfg.backend}  # FINN's keys as before
-    grid = {"grid": [list(map(float, c)) for c in cfg.qat_grid]} if cfg.qat_grid else {}  # untuned: keys as before
-    return {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "fairness_lambda": cfg.fairness_lambda, "seed": cfg.seed, **scheme, **grid}
-
-
 def _write_quant(qm: QuantModel, folder: Path) -> None:
     save_tensors(qm.model.state_dict(), folder / "quant_model.pt")
     write_json(folder / "quant.json", {"allocation": qm.allocation.to_dict(), "qat": qm.qat, "test_metrics": qm.test_metrics})
@@ -498,7 +283,7 @@ def step_baselines(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache
     return out
 
 def _baseline_inputs(cfg: CompileConfig, fm: FloatModel, bits: int) -> dict:
-    return {"float": fm.key, "bits": bits, "qat": qat_inputs(cfg)}
+    return KEYS["uniform"].key(cfg, float=fm.key, bits=bits)
 
 
 def _read_metrics(folder: Path) -> dict:
@@ -566,7 +351,7 @@ def _load_allocation(folder: Path) -> Allocation:
 def _backend(cfg: CompileConfig):
     """The backend that builds for the target (fqhw.backends.base): --backend on an FPGA
     board, the no-build one on an ASIC target."""
-    return get_backend(cfg.backend if _fpga(cfg) else "asic")
+    return get_backend(cfg.backend if is_fpga(cfg) else "asic")
 
 
 def _load_finn(cfg: CompileConfig, cached: Path, dest: Path):
@@ -576,8 +361,8 @@ def _load_finn(cfg: CompileConfig, cached: Path, dest: Path):
 
 def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
     if cfg.progress:
-        fit = family(cfg.model).kind == "resnet" and _fpga(cfg)
-        total = len(STEPS) + cfg.synth + (cfg.baq_epochs > 0) + fit - (not _fpga(cfg))
+        fit = family(cfg.model).kind == "resnet" and is_fpga(cfg)
+        total = len(STEPS) + cfg.synth + (cfg.baq_epochs > 0) + fit - (not is_fpga(cfg))
         print(f"fqhw: [{done + 1}/{total}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
 
 
@@ -686,30 +471,27 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         write_json(work / "config.json", cfg.to_dict())
         splits = run("data", step_data, cfg)
         write_json(work / "data.json", describe(splits))
-        mcfg = _model_config(cfg, splits.train.num_classes)
+        mcfg = model_config(cfg, splits.train.num_classes)
         stored = cfg.checkpoint is None and cache.has("float_model", cache.key("float_model", _float_key(cfg, mcfg)))
         fm = run("float_model", step_float_model, cfg, splits, stored=stored, ranks="all")
         steps["float_model"].update(reused=fm.cache_hit, key=fm.key)
         write_json(work / "network.json", fm.net.to_dict())
         sens = run(
             "importance", step_importance, cfg, fm, splits, ranks="main",
-            inputs={"float": fm.key, "samples": cfg.importance_samples, "bits": BIT_RANGE, "seed": cfg.seed, "method": "fisher",
-                    **({"channel_groups": cfg.channel_groups} if cfg.channel_groups > 1 else {})},
+            inputs=KEYS["importance"].key(cfg, float=fm.key),
             write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
         )
         sens.save(work / "sensitivity.json")
         alloc = run(
             "allocate", step_allocate, cfg, fm.net, sens, ranks="main",
-            inputs={"importance": sens.to_dict(), "net": fm.net.to_dict(), "target": cfg.target, "budget": cfg.budget,
-                    "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps, "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed},
+            inputs=KEYS["allocate"].key(cfg, importance=sens.to_dict(), net=fm.net.to_dict()),
             write=_write_allocation, load=_load_allocation,
         )
-        if family(cfg.model).kind == "resnet" and _fpga(cfg):  # FINN's estimates, not only the cost model's
+        if family(cfg.model).kind == "resnet" and is_fpga(cfg):  # FINN's estimates, not only the cost model's
             alloc = run(
                 "fit", step_fit, cfg, fm, alloc, sens, splits, ranks="main",
-                inputs={"allocation": _allocation_content(alloc), "float": fm.key, "importance": steps["importance"]["key"],
-                        "target": cfg.target, "budget": cfg.budget, "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps,
-                        "time_limit_s": cfg.solver_time_limit_s, "seed": cfg.seed, "rounds": FIT_ROUNDS, "margin": FIT_MARGIN},
+                inputs=KEYS["fit"].key(cfg, allocation=_allocation_content(alloc), float=fm.key, importance=steps["importance"]["key"],
+                                       rounds=FIT_ROUNDS, margin=FIT_MARGIN),
                 write=_write_allocation, load=_load_allocation,
             )
         alloc.save(work / "allocation.json")
@@ -721,9 +503,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         if cfg.baq_epochs > 0:  # learned widths from the solver's, projected back by the solver
             baq = run(
                 "baq", step_baq, cfg, fm, alloc, splits, ranks="main",
-                inputs={"float": fm.key, "allocation": _allocation_content(alloc), "budget": cfg.budget, "target": cfg.target,
-                        "epochs": cfg.baq_epochs, "bitrate_lambda": cfg.baq_bitrate_lambda, "qat": qat_inputs(cfg),
-                        "edge_bits": cfg.edge_bits, "min_fps": cfg.min_fps},
+                inputs=KEYS["baq"].key(cfg, float=fm.key, allocation=_allocation_content(alloc)),
                 write=_write_baq, load=_load_baq,
             )
             alloc = baq.allocation
@@ -736,7 +516,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         steps["baselines"]["reused"] = stored
         qm = run(
             "quantize", step_quantize, cfg, start, alloc, splits,
-            inputs={"float": start.key, "allocation": _allocation_content(alloc), "qat": qat_inputs(cfg)},
+            inputs=KEYS["quantize"].key(cfg, float=start.key, allocation=_allocation_content(alloc)),
             write=_write_quant, load=_load_quant(cfg, start), ranks="all",
         )
         if not dist.is_main():  # the training is done; the rest is rank 0's
@@ -745,14 +525,14 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         save_tensors(qm.model.state_dict(), work / "quant_model.pt")
         qonnx_path = run(
             "export", step_export, cfg, qm, splits, work,
-            inputs={"quantize": steps["quantize"]["key"], "input_shape": list(splits.train.input_shape)},
+            inputs=KEYS["export"].key(cfg, quantize=steps["quantize"]["key"], input_shape=list(splits.train.input_shape)),
             write=lambda path, d: shutil.copy2(path, d / path.name),
             load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
         )
         if cfg.backend == "hls4ml":
             finn = run(
                 "hls4ml", step_hls4ml, cfg, qonnx_path, alloc, work,
-                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target},
+                inputs=KEYS["hls4ml"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
                 write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
                 load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
             )
@@ -761,7 +541,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         else:
             finn = run(
                 "finn", step_finn, cfg, qonnx_path, alloc, work,
-                inputs={"qonnx": file_digest(qonnx_path), "allocation": _allocation_content(alloc), "target": cfg.target, "layout": 2},
+                inputs=KEYS["finn"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
                 write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
                 load=lambda d: _load_finn(cfg, d / "finn", work / "finn"),
             )

@@ -160,7 +160,8 @@ def _two_groups(data):
 def _allocation(cfg, method: Method, fm, splits, sens, found: dict):
     from fqhw.allocator.allocation import Allocation
     from fqhw.allocator.quantile import quantile_baseline
-    from fqhw.flow import pinned_edges, step_allocate
+    from fqhw.config import pinned_edges
+    from fqhw.flow import step_allocate
 
     if method.allocator == "uniform":
         return Allocation.uniform(fm.net, method.bits)
@@ -186,7 +187,8 @@ def _stored_allocation(rec: dict):
 
 def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, found: dict) -> dict:
     """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
-    from fqhw.flow import pinned_edges, quantize_finetune
+    from fqhw.config import pinned_edges
+    from fqhw.flow import quantize_finetune
     from fqhw.hwmodels import get_cost_model
     from fqhw.quant.qat import evaluate_groups, predict
 
@@ -248,7 +250,7 @@ def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
 
 def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     """What one (seed, method) record depends on: its step-cache key."""
-    from fqhw.flow import qat_inputs
+    from fqhw.stepkeys import qat_inputs
 
     return {
         "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": qat_inputs(cfg),

@@ -262,7 +262,7 @@ def build_test_data(build_dir, spec: str | None = None, split: str = "test") -> 
     build's image size and seed."""
     from fqhw.data.registry import load_data
     from fqhw.data.synthetic import SyntheticDermConfig
-    from fqhw.flow import CompileConfig
+    from fqhw.config import CompileConfig
 
     folder = locate_build(build_dir)
     path = folder.root / "config.json"

@@ -279,7 +279,7 @@ def test_stages_two_and_three_against_brute_force(tiny):
 def test_widths_only_against_brute_force(tiny):
     """allocate_widths: the least worst-group loss under the budget (no hardware), ties to
     the least loss summed over groups, every unit folded PE = SIMD = 1."""
-    from fqhw.allocator.cpsat import allocate_widths
+    from fqhw.allocator.widths import allocate_widths
 
     sens = synthetic_sensitivity(tiny, seed=6)
     bits = [2, 3, 4, 8]

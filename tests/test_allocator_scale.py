@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fqhw.allocator.allocation import Allocation
-from fqhw.allocator.cpsat import _Layer, _pareto, _pareto_by_choice, _prune_on_resources, allocate, price
+from fqhw.allocator.cpsat import allocate, price
+from fqhw.allocator.tables import LayerTable, pareto, pareto_by_choice, prune_on_resources
 from fqhw.errors import FqhwError
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
@@ -124,12 +125,12 @@ def test_table_pruning_shortcuts_agree():
         arr[:, 5] = rng.integers(0, 6, n)
         if trial % 2:
             arr[:, 6:] = rng.integers(0, 6, (n, k - 1))
-        layer = _Layer(None, [], None, [], -1, None, [], arr)
+        layer = LayerTable(None, [], None, [], -1, None, [], arr)
         for cmax in (None, 1, 4, 7, 11):
             sel = arr if cmax is None else arr[arr[:, 4] <= cmax]
-            assert sorted(_prune_on_resources(sel)) == sorted(layer.rows(cmax))
-        got = _pareto_by_choice(arr.astype(float), 5 + k)
-        want = np.concatenate([arr[np.all(arr[:, :3] == key, axis=1)][_pareto(arr[np.all(arr[:, :3] == key, axis=1)][:, 4:])]
+            assert sorted(prune_on_resources(sel)) == sorted(layer.rows(cmax))
+        got = pareto_by_choice(arr.astype(float), 5 + k)
+        want = np.concatenate([arr[np.all(arr[:, :3] == key, axis=1)][pareto(arr[np.all(arr[:, :3] == key, axis=1)][:, 4:])]
                                for key in np.unique(arr[:, :3], axis=0)])
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.astype(float).tolist()))
 
@@ -163,14 +164,14 @@ def test_stopped_search_uses_best_found_and_reports_the_gap(monkeypatch):
     allocation found, within the budget and the caps, and the report says which stages are
     unproven and how far from the bound the loss may be. No timing: the stop is CP-SAT's
     stop_after_first_solution, on one worker."""
-    from fqhw.allocator import cpsat
+    from fqhw.allocator import stages
     from fqhw.report.report import solver_line
 
     net = split_channel_groups(network_spec(FairCNN(CNNConfig(channels=(16, 32, 64))), (3, 32, 32), name="cnn"), 4, name="cnn-g4")
     sens = unit_sensitivity(net, seed=5)
     cost = get_cost_model("pynq-z2")
-    monkeypatch.setitem(cpsat.SOLVER_PARAMETERS, "stop_after_first_solution", True)
-    monkeypatch.setitem(cpsat.SOLVER_PARAMETERS, "num_workers", 1)
+    monkeypatch.setitem(stages.SOLVER_PARAMETERS, "stop_after_first_solution", True)
+    monkeypatch.setitem(stages.SOLVER_PARAMETERS, "num_workers", 1)
     alloc = allocate(net, sens, cost, 3.0, time_limit_s=60, workers=1, seed=0)
     s = alloc.solver
     assert s["status"] == "FEASIBLE" and alloc.avg_weight_bits(net) <= 3.0 + 1e-9 and price(net, alloc, cost)["total"]["fits"]
@@ -183,7 +184,7 @@ def test_stopped_search_uses_best_found_and_reports_the_gap(monkeypatch):
     assert f"gap to its bound {100 * s['gap']:.2f} %" in line
     for st in unproven:
         assert st["name"] in line
-    monkeypatch.delitem(cpsat.SOLVER_PARAMETERS, "stop_after_first_solution")
+    monkeypatch.delitem(stages.SOLVER_PARAMETERS, "stop_after_first_solution")
     full = allocate(net, sens, cost, 3.0, time_limit_s=60, workers=1, seed=0)
     assert full.solver["status"] == "OPTIMAL"
     assert full.solver["objective_exact"] <= s["objective_exact"] + 2 * s["loss_rounding_error"]

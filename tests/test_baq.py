@@ -16,7 +16,8 @@ from fqhw.data.synthetic import SyntheticDermConfig
 from fqhw.errors import InfeasibleError
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels import get_cost_model
-from fqhw.hwmodels.finn import DEFAULT_UTILISATION, FinnCostModel
+from fqhw.hwmodels.finn import FinnCostModel
+from fqhw.hwmodels.finn_boards import DEFAULT_UTILISATION
 from fqhw.models.cnn import CNNConfig, FairCNN
 from fqhw.network import network_spec, split_channel_groups
 from fqhw.quant.baq import iterative_qat, learn_bits, recover

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from fqhw import cli
-from fqhw.compare import compare, objective_value
+from fqhw.compare import compare
+from fqhw.compareresult import objective_value
 from fqhw.errors import FqhwError
 from fqhw.models.cnn import FairCNN
 from fqhw.network import network_spec

@@ -228,10 +228,10 @@ def _main_fails(capsys, args, needle):
 def test_read_only_output_folder(tmp_path, monkeypatch, capsys):
     """As root, chmod does not stop writes, and there is no read-only mount to use: the
     permission check is told the parent is not writable."""
-    import fqhw.flow
+    import fqhw.config
 
     real = os.access
-    monkeypatch.setattr(fqhw.flow.os, "access", lambda p, mode: False if pathlib.Path(p) == tmp_path else real(p, mode))
+    monkeypatch.setattr(fqhw.config.os, "access", lambda p, mode: False if pathlib.Path(p) == tmp_path else real(p, mode))
     _main_fails(capsys, ["compile", "--out", str(tmp_path / "out"), *TINY], f"({tmp_path} is not writable): choose another --out")
     assert list(tmp_path.iterdir()) == []
 

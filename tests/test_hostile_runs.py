@@ -270,14 +270,14 @@ def test_out_is_a_symlink_to_an_earlier_output(compiled, tmp_path):
 def test_read_only_out_keeps_the_previous_output(compiled, tmp_path, monkeypatch, capsys):
     """Tests run as root, for whom chmod does not stop writes: the check is told the folder
     is not writable."""
-    import fqhw.flow
+    import fqhw.config
 
     ref_out, _ = compiled
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
     before = _tree(out)
     real = os.access
-    monkeypatch.setattr(fqhw.flow.os, "access", lambda p, mode: False if pathlib.Path(p) == out else real(p, mode))
+    monkeypatch.setattr(fqhw.config.os, "access", lambda p, mode: False if pathlib.Path(p) == out else real(p, mode))
     _fails(capsys, compile_args(out, tmp_path / "cache"), f"output folder {out} cannot be written (no write permission)")
     assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

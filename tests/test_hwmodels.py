@@ -8,7 +8,8 @@ import pytest
 
 from fqhw.errors import FqhwError
 from fqhw.hwmodels import get_cost_model, known_targets
-from fqhw.hwmodels import finn as F
+from fqhw.hwmodels import finn_formulas as F
+from fqhw.hwmodels.finn_boards import PRICED
 from fqhw.network import LayerSpec
 
 PART = "xc7z020clg400-1"
@@ -251,13 +252,13 @@ def test_whole_graph_matches_finn_specialised(faircnn, head_bits, narrow, head_o
     assert ops[-1] == head_op
     cycles = model.analysis(exp_cycles_per_layer)
     res = model.analysis(lambda m: res_estimation(m, PART))
-    totals = {r: 0 for r in F.PRICED}
+    totals = {r: 0 for r in PRICED}
     for node, u in zip(model.graph.node, expect):
         assert cycles[node.name] == u["cycles"], node.name
-        for r in F.PRICED:
+        for r in PRICED:
             assert res[node.name][r] == u[r], (node.name, r)
             totals[r] += res[node.name][r]
-    for r in F.PRICED:
+    for r in PRICED:
         assert pr["total"][r] == totals[r]
     perf = model.transform(AnnotateCycles()).analysis(dataflow_performance)
     assert perf["max_cycles"] == pr["total"]["cycles"]
@@ -346,4 +347,4 @@ def test_folding_matches_the_finn_backend(faircnn, seed):
             if attr in u["attrs"] and attr in inst.get_nodeattr_types():
                 assert inst.get_nodeattr(attr) == u["attrs"][attr], (node.name, u["role"], attr)
         assert cycles[node.name] == u["cycles"]
-        assert all(res[node.name][r] == u[r] for r in F.PRICED)
+        assert all(res[node.name][r] == u[r] for r in PRICED)

@@ -63,920 +63,22 @@ Allocation.solver["loss_rounding_error"] (in the sensitivity's own units).
 """
 from __future__ import annotations
 
-import bisect
 import math
 import numbers
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
+from fqhw.allocator.stages import SatModel, Stage, bits_hint, build_sat_model, certificate, min_bottleneck, run_solver
+from fqhw.allocator.tables import ENERGY, LOSS_RESOLUTION, RESOURCE_ORDER, Problem, build_problem
 from fqhw.errors import FqhwError, InfeasibleError
 from fqhw.fairness.sensitivity import Sensitivity
 from fqhw.hwmodels.base import CostModel, LayerCost
-from fqhw.network import LayerSpec, NetworkSpec
-
-LOSS_RESOLUTION = 10**7  # integer units for the largest possible group total
-METRIC_RESOLUTION = 10**9  # integer units for the largest per-layer value of an uncapped metric
-RESOURCE_WEIGHT = 10**6  # "resources" objective: R_r weighted by round(RESOURCE_WEIGHT / cap_r)
-RESOURCE_ORDER = ("LUT", "BRAM_18K", "URAM", "DSP")
-NO_ACT = -1  # a_out column of a layer without an output activation
-ENERGY = "energy_pJ"
-OBJECTIVES = ("throughput", "resources", "latency", "energy")
-# CP-SAT parameters set on every solve. Presolve is off: on these models (one-hot widths,
-# a table per unit, a few linear sums) CP-SAT's presolve, which expands every table, cost
-# about as much CPU as the search and saved nothing (bench/allocator_scale.py: ResNet-50
-# per layer 7.9 -> 5.1 CPU s, ResNet-18 2.3 -> 1.4, the same optima and, on the default
-# CNN and cnv, the same allocations).
-SOLVER_PARAMETERS: dict = {"cp_model_presolve": False}
-
-
-# ------------------------------------------------------------------ the problem data
-
-
-def _pareto(arr: np.ndarray) -> np.ndarray:
-    """Mask of the rows of `arr` (n x k ints) that no other row matches or beats in every
-    column (of identical rows, the first is kept)."""
-    n = len(arr)
-    if n <= 1:
-        return np.ones(n, dtype=bool)
-    le = np.all(arr[:, None, :] <= arr[None, :, :], axis=2)  # le[j, i]: row j <= row i everywhere
-    lt = np.any(arr[:, None, :] < arr[None, :, :], axis=2)
-    earlier = np.triu(np.ones((n, n), dtype=bool), 1)  # earlier[j, i]: j < i
-    return ~np.any(le & (lt | earlier), axis=0)
-
-
-def _prune_on_resources(rows: np.ndarray) -> list[tuple]:
-    """Per (w, a_in, a_out): the rows no other row beats or matches in every resource
-    (ties go to the fastest, then the first folding)."""
-    if len(rows) == 0:
-        return []
-    keys = [rows[:, k] for k in range(rows.shape[1] - 1, 4, -1)]  # resources, last first
-    order = np.lexsort((rows[:, 3], rows[:, 4], *keys, rows[:, 2], rows[:, 1], rows[:, 0]))
-    out: list[tuple] = []
-    group = None
-    kept: list[tuple] = []
-    for row in rows[order].tolist():
-        g = (row[0], row[1], row[2])
-        if g != group:
-            group, kept = g, []
-        res = row[5:]
-        if any(all(k <= r for k, r in zip(kr, res)) for kr in kept):
-            continue
-        kept.append(res)
-        out.append(tuple(row))
-    return out
-
-
-@dataclass
-class _Layer:
-    spec: LayerSpec
-    w_vals: list[int]
-    a_vals: list[int] | None  # None: no output activation
-    ai_vals: list[int]  # widths of the input activation
-    in_slot: int  # activation slot the unit reads (-1: the network input)
-    out_slot: int | None  # slot it writes (None: no output activation)
-    folds: list[tuple[int, int]]
-    cand: np.ndarray  # (w, a_in, a_out | NO_ACT, fold, cycles, *resources, *metrics), Pareto in all columns
-    _rows: dict = field(default_factory=dict)
-    _death: np.ndarray | None = None
-
-    def rows(self, cmax: int | None) -> list[tuple]:
-        """The table for cycle cap `cmax` (None: no cap): per (w, a_in, a_out), the rows
-        with cycles <= cmax that no other such row beats or matches in every resource (ties
-        go to the fastest, then the first folding), as `_prune_on_resources` would give."""
-        if cmax not in self._rows:
-            self._rows[cmax] = [tuple(r) for r in self.array(cmax).tolist()]
-        return self._rows[cmax]
-
-    def array(self, cmax: int | None) -> np.ndarray:
-        """rows(cmax) as one int64 array, in the same order."""
-        key = ("array", cmax)
-        if key not in self._rows:
-            death = self.death()
-            cyc = self.cand[:, 4]
-            keep = death == _NEVER if cmax is None else (cyc <= cmax) & (death > cmax)
-            self._rows[key] = self.cand[keep]
-        return self._rows[key]
-
-    def table(self, cmax: int | None, keep: tuple[int, ...]) -> tuple[list, list]:
-        """(domains, tuples) for the model at cap cmax: the sorted distinct values of each
-        column from 3 on (folding, cycles, every resource and metric), and the sorted
-        distinct rows of the columns `keep`."""
-        key = ("table", cmax, keep)
-        if key not in self._rows:
-            arr = self.array(cmax)
-            doms = [np.unique(arr[:, k]).tolist() for k in range(3, arr.shape[1])]
-            self._rows[key] = (doms, np.unique(arr[:, list(keep)], axis=0).tolist())
-        return self._rows[key]
-
-    def death(self) -> np.ndarray:
-        """Per row, the least cycle cap at which another row of its choice dominates it in
-        resources (with the tie rule above): the row is in the table for cap C iff
-        cycles <= C < death."""
-        if self._death is None:
-            self._death = _death_caps(self.cand)
-        return self._death
-
-
-_NEVER = np.iinfo(np.int64).max
-
-
-def _death_caps(cand: np.ndarray) -> np.ndarray:
-    """See _Layer.death. Row q dominates row r when q's resources are <= r's everywhere and
-    either differ somewhere or (cycles, fold) of q < those of r; r dies at the least cycles
-    of a row that dominates it."""
-    n = len(cand)
-    death = np.full(n, _NEVER, dtype=np.int64)
-    if n == 0:
-        return death
-    _, first, inv = np.unique(cand[:, :3], axis=0, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    varying = [k for k in range(5, cand.shape[1]) if not np.array_equal(cand[:, k], cand[first[inv], k])]
-    if len(varying) <= 1:
-        # one resource varies within a choice: r's dominators are exactly the rows before it
-        # in (resource, cycles, fold) order, so death = the running minimum of the cycles
-        # before it (per choice: later choices are shifted below earlier ones)
-        res = cand[:, varying[0]] if varying else np.zeros(n, dtype=np.int64)
-        order = np.lexsort((cand[:, 3], cand[:, 4], res, inv))
-        g, cyc = inv[order], cand[order, 4].astype(np.int64)
-        span = int(cyc.max()) + 1
-        shifted = cyc + (int(g.max()) - g) * span
-        run = np.minimum.accumulate(shifted)
-        before = np.full(n, _NEVER, dtype=np.int64)
-        same = g[1:] == g[:-1]
-        before[1:] = np.where(same, run[:-1] - (int(g.max()) - g[1:]) * span, _NEVER)
-        death[order] = before
-        return death
-    order = np.argsort(inv, kind="stable")
-    bounds = np.flatnonzero(np.diff(inv[order])) + 1
-    for idx in np.split(order, bounds):
-        if len(idx) == 1:
-            continue
-        R = cand[idx, 5:]
-        cyc, fold = cand[idx, 4], cand[idx, 3]
-        le = np.all(R[:, None, :] <= R[None, :, :], axis=2)  # le[q, r]
-        eq = np.all(R[:, None, :] == R[None, :, :], axis=2)
-        faster = (cyc[:, None] < cyc[None, :]) | ((cyc[:, None] == cyc[None, :]) & (fold[:, None] < fold[None, :]))
-        dom = le & (~eq | faster)
-        killer = np.where(dom, cyc[:, None], _NEVER)
-        death[idx] = killer.min(axis=0)
-    return death
-
-
-@dataclass
-class _Slot:
-    """One output activation width: a layer's (shared by its channel groups)."""
-
-    name: str
-    a_vals: list[int]
-
-
-@dataclass
-class _Problem:
-    net: NetworkSpec
-    cost: CostModel
-    target: str
-    input_bits: int
-    layers: list[_Layer]
-    slots: list[_Slot]
-    resources: list[str]  # capped
-    metrics: list[str]  # priced, uncapped (energy), integer units of metric_scale
-    metric_scale: dict[str, float]
-    caps: dict[str, int]
-    extras: list[LayerCost]
-    budget: Fraction
-    max_cycles: int | None
-    groups: list[str]
-    scale: float
-    tw: list[dict[int, np.ndarray]]  # integer sensitivity terms per unit and width: (G,)
-    ta: list[dict[int, np.ndarray]]  # per slot
-    schedule: str = "dataflow"
-    objective: str = "throughput"
-    candidates: int = 0
-    timings: dict = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def columns(self) -> list[str]:
-        return [*self.resources, *self.metrics]
-
-
-def _resource_value(c: LayerCost, r: str) -> int:
-    return int(math.ceil(c.resources.get(r, 0)))
-
-
-def _layer_candidates(cost: CostModel, spec: LayerSpec, w_vals, ai_vals, ao_vals, resources, metrics=()) -> tuple[list, np.ndarray, int]:
-    """Every buildable choice of the unit, priced; per (w, a_in, a_out) only the foldings no
-    other folding beats in every column. Float array: metrics are scaled later."""
-    folds = list(cost.folding_options(spec))
-    table_fn = getattr(cost, "price_table", None)
-    if table_fn is not None:
-        rows, n = table_fn(spec, list(w_vals), list(ai_vals), list(ao_vals), folds, list(resources), list(metrics))
-        return folds, _pareto_by_choice(np.asarray(rows, dtype=np.float64), 5 + len(resources) + len(metrics)), int(n)
-    buildable = getattr(cost, "buildable", None)
-    rows = []
-    n = 0
-    for w in w_vals:
-        for ai in ai_vals:
-            for ao in ao_vals:
-                cands = []
-                for f, (pe, simd) in enumerate(folds):
-                    if buildable is not None and not buildable(spec, w, ai, ao, pe, simd):
-                        continue
-                    c = cost.layer_cost(spec, w, ai, ao, pe, simd)
-                    cands.append(
-                        (w, ai, NO_ACT if ao is None else ao, f, int(c.cycles), *(_resource_value(c, r) for r in resources),
-                         *(float(c.resources.get(m, 0.0)) for m in metrics))
-                    )
-                n += len(cands)
-                if cands:
-                    arr = np.asarray(cands, dtype=np.float64)
-                    rows.append(arr[_pareto(arr[:, 4:])])
-    width = 5 + len(resources) + len(metrics)
-    return folds, (np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.float64)), n
-
-
-def _pareto_by_choice(arr: np.ndarray, width: int) -> np.ndarray:
-    """The rows of `arr` that are Pareto-optimal (as `_pareto`) in the columns from 4 on,
-    within each choice (w, a_in, a_out). Where at most one column after the cycles varies
-    within a choice (e.g. only the LUTs), a sorted running minimum gives the same rows in
-    O(n log n); otherwise `_pareto` per choice."""
-    if len(arr) == 0:
-        return np.zeros((0, width), dtype=np.float64)
-    _, first, inv = np.unique(arr[:, :3], axis=0, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    cols = [k for k in range(5, arr.shape[1]) if not np.array_equal(arr[:, k], arr[first[inv], k])]
-    if len(cols) <= 1:
-        c1 = arr[:, cols[0]] if cols else np.zeros(len(arr))
-        order = np.lexsort((np.arange(len(arr)), c1, arr[:, 4], inv))
-        g, v = inv[order], c1[order]
-        span = float(v.max() - v.min()) + 1.0 if len(v) else 1.0
-        shifted = (v - v.min()) + (g.max() - g) * span  # earlier choices lie above later ones
-        run = np.minimum.accumulate(shifted)
-        keep = np.ones(len(order), dtype=bool)
-        keep[1:] = shifted[1:] < run[:-1]
-        return arr[np.sort(order[keep])]
-    out = []
-    for k in range(len(first)):
-        sub = arr[inv == k]
-        out.append(sub[_pareto(sub[:, 4:])])
-    return np.concatenate(out)
-
-
-def _sample_cost(cost: CostModel, net: NetworkSpec) -> LayerCost:
-    spec = net.layers[0]
-    pe, simd = cost.folding_options(spec)[0]
-    return cost.layer_cost(spec, 8, 8, 8 if spec.has_output_act else None, pe, simd)
-
-
-def _priced_resources(cost: CostModel, net: NetworkSpec) -> list[str]:
-    """Resources the cost model prices and the target caps, in a fixed order."""
-    sample = _sample_cost(cost, net)
-    names = [r for r in sample.resources if r in cost.limits.totals]
-    return sorted(names, key=lambda r: (RESOURCE_ORDER.index(r) if r in RESOURCE_ORDER else len(RESOURCE_ORDER), r))
-
-
-def _priced_metrics(cost: CostModel, net: NetworkSpec) -> list[str]:
-    """Uncapped quantities the allocator can minimise (energy), where the model prices them."""
-    sample = _sample_cost(cost, net)
-    return [m for m in (ENERGY,) if m in sample.resources and m not in cost.limits.totals]
-
-
-def _resolve_objective(cost: CostModel, objective: str | None, metrics: list[str], resources: list[str]) -> str:
-    schedule = getattr(cost, "schedule", "dataflow")
-    if objective is None:
-        objective = getattr(cost, "default_objective", None) or ("throughput" if schedule == "dataflow" else "latency")
-    objective = str(objective).lower()
-    name = cost.limits.name
-    if objective not in OBJECTIVES:
-        raise FqhwError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if schedule == "sequential" and objective == "throughput":
-        objective = "latency"  # one image at a time: throughput = 1 / latency
-    if schedule == "dataflow" and objective == "latency":
-        raise FqhwError(f"{name} is a dataflow pipeline: use --objective throughput (or resources with a throughput floor)")
-    if objective == "energy" and ENERGY not in metrics:
-        raise FqhwError(f"{name} has no energy model: use --objective {'throughput' if schedule == 'dataflow' else 'latency'}")
-    if objective == "resources" and not any(cost.limits.cap(r) > 0 for r in resources):
-        raise FqhwError(f"{name} caps no resources to minimise: use --objective {'throughput' if schedule == 'dataflow' else 'latency or energy'}")
-    return objective
-
-
-def _check_sensitivity(sens: Sensitivity, layer: str, table: str, widths) -> dict[int, np.ndarray]:
-    per_bits = getattr(sens, table).get(layer)
-    if per_bits is None:
-        raise FqhwError(f"the sensitivity has no {table} entry for layer {layer!r}: recompute it for this network")
-    out = {}
-    for b in widths:
-        if b not in per_bits:
-            raise FqhwError(
-                f"the sensitivity of layer {layer!r} has no {table} entry for {b} bits: recompute it for bits {min(widths)}..{max(widths)}"
-            )
-        v = np.asarray(per_bits[b], dtype=np.float64)
-        if v.shape != (len(sens.groups),) or not np.all(np.isfinite(v)):
-            raise FqhwError(f"the sensitivity of layer {layer!r} at {b} bits ({table}) is not {len(sens.groups)} finite numbers")
-        out[b] = v
-    return out
-
-
-def _check_pins(pins: dict, names: list[str], what: str) -> None:
-    for name, b in pins.items():
-        if name not in names:
-            raise FqhwError(f"pinned {what} {name!r} is not in the network ({what}s: {', '.join(names)})")
-        if isinstance(b, bool) or int(b) != b or b < 1:
-            raise FqhwError(f"pinned width {b!r} of {what} {name!r} is not a positive integer")
-
-
-def _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act=None, objective=None) -> _Problem:
-    t0, c0 = time.perf_counter(), time.process_time()
-    if not net.layers:
-        raise FqhwError("the network has no conv or linear layers to allocate")
-    bits = sorted(set(int(b) for b in bits))
-    act_bits = sorted(set(int(b) for b in act_bits))
-    if not bits or not act_bits:
-        raise FqhwError("the candidate weight and activation widths must not be empty")
-    pinned = dict(pinned or {})
-    pinned_act = dict(pinned_act or {})
-    names = [s.name for s in net.layers]
-    _check_pins(pinned, names, "layer")
-    _check_pins(pinned_act, list(dict.fromkeys(s.act_group for s in net.layers if s.has_output_act)), "activation")
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) or budget <= 0:
-        raise FqhwError(f"budget {budget!r} must be a positive number of bits per weight")
-    if min_fps is not None and not (math.isfinite(min_fps) and min_fps > 0):
-        raise FqhwError(f"min fps {min_fps!r} must be a positive number")
-
-    schedule = getattr(cost, "schedule", "dataflow")
-    if schedule not in ("dataflow", "sequential"):
-        raise FqhwError(f"cost model of {cost.limits.name} has an unknown schedule {schedule!r}")
-    resources = _priced_resources(cost, net)
-    metrics = _priced_metrics(cost, net)
-    objective = _resolve_objective(cost, objective, metrics, resources)
-    caps = {r: int(math.floor(cost.limits.cap(r) + 1e-9)) for r in resources}
-    max_cycles = None if min_fps is None else int(math.floor(cost.limits.clock_hz / min_fps))
-
-    raw_w, raw_a, layers, slots = [], [], [], []
-    slot_of: dict[str, int] = {}
-    priced: dict = {}
-    n_cand = 0
-    # Residual joins: the activations that meet at an add are added code to code, so they
-    # share one width (one activation slot): every join group of the network is tied, its
-    # slot named after its first layer, its loss the sum of its members'.
-    tie: dict[str, str] = {}
-    members: dict[str, list[str]] = {}
-    for group in net.join_groups():
-        ordered = [s.act_group for s in net.layers if s.act_group in group and s.has_output_act]
-        ordered = list(dict.fromkeys(ordered))
-        for g in ordered:
-            tie[g] = ordered[0]
-        members[ordered[0]] = ordered
-    for i, spec in enumerate(net.layers):
-        j = net.input_of(i)
-        if j >= 0 and not net.layers[j].has_output_act:
-            raise FqhwError(f"layer {spec.name!r} follows a layer without an output activation")
-        in_slot = -1 if j < 0 else slot_of[tie.get(net.layers[j].act_group, net.layers[j].act_group)]
-        ai_vals = [input_bits] if in_slot < 0 else slots[in_slot].a_vals
-        out_slot = None
-        if spec.has_output_act:
-            g = tie.get(spec.act_group, spec.act_group)
-            if g not in slot_of:
-                group = members.get(g, [g])
-                pins = {int(pinned_act[m]) for m in group if m in pinned_act}
-                if len(pins) > 1:
-                    raise FqhwError(f"activations {', '.join(group)} meet at residual adds and must share one width, but are pinned to {sorted(pins)}")
-                a_vals = sorted(pins) if pins else act_bits
-                slot_of[g] = len(slots)
-                slots.append(_Slot(g, a_vals))
-                tables = [_check_sensitivity(sens, m, "act", a_vals) for m in group]
-                raw_a.append({b: sum(t[b] for t in tables) for b in a_vals})
-            out_slot = slot_of[g]
-        elif spec.act_group in slot_of:
-            raise FqhwError(f"the channel groups of layer {spec.act_group!r} disagree on having an output activation")
-        a_vals = slots[out_slot].a_vals if out_slot is not None else None
-        w_vals = [int(pinned[spec.name])] if spec.name in pinned else bits
-        raw_w.append(_check_sensitivity(sens, spec.name, "weight", w_vals))
-        # units of the same shape and widths (repeated blocks, channel groups) share one table
-        shape_key = (replace(spec, name="", group="", group_index=min(spec.group_index, 1)), tuple(w_vals), tuple(ai_vals),
-                     tuple(a_vals or [None]))
-        if not getattr(cost, "prices_by_shape", False):
-            shape_key = (len(layers), spec.name)
-        if shape_key not in priced:
-            priced[shape_key] = _layer_candidates(cost, spec, w_vals, ai_vals, a_vals or [None], resources, metrics)
-        folds, cand, n = priced[shape_key]
-        cand = cand.copy()
-        n_cand += n
-        if len(cand) == 0:
-            raise InfeasibleError(f"layer {spec.name!r} cannot be built on {cost.limits.name} with any folding at the candidate widths")
-        layers.append(_Layer(spec, w_vals, a_vals, list(ai_vals), in_slot, out_slot, folds, cand))
-
-    # uncapped metrics in integer units: the largest per-layer value is METRIC_RESOLUTION
-    metric_scale = {}
-    for k, mname in enumerate(metrics):
-        col = 5 + len(resources) + k
-        top = max(float(np.max(np.abs(L.cand[:, col]))) for L in layers)
-        metric_scale[mname] = METRIC_RESOLUTION / top if top > 0 else 1.0
-        for L in layers:
-            L.cand[:, col] = np.rint(L.cand[:, col] * metric_scale[mname])
-    shared: dict = {}
-    for L in layers:
-        L.cand = L.cand.astype(np.int64)
-        # identical tables share their pruning (death caps and the rows per cycle cap)
-        key = (L.cand.shape, L.cand.tobytes())
-        if key in shared:
-            L._death, L._rows = shared[key]
-        else:
-            L._death = _death_caps(L.cand)
-            shared[key] = (L._death, L._rows)
-
-    extras_fn = getattr(cost, "extras_options", None)
-    extras = list(extras_fn(net, input_bits)) if extras_fn is not None else []
-
-    # integer sensitivity terms: M bounds every group's total
-    bound = np.zeros(len(sens.groups))
-    for t in [*raw_w, *raw_a]:
-        bound += np.max(np.abs(np.stack(list(t.values()))), axis=0)
-    m = float(np.max(bound)) if len(bound) else 0.0
-    scale = LOSS_RESOLUTION / m if m > 0 else 1.0
-
-    def to_int(table):
-        return {b: np.rint(v * scale).astype(np.int64) for b, v in table.items()}
-
-    prob = _Problem(
-        net=net, cost=cost, target=cost.limits.name, input_bits=input_bits, layers=layers, slots=slots, resources=resources,
-        metrics=metrics, metric_scale=metric_scale, caps=caps, extras=extras,
-        budget=Fraction(int(budget)) if isinstance(budget, numbers.Integral) else Fraction(repr(float(budget))),
-        max_cycles=max_cycles, groups=list(sens.groups), scale=scale,
-        tw=[to_int(t) for t in raw_w], ta=[to_int(t) for t in raw_a], schedule=schedule, objective=objective, candidates=n_cand,
-    )
-    prob.timings["tables_s"] = round(time.perf_counter() - t0, 3)
-    prob.timings["tables_cpu_s"] = round(time.process_time() - c0, 3)
-    return prob
-
-
-# ------------------------------------------------------------------ the model
-
-
-@dataclass
-class _Model:
-    m: cp_model.CpModel
-    cmax: int | None
-    xw: list[dict]  # per unit
-    xa: list[dict]  # per activation slot
-    w: list
-    a: list  # per activation slot
-    fold: list
-    cyc: list
-    res: list[dict]  # per unit: every column (capped resources and metrics)
-    ext: list
-    ext_cycles: list[int]
-    ext_index: list[int]
-    z: object
-    bottleneck: object
-    latency: object  # sum of the units' cycles (+ the extras')
-    lut_total: object | None
-    avg_num: object  # sum_l params_l * w_l
-    res_total: dict  # per column
-    weighted_resources: object | None  # sum_r R_r * round(RESOURCE_WEIGHT / cap_r)
-    decision: list
-    table_rows: dict
-    fold_dom: list = field(default_factory=list)  # per unit, the folding indices its table allows
-
-    def unit_act(self, L: _Layer):
-        return None if L.out_slot is None else self.a[L.out_slot]
-
-
-def _width_choice(m: cp_model.CpModel, values, name: str):
-    """A width as one-hot booleans x[b] (what the sensitivity terms and tables index) and
-    the integer w = sum_b b * x[b] (what the budget sums)."""
-    x = {b: m.NewBoolVar(f"{name}=={b}") for b in values}
-    m.AddExactlyOne(x.values())
-    w = m.NewIntVarFromDomain(cp_model.Domain.FromValues(values), name)
-    m.Add(w == sum(b * v for b, v in x.items()))
-    return x, w
-
-
-def _build(
-    p: _Problem, cmax: int | None, *, budget: bool = True, caps: bool = True, loss: bool = True, z_max: int | None = None,
-    hardware: bool = True,
-) -> _Model | None:
-    """The model with every image's cycles capped at cmax (dataflow: every unit's cycles;
-    sequential: their sum); None when some unit (or the extras) has no folding that fast.
-    hardware=False leaves out the foldings, cycles and resources (the tables): only the
-    widths, the budget and the loss, a relaxation of the problem."""
-    if not hardware:
-        return _build_widths_only(p, budget=budget, z_max=z_max)
-    tables = [L.array(cmax) for L in p.layers]
-    if any(not len(t) for t in tables):
-        return None
-    ext_index = [k for k, e in enumerate(p.extras) if cmax is None or e.cycles <= cmax]
-    if p.extras and not ext_index:
-        return None
-    m = cp_model.CpModel()
-    xw, xa, W, A, F, CYC, RES, decision = [], [None] * len(p.slots), [], [None] * len(p.slots), [], [], [], []
-    fold_doms: list[set] = []
-    ncol = 5 + len(p.columns)
-    for i, (L, rows) in enumerate(zip(p.layers, tables)):
-        name = L.spec.name
-        bw, w = _width_choice(m, L.w_vals, f"w[{name}]")
-        xw.append(bw)
-        W.append(w)
-        decision += list(bw.values())
-        if L.out_slot is not None and A[L.out_slot] is None:
-            slot = p.slots[L.out_slot]
-            ba, a = _width_choice(m, slot.a_vals, f"a[{slot.name}]")
-            xa[L.out_slot] = ba
-            A[L.out_slot] = a
-            decision += list(ba.values())
-        # table columns: w_l, the input activation (a variable unless it is the network's), a_l (if any)
-        keep = (0, *((1,) if L.in_slot >= 0 else ()), *((2,) if L.out_slot is not None else ()), *range(3, ncol))
-        doms, tuples = L.table(cmax, keep)
-        f = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[0]), f"fold[{name}]")
-        cyc = m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[1]), f"cycles[{name}]")
-        res = {r: m.NewIntVarFromDomain(cp_model.Domain.FromValues(doms[2 + k]), f"{r}[{name}]") for k, r in enumerate(p.columns)}
-        F.append(f)
-        CYC.append(cyc)
-        RES.append(res)
-        fold_doms.append(set(doms[0]))
-        decision.append(f)
-        cols = [w]
-        if L.in_slot >= 0:
-            cols.append(A[L.in_slot])
-        if L.out_slot is not None:
-            cols.append(A[L.out_slot])
-        cols += [f, cyc, *res.values()]
-        m.AddAllowedAssignments(cols, tuples)
-
-    # units outside the layers (FINN: the input thresholding), one folding option each
-    ext = [m.NewBoolVar(f"extras[{k}]") for k in ext_index]
-    decision += ext
-    if ext:
-        m.AddExactlyOne(ext)
-    ext_cycles = [p.extras[k].cycles for k in ext_index]
-    ext_cyc_expr = sum(c * x for c, x in zip(ext_cycles, ext)) if ext else 0
-
-    top = max([int(t[:, 4].max()) for t in tables] + ext_cycles)
-    bottleneck = m.NewIntVar(0, top, "bottleneck_cycles")
-    for cyc in CYC:
-        m.Add(bottleneck >= cyc)
-    if ext:
-        m.Add(bottleneck >= ext_cyc_expr)
-    latency = sum(CYC) + ext_cyc_expr
-    if p.schedule == "sequential" and cmax is not None:
-        m.Add(latency <= cmax)
-
-    res_total = {}
-    for r in p.columns:
-        total = sum(res[r] for res in RES)
-        if r in p.resources:
-            total += sum(_resource_value(p.extras[k], r) * x for k, x in zip(ext_index, ext))
-        res_total[r] = total
-        if caps and r in p.resources:
-            m.Add(total <= p.caps[r])
-    weights = {r: max(1, round(RESOURCE_WEIGHT / p.caps[r])) for r in p.resources if p.caps[r] > 0}
-    weighted = sum(k * res_total[r] for r, k in weights.items()) if weights else None
-
-    avg_num = sum(L.spec.params * w for L, w in zip(p.layers, W))
-    if budget:
-        m.Add(avg_num * p.budget.denominator <= p.budget.numerator * p.net.total_params)
-
-    z = _add_loss(p, m, xw, xa, z_max) if loss else None
-
-    return _Model(
-        m, cmax, xw, xa, W, A, F, CYC, RES, ext, ext_cycles, ext_index, z, bottleneck, latency, res_total.get("LUT"), avg_num,
-        res_total, weighted, decision, {L.spec.name: len(t) for L, t in zip(p.layers, tables)},
-        fold_doms,
-    )
-
-
-def _add_loss(p: _Problem, m: cp_model.CpModel, xw: list[dict], xa: list[dict], z_max: int | None):
-    """z >= every group's integer loss total (and z <= z_max when given)."""
-    lo = hi = 0
-    exprs = []
-    for g in range(len(p.groups)):
-        glo = sum(min(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
-        glo += sum(min(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
-        ghi = sum(max(int(p.tw[i][b][g]) for b in L.w_vals) for i, L in enumerate(p.layers))
-        ghi += sum(max(int(p.ta[k][b][g]) for b in slot.a_vals) for k, slot in enumerate(p.slots))
-        exprs.append(_group_terms(p, xw, xa, g))
-        lo, hi = min(lo, glo), max(hi, ghi)
-    z = m.NewIntVar(lo, hi, "z_worst_group_loss")
-    for e in exprs:
-        m.Add(z >= e)
-    if z_max is not None:
-        m.Add(z <= z_max)
-    return z
-
-
-def _group_terms(p: _Problem, xw: list[dict], xa: list[dict], g: int):
-    """Group g's integer loss total as a linear expression of the width booleans."""
-    terms = []
-    for i, L in enumerate(p.layers):
-        terms += [int(p.tw[i][b][g]) * xw[i][b] for b in L.w_vals]
-    for k, slot in enumerate(p.slots):
-        terms += [int(p.ta[k][b][g]) * xa[k][b] for b in slot.a_vals]
-    return sum(terms)
-
-
-def _build_widths_only(p: _Problem, *, budget: bool = True, z_max: int | None = None) -> _Model:
-    m = cp_model.CpModel()
-    xw, W, decision = [], [], []
-    for L in p.layers:
-        bw, w = _width_choice(m, L.w_vals, f"w[{L.spec.name}]")
-        xw.append(bw)
-        W.append(w)
-        decision += list(bw.values())
-    xa, A = [], []
-    for slot in p.slots:
-        ba, a = _width_choice(m, slot.a_vals, f"a[{slot.name}]")
-        xa.append(ba)
-        A.append(a)
-        decision += list(ba.values())
-    avg_num = sum(L.spec.params * w for L, w in zip(p.layers, W))
-    if budget:
-        m.Add(avg_num * p.budget.denominator <= p.budget.numerator * p.net.total_params)
-    z = _add_loss(p, m, xw, xa, z_max)
-    return _Model(m, None, xw, xa, W, A, [], [], [], [], [], [], z, None, 0, None, avg_num, {}, None, decision, {})
-
-
-@dataclass
-class _Choice:
-    """A solution as plain data: widths per unit and per activation slot, and (where the
-    model had the hardware) the folding index and cycles per unit."""
-
-    w: list[int]
-    a: list[int]
-    fold: list[int] | None = None
-    cycles: list[int] | None = None
-    ext: int | None = None  # index into p.extras
-
-    @property
-    def max_cycles(self) -> int:
-        return max(self.cycles or [0])
-
-
-@dataclass
-class _Stage:
-    name: str
-    status: str
-    objective: float | None
-    bound: float | None
-    wall_time_s: float
-    values: dict | None = None  # variable index -> value (CP-SAT variables are not hashable)
-    model: _Model | None = None
-    steps: int = 1
-    choice: _Choice | None = None
-    solver_steps: int | None = None  # bisection: the steps that needed the solver
-    cpu_time_s: float | None = None  # process CPU time (every CP-SAT worker thread)
-    overlapped: bool = False  # solved in a thread beside the stage before it (its times are the wait after it)
-
-
-def _solve(
-    mod: _Model | None, objective, name: str, time_limit: float, workers: int, seed: int, hint: list | None = None, rel_gap: float = 0.0,
-    holder: list | None = None,
-) -> _Stage:
-    """One CP-SAT solve of `mod`; `holder`, when given, receives the CpSolver before it
-    starts (so that another thread may stop it)."""
-    if mod is None:
-        return _Stage(name, "INFEASIBLE", None, None, 0.0)
-    m = mod.m
-    m.ClearHints()
-    for var, val in hint or ():
-        m.AddHint(var, val)
-    if objective is not None:
-        m.Minimize(objective)
-    elif m.HasObjective():
-        m.ClearObjective()
-    solver = cp_model.CpSolver()
-    # CP-SAT's own Ctrl-C handler is left as SIG_DFL after Solve: a later Ctrl-C would kill
-    # the process with no message and no clean-up. Python's handler stays (Ctrl-C during a
-    # solve then takes effect when it returns, within the time limit).
-    solver.parameters.catch_sigint_signal = False
-    solver.parameters.max_time_in_seconds = max(0.05, float(time_limit))
-    solver.parameters.num_workers = max(1, int(workers))
-    solver.parameters.random_seed = int(seed)
-    if rel_gap > 0 and objective is not None:
-        solver.parameters.relative_gap_limit = float(rel_gap)
-    for k, v in SOLVER_PARAMETERS.items():
-        setattr(solver.parameters, k, v)
-    if holder is not None:
-        holder.append(solver)
-    t0, c0 = time.perf_counter(), time.process_time()
-    status = solver.Solve(m)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    sname = solver.StatusName(status)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        if status == cp_model.MODEL_INVALID:
-            raise RuntimeError(f"CP-SAT model invalid: {m.Validate()}")
-        return _Stage(name, sname, None, None, wall, model=mod, cpu_time_s=cpu)
-    values = {v.Index(): solver.Value(v) for v in mod.decision}
-    for v in [*mod.w, *(a for a in mod.a if a is not None), *mod.cyc, *(x for r in mod.res for x in r.values())]:
-        values[v.Index()] = solver.Value(v)
-    if mod.bottleneck is not None:
-        values[mod.bottleneck.Index()] = solver.Value(mod.bottleneck)
-    if mod.z is not None:
-        values[mod.z.Index()] = solver.Value(mod.z)
-    values["avg_num"] = solver.Value(mod.avg_num)
-    for r, e in mod.res_total.items():
-        values[f"total:{r}"] = solver.Value(e)
-    # the slowest unit of the solution (the bottleneck variable is only bounded below)
-    unit_cycles = [solver.Value(c) for c in mod.cyc] + [c for c, x in zip(mod.ext_cycles, mod.ext) if solver.Value(x)]
-    values["max_cycles"] = max(unit_cycles, default=0)
-    values["latency"] = sum(unit_cycles)
-    obj = solver.ObjectiveValue() if objective is not None else None
-    bnd = solver.BestObjectiveBound() if objective is not None else None
-    choice = _Choice(
-        w=[int(values[v.Index()]) for v in mod.w],
-        a=[int(values[v.Index()]) for v in mod.a],
-        fold=[int(values[v.Index()]) for v in mod.fold] if mod.fold else None,
-        cycles=[int(values[v.Index()]) for v in mod.cyc] if mod.cyc else None,
-        ext=next((mod.ext_index[k] for k, x in enumerate(mod.ext) if values[x.Index()]), None),
-    )
-    return _Stage(name, sname, obj, bnd, wall, values, mod, choice=choice, cpu_time_s=cpu)
-
-
-def _bits_hint(st: _Stage, mod: _Model, folds: bool = False) -> list:
-    """Hint the widths (and with folds=True the foldings) of a solution to a model of the
-    same problem."""
-    c = st.choice
-    hint = []
-    for i, xn in enumerate(mod.xw):
-        hint += [(var, int(b == c.w[i])) for b, var in xn.items()]
-    for k, xn in enumerate(mod.xa):
-        hint += [(var, int(b == c.a[k])) for b, var in xn.items()]
-    if folds and c.fold is not None and mod.fold:
-        hint += [(v, f) for f, v, dom in zip(c.fold, mod.fold, mod.fold_dom) if f in dom]
-    return hint
-
-
-def _least_rows(p: _Problem, cmax: int | None, c: _Choice) -> list[tuple] | None:
-    """Per unit, the row of its table at cap cmax for the widths of `c` with the least
-    resources (lexicographically, then the fewest cycles); None when a unit has none."""
-    out = []
-    nres = len(p.resources)
-    for L, w in zip(p.layers, c.w):
-        ai = p.input_bits if L.in_slot < 0 else c.a[L.in_slot]
-        ao = NO_ACT if L.out_slot is None else c.a[L.out_slot]
-        arr = L.array(cmax)
-        sub = arr[(arr[:, 0] == w) & (arr[:, 1] == ai) & (arr[:, 2] == ao)]
-        if not len(sub):
-            return None
-        # the lexicographic least (resources in order, then cycles, then folding)
-        order = np.lexsort((sub[:, 3], sub[:, 4], *(sub[:, 5 + k] for k in reversed(range(nres)))))
-        out.append(tuple(sub[order[0]].tolist()))
-    return out
-
-
-def _certificate(p: _Problem, cmax: int, c: _Choice, caps: bool = True) -> _Choice | None:
-    """The widths of `c` with each unit's least-resource folding at cap cmax, when that
-    fits every cap: a feasible solution found without the solver (None otherwise)."""
-    if p.extras:
-        return None
-    rows = _least_rows(p, cmax, c)
-    if rows is None:
-        return None
-    if p.schedule == "sequential" and cmax is not None and sum(row[4] for row in rows) > cmax:
-        return None
-    if caps:
-        for k, r in enumerate(p.resources):
-            if sum(row[5 + k] for row in rows) > p.caps[r]:
-                return None
-    return _Choice(list(c.w), list(c.a), [int(r[3]) for r in rows], [int(r[4]) for r in rows])
-
-
-def _caps_exceeded(p: _Problem, cmax: int, z_max: int | None = None) -> bool:
-    """True when even each unit's least use of some resource at cap cmax, over the widths
-    the loss limit z_max leaves it (see _loss_widths), adds up to more than the cap: no
-    solution at cmax (without the solver)."""
-    if p.extras:
-        return False
-    allowed_w, allowed_a = _loss_widths(p, z_max)
-    need = np.zeros(len(p.resources), dtype=np.int64)
-    for i, L in enumerate(p.layers):
-        rows = L.array(cmax)
-        if len(rows):
-            ok = np.isin(rows[:, 0], allowed_w[i])
-            if L.in_slot >= 0:
-                ok &= np.isin(rows[:, 1], allowed_a[L.in_slot])
-            if L.out_slot is not None:
-                ok &= np.isin(rows[:, 2], allowed_a[L.out_slot])
-            rows = rows[ok]
-        if not len(rows):
-            return True
-        need += rows[:, 5:5 + len(p.resources)].min(axis=0)
-    return any(need[k] > p.caps[r] for k, r in enumerate(p.resources))
-
-
-def _loss_widths(p: _Problem, z_max: int | None) -> tuple[list[list[int]], list[list[int]]]:
-    """Per unit and per activation slot, the widths that can be part of a solution with
-    loss <= z_max: b is left out when, with every other unit and slot at its own least
-    term, some group's total with b already exceeds z_max."""
-    key = ("loss_widths", z_max)
-    if key in p.cache:
-        return p.cache[key]
-    w_ok = [list(L.w_vals) for L in p.layers]
-    a_ok = [list(sl.a_vals) for sl in p.slots]
-    if z_max is not None:
-        tables = [(t, w_ok, i) for i, t in enumerate(p.tw)] + [(t, a_ok, k) for k, t in enumerate(p.ta)]
-        mins = [np.min(np.stack(list(t.values())), axis=0) for t, _, _ in tables]
-        base = np.sum(mins, axis=0)
-        for (t, out, j), mn in zip(tables, mins):
-            out[j] = [b for b in out[j] if np.all(base - mn + t[b] <= z_max)]
-    p.cache[key] = (w_ok, a_ok)
-    return w_ok, a_ok
-
-
-def _min_bottleneck(
-    p: _Problem, start: _Stage, name: str, deadline: float, workers: int, seed: int, on_probe=None, **build
-) -> tuple[_Stage, bool]:
-    """Smallest cycle cap C at which the model (with `build` options) is feasible, by
-    bisection over the cycle counts in the tables between the largest per-layer minimum
-    and the slowest unit of the feasible solution `start`. Returns the feasible stage at C
-    and whether every step was decided (False: a step timed out and was taken as
-    infeasible, so C may not be the least)."""
-    t0 = time.perf_counter()
-    ub = int(start.choice.max_cycles)
-    cap = p.max_cycles
-    lb = max(int(np.min(L.cand[:, 4] if cap is None else L.cand[L.cand[:, 4] <= cap, 4])) for L in p.layers)
-    if p.extras:
-        lb = max(lb, min(e.cycles for e in p.extras))
-    values = {int(v) for L in p.layers for v in L.cand[:, 4]} | {e.cycles for e in p.extras}
-    cands = sorted(v for v in values if lb <= v <= ub)
-    if not cands or cands[-1] != ub:
-        cands.append(ub)
-    best = start
-    lo, hi = 0, len(cands) - 1
-    exact, steps = True, 0
-    caps = build.get("caps", True)
-    solver_steps = 0
-    z_lim = build.get("z_max") if build.get("loss", True) else None
-    # Without the solver first: the least cap at which the widths of `start`, refolded,
-    # fit (feasible from there up), and the least cap the resources do not rule out
-    # (infeasible below it); both tests are monotone in the cap.
-    a, b = lo, hi
-    while a < b:
-        mid = (a + b) // 2
-        steps += 1
-        cert = _certificate(p, cands[mid], best.choice, caps)
-        if cert is not None:
-            b, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
-        else:
-            a = mid + 1
-    hi = b
-    if caps:
-        a, b = lo, hi
-        while a < b:
-            mid = (a + b) // 2
-            steps += 1
-            if _caps_exceeded(p, cands[mid], z_lim):
-                a = mid + 1
-            else:
-                b = mid
-        lo = a
-    # Then the solver, first at the cap just below the feasible one (where the certificate
-    # is usually the optimum: one infeasible solve proves it), then by bisection.
-    first = True
-    probe_workers = workers
-    while lo < hi:
-        mid = hi - 1 if first else (lo + hi) // 2
-        if first and on_probe is not None and on_probe(best, cands[hi]):
-            # the caller now solves the next stage at cands[hi] beside this probe: share the cores
-            probe_workers = max(1, workers - 1)
-        first = False
-        steps += 1
-        # without the solver where possible: the current widths refolded fit (feasible), or
-        # the least resources at this cap exceed a cap whatever the widths (infeasible)
-        cert = _certificate(p, cands[mid], best.choice, caps)
-        if cert is not None:
-            hi, best = mid, _Stage(name, "FEASIBLE", None, None, 0.0, None, None, choice=cert)
-            continue
-        if caps and _caps_exceeded(p, cands[mid], z_lim):
-            lo = mid + 1
-            continue
-        solver_steps += 1
-        remaining = deadline - time.perf_counter()
-        est_steps = max(1, math.ceil(math.log2(hi - lo + 1)))
-        mod = _build(p, cands[mid], **build)
-        hint = _bits_hint(best, mod) if mod is not None else None
-        share = 0.5 if mid == hi - 1 else 1 / (2 * est_steps)  # the probe below the best cap decides most runs
-        st = _solve(mod, None, name, max(0.2, remaining * share), probe_workers, seed, hint)
-        probe_workers = workers
-        if st.values is not None:
-            # the solution's own bottleneck may lie below the cap it was asked for
-            hi, best = min(mid, bisect.bisect_left(cands, st.choice.max_cycles)), st
-        else:
-            if st.status != "INFEASIBLE":
-                exact = False
-            lo = mid + 1
-    c_star = cands[hi]
-    if best.choice is None or best.choice.max_cycles > c_star:  # pragma: no cover - defensive
-        raise AssertionError("bisection lost its feasible solution")
-    out = _Stage(name, "OPTIMAL" if exact else "FEASIBLE", float(c_star), float(cands[lo]) if exact else float(lb),
-                 time.perf_counter() - t0, best.values, best.model, steps, choice=best.choice)
-    out.solver_steps = solver_steps
-    return out, exact
+from fqhw.network import NetworkSpec
 
 
 # ------------------------------------------------------------------ public API
@@ -1020,8 +122,8 @@ def allocate(
     t_start, c_start = time.perf_counter(), time.process_time()
     if not (isinstance(loss_slack, numbers.Real) and math.isfinite(loss_slack) and loss_slack >= 0):
         raise FqhwError(f"loss slack {loss_slack!r} must be a non-negative fraction")
-    p = _problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act, objective)
-    _precheck_budget(p, budget)
+    p = build_problem(net, sens, cost, budget, bits, act_bits, pinned, min_fps, input_bits, pinned_act, objective)
+    precheck_budget(p, budget)
     deadline = t_start + float(time_limit_s)
 
     def left(frac: float) -> float:
@@ -1033,13 +135,13 @@ def allocate(
     # Otherwise the model with the tables, hinted with it.
     clock = [time.perf_counter(), time.process_time()]  # each stage's wall and CPU time, model building included
 
-    def timed(st: _Stage) -> _Stage:
+    def timed(st: Stage) -> Stage:
         now = [time.perf_counter(), time.process_time()]
         st.wall_time_s, st.cpu_time_s = now[0] - clock[0], now[1] - clock[1]
         clock[:] = now
         return st
 
-    mod_hw = _build(p, p.max_cycles)
+    mod_hw = build_sat_model(p, p.max_cycles)
     if mod_hw is None:
         _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
     proto = mod_hw.m.Proto()
@@ -1055,9 +157,9 @@ def allocate(
     }
     s1 = None
     if not p.extras:
-        mod_w = _build(p, p.max_cycles, hardware=False)
-        s_w = _solve(mod_w, mod_w.z, "min_worst_group_loss", left(0.4), workers, seed, rel_gap=rel_gap)
-        cert = _certificate(p, p.max_cycles, s_w.choice) if s_w.choice is not None else None
+        mod_w = build_sat_model(p, p.max_cycles, hardware=False)
+        s_w = run_solver(mod_w, mod_w.z, "min_worst_group_loss", left(0.4), workers, seed, rel_gap=rel_gap)
+        cert = certificate(p, p.max_cycles, s_w.choice) if s_w.choice is not None else None
         if cert is not None:
             s_w.choice = cert
             s1 = s_w
@@ -1065,8 +167,8 @@ def allocate(
             _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
     model_size["stage1_without_tables"] = s1 is not None
     if s1 is None:
-        hint = _bits_hint(s_w, mod_hw) if not p.extras and s_w.choice is not None else None
-        s1 = _solve(mod_hw, mod_hw.z, "min_worst_group_loss", left(0.5), workers, seed, hint, rel_gap=rel_gap)
+        hint = bits_hint(s_w, mod_hw) if not p.extras and s_w.choice is not None else None
+        s1 = run_solver(mod_hw, mod_hw.z, "min_worst_group_loss", left(0.5), workers, seed, hint, rel_gap=rel_gap)
     if s1.choice is None:
         if s1.status == "INFEASIBLE":
             _diagnose(p, budget, min_fps, workers, seed, time_limit_s)
@@ -1077,7 +179,7 @@ def allocate(
     stages = [timed(s1)]
     final = s1
 
-    def better(st: _Stage) -> None:
+    def better(st: Stage) -> None:
         nonlocal final
         stages.append(timed(st))
         if st.choice is not None:
@@ -1091,23 +193,23 @@ def allocate(
         # model and hint are those the sequential order would give it); else it is stopped.
         spec: dict = {}
 
-        def speculate(best: _Stage, cap: int) -> bool:
+        def speculate(best: Stage, cap: int) -> bool:
             if workers < 2 or best.choice is None:
                 return False
-            mod = _build(p, cap, z_max=z_max)
+            mod = build_sat_model(p, cap, z_max=z_max)
             if mod is None or mod.lut_total is None:
                 return False
             holder: list = []
 
             def run():
-                spec["stage"] = _solve(mod, mod.lut_total, "min_luts", left(1.0), max(1, workers // 2), seed,
-                                       _bits_hint(best, mod, folds=True), rel_gap, holder)
+                spec["stage"] = run_solver(mod, mod.lut_total, "min_luts", left(1.0), max(1, workers // 2), seed,
+                                       bits_hint(best, mod, folds=True), rel_gap, holder)
 
             spec.update(cap=cap, holder=holder, thread=threading.Thread(target=run, daemon=True))
             spec["thread"].start()
             return True
 
-        s2, _ = _min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed,
+        s2, _ = min_bottleneck(p, s1, "min_bottleneck_cycles", time.perf_counter() + left(0.7), workers, seed,
                                 on_probe=speculate, z_max=z_max)
         c_star = int(s2.objective)
         better(s2)
@@ -1123,9 +225,9 @@ def allocate(
                     for solver in spec["holder"]:
                         solver.StopSearch()
                     spec["thread"].join(0.01)
-            mod3 = _build(p, c_star, z_max=z_max)
+            mod3 = build_sat_model(p, c_star, z_max=z_max)
             if mod3 is not None and mod3.lut_total is not None:
-                better(_solve(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, _bits_hint(final, mod3, folds=True), rel_gap))
+                better(run_solver(mod3, mod3.lut_total, "min_luts", left(1.0), workers, seed, bits_hint(final, mod3, folds=True), rel_gap))
     else:
         # stage 2: the objective; stage 3: the tie-break at (no worse than) its value
         first, second = {
@@ -1136,7 +238,7 @@ def allocate(
         names = {"weighted_resources": "min_weighted_resources", "latency": "min_latency_cycles",
                  "bottleneck": "min_bottleneck_cycles", ENERGY: "min_energy"}
 
-        def expr(mod: _Model, key: str):
+        def expr(mod: SatModel, key: str):
             if key == "weighted_resources":
                 return mod.weighted_resources
             if key == "latency":
@@ -1145,13 +247,13 @@ def allocate(
                 return mod.bottleneck
             return mod.res_total[key]
 
-        mod2 = _build(p, p.max_cycles, z_max=z_max)
-        s2 = _solve(mod2, expr(mod2, first), names[first], left(0.6), workers, seed, _bits_hint(s1, mod2), rel_gap)
+        mod2 = build_sat_model(p, p.max_cycles, z_max=z_max)
+        s2 = run_solver(mod2, expr(mod2, first), names[first], left(0.6), workers, seed, bits_hint(s1, mod2), rel_gap)
         better(s2)
         if s2.choice is not None and second is not None:
-            mod3 = _build(p, p.max_cycles, z_max=z_max)
+            mod3 = build_sat_model(p, p.max_cycles, z_max=z_max)
             mod3.m.Add(expr(mod3, first) <= int(round(s2.objective)))
-            better(_solve(mod3, expr(mod3, second), names[second], left(1.0), workers, seed, _bits_hint(s2, mod3), rel_gap))
+            better(run_solver(mod3, expr(mod3, second), names[second], left(1.0), workers, seed, bits_hint(s2, mod3), rel_gap))
     layers = []
     fc = final.choice
     for i, L in enumerate(p.layers):
@@ -1173,7 +275,7 @@ def allocate(
     z = s1.objective / p.scale
     zb = s1.bound / p.scale
 
-    def stage_value(st: _Stage, v):
+    def stage_value(st: Stage, v):
         if v is None:
             return None
         if st is s1:
@@ -1184,7 +286,7 @@ def allocate(
 
     alloc.solver = {
         "solver": "cp-sat",
-        "ortools": _ortools_version(),
+        "ortools": ortools_version(),
         "status": status,
         "wall_time_s": round(time.perf_counter() - t_start, 3),
         "objective": float(z),
@@ -1239,108 +341,7 @@ def allocate(
     return alloc
 
 
-class _NoHardware:
-    """A target with nothing to price: one folding (1, 1), no cycles, no resources, no caps.
-    What allocate_widths gives the problem builder, so that no tables are priced."""
-
-    schedule = "dataflow"
-    prices_by_shape = True
-
-    def __init__(self) -> None:
-        from fqhw.hwmodels.base import TargetLimits
-
-        self.limits = TargetLimits(name="widths-only", part="", clock_hz=1.0, totals={}, utilisation={})
-
-    def folding_options(self, layer: LayerSpec) -> list[tuple[int, int]]:
-        return [(1, 1)]
-
-    def layer_cost(self, layer, weight_bits, in_bits, out_bits, pe, simd) -> LayerCost:
-        return LayerCost(cycles=1)
-
-
-def allocate_widths(
-    net: NetworkSpec,
-    sens: Sensitivity,
-    budget: float,
-    bits=range(2, 9),
-    act_bits=range(2, 9),
-    pinned: dict[str, int] | None = None,
-    time_limit_s: float = 30,
-    workers: int = 2,
-    seed: int = 0,
-    input_bits: int = 8,
-    *,
-    pinned_act: dict[str, int] | None = None,
-    tie_break: str | None = "mean",
-    target: str = "widths-only",
-    rel_gap: float = 0.0,
-) -> Allocation:
-    """Widths only, no hardware terms (the bit-rate-only practice, as HAWQ-V3's ILP): the
-    weight and activation widths that minimise the worst group's predicted loss under the
-    budget, the same stage 1 as `allocate` without the target. Among the widths that reach
-    that loss, tie_break "mean" takes those with the least loss summed over the groups (an
-    accuracy-only tie-break: it knows nothing of any hardware); None returns stage 1's
-    solution as CP-SAT found it. Every unit gets folding PE = SIMD = 1 (a folding is for a
-    separate tool, e.g. FINN's SetFolding, to choose). rel_gap > 0 lets stage 1 stop within
-    that relative gap of its bound."""
-    t_start, c_start = time.perf_counter(), time.process_time()
-    if tie_break not in (None, "mean"):
-        raise FqhwError(f"tie_break {tie_break!r} must be 'mean' or None")
-    p = _problem(net, sens, _NoHardware(), budget, bits, act_bits, pinned, None, input_bits, pinned_act, None)
-    _precheck_budget(p, budget)
-    deadline = t_start + float(time_limit_s)
-    mod = _build(p, None, hardware=False)
-    s1 = _solve(mod, mod.z, "min_worst_group_loss", max(0.1, (deadline - time.perf_counter()) * 0.6), workers, seed, rel_gap=rel_gap)
-    if s1.choice is None:
-        if s1.status == "INFEASIBLE":
-            _precheck_budget(p, budget)  # pragma: no cover - the precheck is exact for widths only
-        raise FqhwError(f"no width allocation found within {time_limit_s:g} s (CP-SAT {s1.status}): allow more solver time")
-    stages, final = [s1], s1
-    if tie_break == "mean":
-        z_star = int(round(s1.objective))
-        mod2 = _build(p, None, hardware=False, z_max=z_star)
-        total = sum(_group_terms(p, mod2.xw, mod2.xa, g) for g in range(len(p.groups)))
-        s2 = _solve(mod2, total, "min_total_group_loss", max(0.1, deadline - time.perf_counter()), workers, seed, _bits_hint(s1, mod2))
-        stages.append(s2)
-        if s2.choice is not None:
-            final = s2
-    c = final.choice
-    layers = []
-    for i, L in enumerate(p.layers):
-        a = None if L.out_slot is None else int(c.a[L.out_slot])
-        layers.append(LayerAllocation(L.spec.name, int(c.w[i]), a, 1, 1))
-    alloc = Allocation(target=target, layers=layers, input_bits=input_bits)
-    pred = alloc.predicted_loss(net, sens)
-    alloc.solver = {
-        "solver": "cp-sat",
-        "ortools": _ortools_version(),
-        "status": "OPTIMAL" if all(s.status == "OPTIMAL" for s in stages) else "FEASIBLE",
-        "wall_time_s": round(time.perf_counter() - t_start, 3),
-        "objective": float(s1.objective / p.scale),
-        "bound": float(s1.bound / p.scale),
-        "objective_exact": float(np.max(pred)),
-        "predicted_group_loss": dict(zip(p.groups, [float(v) for v in pred])),
-        "worst_group": p.groups[int(np.argmax(pred))],
-        "loss_rounding_error": float(0.5 * (len(p.layers) + len(p.slots)) / p.scale),
-        "hardware_objective": None,
-        "tie_break": tie_break,
-        "budget": float(budget),
-        "avg_weight_bits": float(alloc.avg_weight_bits(net)),
-        "pinned": dict(pinned or {}),
-        "stages": [
-            {"name": s.name, "status": s.status, "objective": None if s.objective is None else s.objective / p.scale,
-             "bound": None if s.bound is None else s.bound / p.scale, "wall_time_s": round(s.wall_time_s, 3)}
-            for s in stages
-        ],
-        "tables_s": p.timings.get("tables_s"),
-        "workers": workers,
-        "seed": seed,
-        "time_limit_s": time_limit_s,
-    }
-    return alloc
-
-
-def _ortools_version() -> str:
+def ortools_version() -> str:
     try:
         import ortools
 
@@ -1378,39 +379,39 @@ def check_budget(net: NetworkSpec, budget: float, target: str, bits=range(2, 9),
         )
 
 
-def _precheck_budget(p: _Problem, budget: float) -> None:
+def precheck_budget(p: Problem, budget: float) -> None:
     pins = {L.spec.name: min(L.w_vals) for L in p.layers}
     check_budget(p.net, budget, p.target, bits=[min(pins.values())], pinned=pins)
 
 
-def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, seed: int, time_limit_s: float) -> None:
+def _diagnose(p: Problem, budget: float, min_fps: float | None, workers: int, seed: int, time_limit_s: float) -> None:
     """Find which constraint cannot be met and raise InfeasibleError saying what would work."""
     tl = max(1.0, min(10.0, time_limit_s / 3))
     total = p.net.total_params
 
     # 1. the resource caps alone: the narrowest allocation that fits
-    mod = _build(p, None, budget=False, caps=True, loss=False)
-    st = _solve(mod, mod.avg_num, "diag_caps", tl, workers, seed)
+    mod = build_sat_model(p, None, budget=False, caps=True, loss=False)
+    st = run_solver(mod, mod.avg_num, "diag_caps", tl, workers, seed)
     if st.values is None:
         _diagnose_resources(p, workers, seed, tl)
     need_caps = Fraction(st.values["avg_num"], total)
 
     # 2. the throughput floor with the caps
     if min_fps is not None:
-        mod = _build(p, p.max_cycles, budget=False, caps=True, loss=False)
-        st_fps = _solve(mod, mod.avg_num if mod is not None else None, "diag_fps", tl, workers, seed)
+        mod = build_sat_model(p, p.max_cycles, budget=False, caps=True, loss=False)
+        st_fps = run_solver(mod, mod.avg_num if mod is not None else None, "diag_fps", tl, workers, seed)
         if st_fps.values is None:
             with_budget = need_caps <= p.budget
-            start = _solve(_build(p, None, budget=with_budget, caps=True, loss=False), None, "diag_start", tl, workers, seed)
+            start = run_solver(build_sat_model(p, None, budget=with_budget, caps=True, loss=False), None, "diag_start", tl, workers, seed)
             if start.values is None:  # pragma: no cover - the caps-only model was feasible
                 start = st
                 with_budget = False
             if p.schedule == "sequential":
-                mod = _build(p, None, budget=with_budget, caps=True, loss=False)
-                fast = _solve(mod, mod.latency, "diag_fastest", 3 * tl, workers, seed)
+                mod = build_sat_model(p, None, budget=with_budget, caps=True, loss=False)
+                fast = run_solver(mod, mod.latency, "diag_fastest", 3 * tl, workers, seed)
                 cyc = int(fast.values["latency"] if fast.status != "OPTIMAL" else round(fast.objective))
             else:
-                fast, _ = _min_bottleneck(replace(p, max_cycles=None), start, "diag_fastest", time.perf_counter() + 3 * tl,
+                fast, _ = min_bottleneck(replace(p, max_cycles=None), start, "diag_fastest", time.perf_counter() + 3 * tl,
                                           workers, seed, budget=with_budget, loss=False)
                 cyc = int(fast.objective)
             best = p.cost.limits.clock_hz / cyc
@@ -1433,10 +434,10 @@ def _diagnose(p: _Problem, budget: float, min_fps: float | None, workers: int, s
     raise InfeasibleError(f"budget {budget} is infeasible on {p.target}: the budget, resource caps and min fps cannot be met together")
 
 
-def _diagnose_resources(p: _Problem, workers: int, seed: int, tl: float) -> None:
-    mod = _build(p, None, budget=False, caps=False, loss=False)
+def _diagnose_resources(p: Problem, workers: int, seed: int, tl: float) -> None:
+    mod = build_sat_model(p, None, budget=False, caps=False, loss=False)
     for r in p.resources:
-        st = _solve(mod, mod.res_total[r], f"diag_min_{r}", tl, workers, seed)
+        st = run_solver(mod, mod.res_total[r], f"diag_min_{r}", tl, workers, seed)
         if st.values is None:
             continue
         need = int(math.ceil(st.bound - 1e-9))  # a lower bound on the smallest total

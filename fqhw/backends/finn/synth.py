@@ -47,7 +47,7 @@ def resolve_board(part: str, board: str | None, cost_model) -> str | None:
     None for a part no known board has (then only the stitched IP can be built)."""
     from finn.util.basic import part_map
 
-    from fqhw.hwmodels.finn import BOARDS
+    from fqhw.hwmodels.finn_boards import BOARDS
 
     if board is not None:
         if board not in part_map:
