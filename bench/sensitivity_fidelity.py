@@ -1,6 +1,6 @@
 """Does the solver's objective predict what quantization does to the worst group?
 
-    python bench/sensitivity_fidelity.py [--draws 36] [--qat 6] [--out bench/results/sensitivity_fidelity.json]
+    python bench/sensitivity_fidelity.py [--draws 36] [--qat 12] [--out bench/results/sensitivity_fidelity.json]
 
 The CP-SAT allocator minimises the worst group's *predicted* loss increase: the sum, over
 layers, of the per-group tables in sensitivity.json (fqhw.fairness.sensitivity: Fisher
@@ -90,7 +90,7 @@ def spearman(x, y) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=36, help="random allocations in all, spread over budgets 3, 4, 5 (default 36)")
-    ap.add_argument("--qat", type=int, default=6, help="how many of them also get the normal QAT (default 6)")
+    ap.add_argument("--qat", type=int, default=12, help="how many of them also get the normal QAT (default 12)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity_fidelity.json")
