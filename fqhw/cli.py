@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from fqhw.backends.base import backend_names
 from fqhw.cliargs import add_common, add_data_flags, compile_config, data_config, edge_bits
 from fqhw.errors import FqhwError
 
@@ -25,11 +26,22 @@ def cmd_compile(args) -> int:
     print(
         f"wrote {res.out_dir}: avg {r['allocation']['avg_weight_bits']:.2f} bits, "
         f"mean-group acc {100 * c['mean_group_acc']:.1f} %, worst-group acc {100 * c['worst_group_acc']:.1f} %, "
-        + (f"{r['hardware']['finn'].get('fps', float('nan')):.0f} images/s on {r['target']}, " if r["hardware"]["finn"] is not None
-           else f"hls4ml project for {r['target']}, " if "hls4ml" in r["hardware"] else f"priced by the {r['target']} cost model, ")
+        + _hardware_phrase(r)
         + f"bit-exact {'yes' if r['bit_exact']['ok'] else 'NO'}"
     )
     return 0
+
+
+def _hardware_phrase(report: dict) -> str:
+    """What was built, for the one-line summary: the rate of a build that estimates one, the
+    backend's project otherwise, the cost model alone for an ASIC target."""
+    hw, target = report["hardware"], report["target"]
+    built = next((k for k, v in hw.items() if k not in ("part", "predicted") and v is not None), None)
+    if built is None:
+        return f"priced by the {target} cost model, "
+    if "fps" in hw[built]:
+        return f"{hw[built]['fps']:.0f} images/s on {target}, "
+    return f"{built} project for {target}, "
 
 
 def cmd_train(args) -> int:
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--verify-images", type=int, default=None, help=f"test images in the bit-exact check (default {d.verify_images})")
     pc.add_argument("--json", action="store_true", help="print the result object (report.json) on stdout")
     pc.add_argument("--baq-epochs", type=int, default=None, help="learn the widths with BAQ for this many epochs from the solver's allocation, then project them back with the solver (default 0: off)")
-    pc.add_argument("--backend", choices=("finn", "hls4ml"), default=None,
+    pc.add_argument("--backend", choices=backend_names(), default=None,
                     help="finn (default): FINN dataflow build; hls4ml: an hls4ml project for the PYNQ-Z2 with power-of-two scales, checked by its C simulation")
     pc.add_argument("--channel-groups", type=int, default=None, metavar="N",
                     help="allocate each conv of the default CNN in N output-channel groups, each its own width (default 1: whole layers)")

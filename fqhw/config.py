@@ -97,17 +97,14 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     if cfg.backend not in backend_names():
         raise FqhwError(f"unknown backend {cfg.backend!r}: known backends are {', '.join(backend_names())}")
     fam = family(cfg.model)
-    fam.check(cfg.backend, cfg.data.image_size)
+    get_backend(cfg.backend).check(kind=fam.kind, model=cfg.model, target=cfg.target, synth=cfg.synth)
+    fam.check(cfg.data.image_size)
     if cfg.channel_groups < 1:
         raise FqhwError(f"--channel-groups {cfg.channel_groups} must be at least 1")
     if cfg.channel_groups > 1 and cfg.model != "fqcnn":
         raise FqhwError(f"--channel-groups builds the default CNN only, not {cfg.model}: drop --channel-groups, or use --model fqcnn")
     if cfg.channels is not None and family(cfg.model).kind == "transformer":
         raise FqhwError(f"--channels sets the default CNN's or a ResNet's widths, not {cfg.model}'s: pass --model-arg (e.g. embed_dim=96)")
-    if cfg.backend == "hls4ml" and cfg.target != "pynq-z2":
-        raise FqhwError(f"--backend hls4ml builds for the PYNQ-Z2 (hls4ml's VivadoAccelerator board), not {cfg.target}: use --target pynq-z2")
-    if cfg.backend == "hls4ml" and cfg.synth:
-        raise FqhwError("--synth runs FINN's remaining steps: it needs --backend finn (an hls4ml project is synthesised with its own build script)")
     if cfg.baq_epochs < 0:
         raise FqhwError(f"--baq-epochs {cfg.baq_epochs} is negative: pass 0 (off) or more")
     for lam, lr in cfg.qat_grid:
@@ -119,7 +116,7 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     if cfg.cache_dir is not None:
         check_cache_writable(cfg.cache_dir)
     if cfg.synth:  # before hours of work, not after: the Xilinx tools must be here
-        get_backend("finn").check_synth_tools(_shell_flow(cfg.target))
+        get_backend(cfg.backend).check_synth_tools(get_cost_model(cfg.target).limits.part)
     if cfg.checkpoint is not None:
         from fqhw.models.checkpoint import check_checkpoint_path
 
@@ -132,21 +129,12 @@ def validate(cfg: CompileConfig, markers: tuple[str, ...] = ("config.json",)) ->
     size = cfg.data.image_size
     untrained = build_model(cfg, cfg.data.num_classes)
     net = allocation_net(cfg, network_spec(untrained, (3, size, size), name=cfg.model))
-    if fam.kind == "transformer" and is_fpga(cfg):  # FINN is asked now, not after the training
-        err = fam.finn_refusal(untrained, (3, size, size), net)
+    if is_fpga(cfg):  # a backend that may refuse the model is asked now, not after the training
+        err = fam.build_refusal(cfg.backend, untrained, (3, size, size), net)
         if err is not None:
             raise err
     if cfg.data_spec == "builtin":
         check_budget(net, cfg.budget, cfg.target, bits=range(lo, hi + 1), pinned=pinned_edges(cfg, net))
-
-
-def _shell_flow(target: str) -> str:
-    """FINN's shell for the target's board: Alveo cards build through Vitis, Zynq boards through Vivado."""
-    from finn.util.basic import alveo_part_map
-
-    from fqhw.hwmodels import get_cost_model
-
-    return "vitis_alveo" if get_cost_model(target).limits.part in alveo_part_map.values() else "vivado_zynq"
 
 
 def is_fpga(cfg: CompileConfig) -> bool:

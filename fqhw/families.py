@@ -1,9 +1,9 @@
 """What the compile flow does differently per model family.
 
 The steps of fqhw.flow are the same for every model of the registry (fqhw.models.registry);
-what differs is which Brevitas model quantizes it, how the activation code boundaries are
-moved off float rounding error, which exporter writes the QONNX file, which FINN flow
-builds it, and which functions read the integer codes each backend computes:
+what differs is which Brevitas model quantizes it (per the backend's quantization scheme),
+how the activation code boundaries are moved off float rounding error, which exporter
+writes the QONNX file, and which functions read the Brevitas and qonnx integer codes:
 
     fqcnn        QuantFairCNN (FINN's scheme) or the power-of-two model (hls4ml's);
                  FINN's builder steps (fqhw.backends.finn) or an hls4ml project
@@ -14,7 +14,7 @@ builds it, and which functions read the integer codes each backend computes:
 
 `family(name)` gives the Family of a registry name; the flow calls its methods only. What
 a backend builds, loads and traces, and which kinds it supports, the backend registry says
-(fqhw.backends.base).
+(fqhw.backends.base); a Family names no backend, only the two schemes ("thresholds", "po2").
 """
 from __future__ import annotations
 
@@ -38,29 +38,30 @@ class Family:
 
     # ------------------------------------------------------------------ checks
 
-    def check(self, backend: str, image_size: int) -> None:
-        """Refuse, before any training, what this family cannot build."""
-        if not get_backend(backend).supports(self.kind) or (backend == "hls4ml" and self.model != "fqcnn"):
-            raise FqhwError(f"--backend {backend} builds the default CNN only, not {self.model}: use --backend finn")
+    def check(self, image_size: int) -> None:
+        """Refuse, before any training, what this family cannot build (the backend's own
+        refusals: Backend.check)."""
         if self.kind == "resnet" and image_size < 64:
             raise FqhwError(
                 f"{self.model} needs images of at least 64 px for its QONNX export and FINN build (got {image_size}): "
                 "pass --data-image-size 64 (built-in data) or more"
             )
 
-    def finn_refusal(self, float_model: nn.Module, input_shape, net) -> FqhwError | None:
-        """Ask FINN, before any training, whether it can build this model: the untrained
-        model quantized at 8 bits, exported, and converted as far as FINN goes. None if
-        every compute op became a HW layer; else the one-line error naming the op types it
-        leaves in software, and what to do instead."""
+    def build_refusal(self, backend: str, float_model: nn.Module, input_shape, net) -> FqhwError | None:
+        """Ask the backend, before any training, whether it can build this model (for a kind
+        in its `ask_kinds`): the untrained model quantized at 8 bits, exported, and handed
+        over. None if it can; else its one-line error, and what to do instead."""
         import tempfile
 
         from fqhw.allocator.allocation import Allocation
 
-        qmodel = self.quant_model(float_model, Allocation.uniform(net, 8), "finn").eval()
-        with tempfile.TemporaryDirectory(prefix="fqhw-ask-finn-") as tmp:
+        b = get_backend(backend)
+        if self.kind not in b.ask_kinds:
+            return None
+        qmodel = self.quant_model(float_model, Allocation.uniform(net, 8), backend).eval()
+        with tempfile.TemporaryDirectory(prefix=f"fqhw-ask-{backend}-") as tmp:
             path = self.export(qmodel, input_shape, Path(tmp) / "model.qonnx.onnx")
-            err = get_backend("finn").refusal(path, self.model, Path(tmp) / "finn")
+            err = b.refusal(path, self.model, Path(tmp) / backend)
         if err is None:
             return None
         return FqhwError(f"{err}: compile {self.model} for an ASIC target (e.g. --target bitfusion) to get its allocation, QONNX model and bit-exact check")
@@ -70,7 +71,7 @@ class Family:
     def quant_model(self, float_model: nn.Module, alloc, backend: str) -> nn.Module:
         """The Brevitas model of the backend's quantization scheme (not yet calibrated)."""
         if self.kind == "cnn":
-            if backend == "hls4ml":
+            if get_backend(backend).scheme == "po2":
                 from fqhw.quant.po2 import build_po2_model
 
                 return build_po2_model(float_model, alloc)
@@ -86,7 +87,7 @@ class Family:
         backend's evaluation gives the same integers (FINN's thresholds are float32). The
         hls4ml scheme's power-of-two boundaries are exact already, and a transformer's
         quantizers are not thresholds in any backend here."""
-        if self.kind == "cnn" and backend == "finn":
+        if self.kind == "cnn" and get_backend(backend).scheme == "thresholds":
             from fqhw.quant.snap import snap_thresholds
 
             return snap_thresholds(qmodel)
@@ -109,15 +110,6 @@ class Family:
 
         return Path(export_transformer_qonnx(qmodel, input_shape, path))
 
-    # ------------------------------------------------------------------ backends
-
-    def finn(self, qonnx_path: Path, alloc, build_dir: Path, cost_model):
-        """The FINN build (FinnBuild for the default CNN, FinnResult for a ResNet)."""
-        return get_backend("finn").build(qonnx_path, alloc, build_dir, kind=self.kind, model=self.model, cost_model=cost_model)
-
-    def load_finn(self, build_dir: Path):
-        return get_backend("finn").load(build_dir, kind=self.kind)
-
     # ------------------------------------------------------------------ integer traces
 
     def traces(self, qmodel: nn.Module, qonnx_path: Path, build, x: torch.Tensor, backend: str) -> dict[str, dict[str, np.ndarray]]:
@@ -128,7 +120,7 @@ class Family:
         if self.kind == "cnn":
             from fqhw.backends.qonnx_export import qonnx_integer_trace
 
-            if backend == "hls4ml":
+            if get_backend(backend).scheme == "po2":
                 from fqhw.quant.po2 import po2_integer_trace
 
                 out = {"brevitas": po2_integer_trace(qmodel, x), "qonnx": qonnx_integer_trace(qonnx_path, x)}

@@ -1,7 +1,8 @@
 """The compile flow: named steps with typed inputs and outputs.
 
     data -> float_model -> importance -> allocate -> quantize (+ uniform baselines)
-         -> export -> finn -> verify -> report
+         -> export -> build (the backend's: finn, hls4ml; none for an ASIC target)
+         -> verify -> report
 
 Each step is a plain function of the config and the previous steps' results; `compile`
 runs them in order into a staging folder beside the output folder and swaps it in only when
@@ -120,6 +121,21 @@ def step_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits) -> S
         fm.model, fm.net, splits.val, bits=range(BIT_RANGE[0], BIT_RANGE[1] + 1), max_per_group=cfg.importance_samples, seed=cfg.seed
     )
 
+def _write_sensitivity(sens: Sensitivity, folder: Path) -> None:
+    sens.save(folder / "sensitivity.json")
+
+
+def _load_sensitivity(folder: Path) -> Sensitivity:
+    return Sensitivity.load(folder / "sensitivity.json")
+
+
+def cached_importance(cfg: CompileConfig, fm: FloatModel, splits: DataSplits, cache: StepCache) -> Sensitivity:
+    """The importance step through the step cache, for a sweep outside compile (the same
+    entry compile stores: computed once per seed, whichever run or worker asks first)."""
+    return cache.run("importance", KEYS["importance"].key(cfg, float=fm.key), lambda: step_importance(cfg, fm, splits),
+                     _write_sensitivity, _load_sensitivity).value
+
+
 def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity, utilisation: dict[str, float] | None = None) -> Allocation:
     """`utilisation`: the board's caps as fractions of its totals (default the cost model's)."""
     from fqhw.allocator.cpsat import allocate
@@ -143,12 +159,13 @@ FIT_MARGIN = 0.97  # QAT moves accumulator widths a little: aim this far under t
 
 
 def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensitivity, splits: DataSplits) -> Allocation:
-    """The allocation re-solved until FINN's own estimates fit the board, for a family the
-    FINN cost model does not price whole (a ResNet's residual joins add element-wise adds,
-    stream forks and requantizing thresholds it has no terms for).
+    """The allocation re-solved until the backend's own estimates fit the board, for a
+    family its cost model does not price whole (Backend.refits: for FINN, a ResNet's
+    residual joins add element-wise adds, stream forks and requantizing thresholds the
+    cost model has no terms for).
 
     Resources depend on the widths and the folding, not on trained weights, so this is
-    done before QAT, on the calibrated but untrained model: build its FINN estimates; while
+    done before QAT, on the calibrated but untrained model: build its estimates; while
     a resource exceeds its cap, lower that resource's utilisation limit in the cost model by
     the measured excess (times FIT_MARGIN) and solve again. The rounds are recorded in the
     allocation's solver record ("finn_fit")."""
@@ -158,6 +175,7 @@ def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensit
     from fqhw.quant.qmodel import calibrate
 
     fam = family(cfg.model)
+    backend = _backend(cfg)
     base = get_cost_model(cfg.target)
     lim = base.limits
     util = dict(lim.utilisation)
@@ -170,7 +188,8 @@ def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensit
         fam.snap(qmodel, cfg.backend)
         with tempfile.TemporaryDirectory(prefix="fqhw-fit-") as tmp:
             path = fam.export(qmodel, splits.train.input_shape, Path(tmp) / "model.qonnx.onnx")
-            totals = fam.finn(path, alloc, Path(tmp) / "finn", base).totals
+            build = backend.build(path, alloc, Path(tmp) / backend.name, kind=fam.kind, model=cfg.model, cost_model=base)
+            totals = backend.totals(build)
         over = {r: used / lim.cap(r) for r, used in totals.items() if r in lim.totals and used > lim.cap(r)}
         rounds.append({"utilisation": dict(util), "finn_totals": {k: float(v) for k, v in totals.items()}, "over": over})
         if not over:
@@ -180,7 +199,7 @@ def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensit
             util[r] = util.get(r, 1.0) * FIT_MARGIN / ratio
         alloc = step_allocate(cfg, fm.net, sens, utilisation=util)
     worst = ", ".join(f"{r} {100 * v:.0f} % of the cap" for r, v in rounds[-1]["over"].items())
-    raise FqhwError(f"FINN's estimates still exceed {cfg.target} after {FIT_ROUNDS} re-allocations ({worst}): lower the budget or pass --min-fps")
+    raise FqhwError(f"{backend.label}'s estimates still exceed {cfg.target} after {FIT_ROUNDS} re-allocations ({worst}): lower the budget or pass --min-fps")
 
 
 @dataclass
@@ -293,44 +312,39 @@ def _read_metrics(folder: Path) -> dict:
 def step_export(cfg: CompileConfig, qm: QuantModel, splits: DataSplits, work: Path) -> Path:
     return family(cfg.model).export(qm.model, splits.train.input_shape, work / "model.qonnx.onnx")
 
-def step_finn(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
+def step_build(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
+    """The backend's build of the QONNX model (fqhw.backends.base.Backend.build) in work/<backend>."""
     from fqhw.hwmodels import get_cost_model
 
-    return family(cfg.model).finn(qonnx_path, alloc, work / "finn", get_cost_model(cfg.target))
-
-def step_hls4ml(cfg: CompileConfig, qonnx_path: Path, alloc: Allocation, work: Path):
-    from fqhw.hwmodels import get_cost_model
-
-    return get_backend("hls4ml").build(qonnx_path, alloc, work / "hls4ml", kind=family(cfg.model).kind, model=cfg.model,
-                                       cost_model=get_cost_model(cfg.target))
+    backend = _backend(cfg)
+    return backend.build(qonnx_path, alloc, work / backend.name, kind=family(cfg.model).kind, model=cfg.model,
+                         cost_model=get_cost_model(cfg.target))
 
 
-def _load_hls4ml(cached: Path, dest: Path):
-    """A stored hls4ml project copied into this run's folder, its C simulation rebuilt to
-    read this folder's weights: the library holds the absolute weights path of the folder
-    it was compiled in, which is gone (see fqhw.backends.hls4ml.csim.ensure_csim_here)."""
-    return get_backend("hls4ml").load_copy(cached, dest)
-
-
-def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, finn, splits: DataSplits):
-    """`finn`: the backend's build (a FinnBuild, a FinnResult for a ResNet, an Hls4mlBuild
+def step_verify(cfg: CompileConfig, qm: QuantModel, qonnx_path: Path, build, splits: DataSplits):
+    """`build`: the backend's build (a FinnBuild, a FinnResult for a ResNet, an Hls4mlBuild
     with --backend hls4ml; None for an ASIC target: Brevitas against qonnx only)."""
     from fqhw.backends.verify import check_bit_exact
 
     n = min(cfg.verify_images, len(splits.test))
     x, _, _ = splits.test.subset(np.arange(n)).tensors()
-    traces = family(cfg.model).traces(qm.model, qonnx_path, finn, x, cfg.backend)
-    # FINN's ResNet graph adds the two operands of each join without materialising them
-    return check_bit_exact(traces, partial=("finn",) if family(cfg.model).kind == "resnet" else ())
+    kind = family(cfg.model).kind
+    traces = family(cfg.model).traces(qm.model, qonnx_path, build, x, cfg.backend)
+    backend = _backend(cfg)
+    return check_bit_exact(traces, partial=(backend.trace_key,) if build is not None and backend.partial_trace(kind) else ())
 
-def check_fits(cfg: CompileConfig, finn) -> None:
-    """FINN's own estimates, not only the cost model's, must fit the board."""
+def check_fits(cfg: CompileConfig, build) -> None:
+    """The backend's own estimates (Backend.totals), not only the cost model's, must fit the board."""
     from fqhw.hwmodels import get_cost_model
 
+    backend = _backend(cfg)
+    totals = backend.totals(build)
+    if totals is None:
+        return
     lim = get_cost_model(cfg.target).limits
-    over = [f"{r} {used:g} > {lim.cap(r):g}" for r, used in finn.totals.items() if r in lim.totals and used > lim.cap(r)]
+    over = [f"{r} {used:g} > {lim.cap(r):g}" for r, used in totals.items() if r in lim.totals and used > lim.cap(r)]
     if over:
-        raise FqhwError(f"FINN's estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
+        raise FqhwError(f"{backend.label}'s estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
 
 # ---------------------------------------------------------------- step cache io
 
@@ -354,21 +368,17 @@ def _backend(cfg: CompileConfig):
     return get_backend(cfg.backend if is_fpga(cfg) else "asic")
 
 
-def _load_finn(cfg: CompileConfig, cached: Path, dest: Path):
-    shutil.copytree(cached, dest)
-    return family(cfg.model).load_finn(dest)
-
-
 def _progress(cfg: CompileConfig, done: int, name: str, reused: bool) -> None:
     if cfg.progress:
-        fit = family(cfg.model).kind == "resnet" and is_fpga(cfg)
-        total = len(STEPS) + cfg.synth + (cfg.baq_epochs > 0) + fit - (not is_fpga(cfg))
+        backend = _backend(cfg)
+        fit = backend.refits(family(cfg.model).kind)
+        total = len(STEPS) + cfg.synth + (cfg.baq_epochs > 0) + fit - (not backend.builds)
         print(f"fqhw: [{done + 1}/{total}] {name} ...{' reused' if reused else ''}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the runner
 
-STEPS = ["data", "float_model", "importance", "allocate", "baselines", "quantize", "export", "finn", "verify"]
+STEPS = ["data", "float_model", "importance", "allocate", "baselines", "quantize", "export", "build", "verify"]
 
 def _describe(result) -> str:
     """A one-line summary of a step's result for --verbose."""
@@ -479,7 +489,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
         sens = run(
             "importance", step_importance, cfg, fm, splits, ranks="main",
             inputs=KEYS["importance"].key(cfg, float=fm.key),
-            write=lambda v, d: v.save(d / "sensitivity.json"), load=lambda d: Sensitivity.load(d / "sensitivity.json"),
+            write=_write_sensitivity, load=_load_sensitivity,
         )
         sens.save(work / "sensitivity.json")
         alloc = run(
@@ -487,7 +497,8 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             inputs=KEYS["allocate"].key(cfg, importance=sens.to_dict(), net=fm.net.to_dict()),
             write=_write_allocation, load=_load_allocation,
         )
-        if family(cfg.model).kind == "resnet" and is_fpga(cfg):  # FINN's estimates, not only the cost model's
+        backend = _backend(cfg)
+        if backend.refits(family(cfg.model).kind):  # the build's own estimates, not only the cost model's
             alloc = run(
                 "fit", step_fit, cfg, fm, alloc, sens, splits, ranks="main",
                 inputs=KEYS["fit"].key(cfg, allocation=_allocation_content(alloc), float=fm.key, importance=steps["importance"]["key"],
@@ -529,34 +540,27 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             write=lambda path, d: shutil.copy2(path, d / path.name),
             load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
         )
-        if cfg.backend == "hls4ml":
-            finn = run(
-                "hls4ml", step_hls4ml, cfg, qonnx_path, alloc, work,
-                inputs=KEYS["hls4ml"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
-                write=lambda build, d: shutil.copytree(work / "hls4ml", d / "hls4ml"),
-                load=lambda d: _load_hls4ml(d / "hls4ml", work / "hls4ml"),
+        build = None
+        if backend.builds:  # an ASIC target: priced by its cost model, nothing to build
+            layout = {} if backend.cache_layout is None else {"layout": backend.cache_layout}
+            build = run(
+                backend.name, step_build, cfg, qonnx_path, alloc, work,
+                inputs=KEYS["build"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc), **layout),
+                write=lambda _build, d: shutil.copytree(work / backend.name, d / backend.name),
+                load=lambda d: backend.load_copy(d / backend.name, work / backend.name, kind=family(cfg.model).kind),
             )
-        elif not _backend(cfg).builds:  # an ASIC target: priced by its cost model, nothing to build
-            finn = None
-        else:
-            finn = run(
-                "finn", step_finn, cfg, qonnx_path, alloc, work,
-                inputs=KEYS["finn"].key(cfg, qonnx=file_digest(qonnx_path), allocation=_allocation_content(alloc)),
-                write=lambda build, d: shutil.copytree(build.build_dir, d / "finn"),
-                load=lambda d: _load_finn(cfg, d / "finn", work / "finn"),
-            )
-            check_fits(cfg, finn)
+            check_fits(cfg, build)
         # Always run: the check is the point of the build, and it costs seconds.
-        bitexact = run("verify", step_verify, cfg, qm, qonnx_path, finn, splits)
+        bitexact = run("verify", step_verify, cfg, qm, qonnx_path, build, splits)
         write_json(work / "bitexact.json", bitexact.to_dict())
         require_bit_exact(bitexact)
         if cfg.synth:
-            synth = run("synth", get_backend("finn").synth, work / "finn")
+            synth = run("synth", backend.synth, work / backend.name)
             write_json(work / "synth.json", synth)
         predicted = price(fm.net, alloc, get_cost_model(cfg.target))
         report = build_report(
             cfg=cfg, splits=splits, fm=fm, sens=sens, alloc=alloc, baselines=baselines, qm=qm,
-            finn=finn, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps, baq=None if baq is None else baq.summary,
+            build=build, backend=backend.name, predicted=predicted, bitexact=bitexact, timings=timings, steps=steps, baq=None if baq is None else baq.summary,
         )
         write_report(report, work)
         write_manifest(work)  # last: what fqhw simulate checks the folder against

@@ -263,7 +263,10 @@ def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
     }
 
 
-_SEED_STATE: dict = {}  # this process's last seed: its data, float model and importance (cells of one seed share them)
+# this process's recent seeds: their data, float model and importance (cells of one seed
+# share them; a worker of --jobs N takes cells of every seed in turn, so it keeps a few)
+_SEED_STATE: dict = {}
+SEEDS_KEPT = 4
 
 
 def _seed_state(cfg):
@@ -273,7 +276,8 @@ def _seed_state(cfg):
 
     key = repr(cfg)
     if key not in _SEED_STATE:
-        _SEED_STATE.clear()
+        while len(_SEED_STATE) >= SEEDS_KEPT:
+            _SEED_STATE.pop(next(iter(_SEED_STATE)))  # the oldest
         splits = step_data(cfg)
         _SEED_STATE[key] = (splits, step_float_model(cfg, splits), [])
     return _SEED_STATE[key]
@@ -292,7 +296,7 @@ def cell_job(job: tuple) -> dict:
     stored there. A warm-started method reads its warm start's allocation from that
     method's stored record (its cell runs in a later round), or computes it when that method
     is not in the sweep."""
-    from fqhw.flow import step_importance
+    from fqhw.flow import cached_importance
     from fqhw.stepcache import StepCache
 
     sc, seed, name, lines = job
@@ -302,8 +306,9 @@ def cell_job(job: tuple) -> dict:
     method = METHODS[name]
 
     def importance():
-        if not sens:  # computed when a solver method first needs it (not when its record is cached)
-            sens.append(step_importance(cfg, fm, splits))
+        if not sens:  # when a solver method first needs it (not when its record is cached); the
+            # compile's own cache entry, so workers and later runs share one computation
+            sens.append(cached_importance(cfg, fm, splits, cache))
         return sens[0]
 
     found: dict = {}

@@ -121,9 +121,10 @@ KEYS: dict[str, StepKey] = {
     "uniform": StepKey(given=("float", "bits"), covered=("model",), nested={"qat": QAT}, steps=("quantize_finetune",)),
     "quantize": StepKey(given=("float", "allocation"), covered=("model",), nested={"qat": QAT}, steps=("step_quantize",)),
     "export": StepKey(given=("quantize", "input_shape"), covered=("model",), steps=("step_export",)),
-    "hls4ml": StepKey(fields={"target": "target"}, given=("qonnx", "allocation"), covered=("model",), steps=("step_hls4ml",)),
-    "finn": StepKey(fields={"target": "target"}, given=("qonnx", "allocation"), covered=("model",), fixed={"layout": 2},
-                    steps=("step_finn",)),
+    # stored under the backend's name (the cache key holds the step's name: --backend is in
+    # it); `layout`: the backend's version of its stored folder (Backend.cache_layout)
+    "build": StepKey(fields={"target": "target"}, given=("qonnx", "allocation", "layout"), covered=("model", "backend"),
+                     steps=("step_build",)),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import fqhw.flow as flow
 from fqhw.data.synthetic import SyntheticDermConfig
 from fqhw.errors import FqhwError
-from fqhw.families import Family
+from fqhw.backends.finn.backend import FinnBackend
 from fqhw.hwmodels import get_cost_model
 
 
@@ -32,12 +32,12 @@ def _scripted(monkeypatch, lut_per_round):
     lim = get_cost_model("pynq-z2").limits
     calls = []
 
-    def finn(self, qonnx_path, alloc, build_dir, cost_model):
+    def build(self, qonnx_path, alloc, build_dir, *, kind, model, cost_model):
         calls.append(alloc)
         frac = lut_per_round[min(len(calls), len(lut_per_round)) - 1]
         return types.SimpleNamespace(totals={"LUT": frac * lim.cap("LUT"), "BRAM_18K": 1.0, "DSP": 0.0})
 
-    monkeypatch.setattr(Family, "finn", finn)
+    monkeypatch.setattr(FinnBackend, "build", build)
     return calls, lim
 
 

@@ -62,7 +62,7 @@ elif fault == "kill_in_finn":  # once FINN has saved three of its models
             if n[0] == 3:
                 die()
         ModelWrapper.save = counted
-    wrap("step_finn", during=arm)
+    wrap("step_build", during=arm)
 elif fault == "kill_in_swap":  # the old output moved aside, the new one not yet in place
     import fqhw.outputs as outputs
     replace = os.replace

@@ -156,8 +156,12 @@ def test_the_default_keys_are_as_before():
     assert KEYS["quantize"].key(cfg, float="F", allocation="A") == {"float": "F", "allocation": "A", "qat": qat}
     assert KEYS["uniform"].key(cfg, float="F", bits=8) == {"float": "F", "bits": 8, "qat": qat}
     assert KEYS["export"].key(cfg, quantize="Q", input_shape=[3, 32, 32]) == {"quantize": "Q", "input_shape": [3, 32, 32]}
-    assert KEYS["finn"].key(cfg, qonnx="O", allocation="A") == {"qonnx": "O", "allocation": "A", "target": "pynq-z2", "layout": 2}
-    assert KEYS["hls4ml"].key(cfg, qonnx="O", allocation="A") == {"qonnx": "O", "allocation": "A", "target": "pynq-z2"}
+    # the build step, stored under the backend's name, with the backend's layout version
+    from fqhw.backends.base import get_backend
+
+    assert get_backend("finn").cache_layout == 2 and get_backend("hls4ml").cache_layout is None
+    assert KEYS["build"].key(cfg, qonnx="O", allocation="A", layout=2) == {"qonnx": "O", "allocation": "A", "target": "pynq-z2", "layout": 2}
+    assert KEYS["build"].key(cfg, qonnx="O", allocation="A") == {"qonnx": "O", "allocation": "A", "target": "pynq-z2"}
     assert KEYS["float_model"].key(cfg, data="D", model="M") == {
         "data": "D", "model": "M", "epochs": 12, "lr": 3e-3, "seed": 0, "version": 1}
     assert QAT.reads() == {"qat_epochs", "qat_lr", "fairness_lambda", "seed", "backend", "qat_grid"}

@@ -11,10 +11,12 @@ from fqhw.report.cells import MODEL_ROWS, group_cell, pct, solver_line
 
 
 
-def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted, bitexact, timings, steps=None, baq=None) -> dict:
+def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, build, backend, predicted, bitexact, timings, steps=None, baq=None) -> dict:
+    """`build`: the backend's build (None for an ASIC target), summarised under the
+    backend's name in "hardware"; a build with per-layer estimates (FINN's) gives them per
+    layer."""
     net = fm.net
-    # a FINN build, else an hls4ml project (--backend hls4ml), or nothing (an ASIC target)
-    is_finn = hasattr(finn, "layer_estimates")
+    estimates = getattr(build, "layer_estimates", None)
     accuracy = {**baselines, "compiled": qm.test_metrics}
     predicted_loss = sens.predicted(
         {la.name: la.weight_bits for la in alloc.layers}, {la.name: la.act_bits for la in alloc.layers}
@@ -34,7 +36,7 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "pe": la.pe,
                 "simd": la.simd,
                 "predicted": predicted["layers"].get(la.name),
-                "finn": finn.layer_estimates.get(la.name) if is_finn else None,
+                "finn": estimates.get(la.name) if estimates is not None else None,
             }
         )
     return plain(
@@ -54,10 +56,10 @@ def build_report(*, cfg, splits, fm, sens, alloc, baselines, qm, finn, predicted
                 "predicted_group_loss_increase": dict(zip(sens.groups, predicted_loss.tolist())),
             },
             "hardware": {
-                "part": None if finn is None else finn.part,
+                "part": None if build is None else build.part,
                 "predicted": predicted["total"],
-                "finn": finn.summary() if is_finn else None,
-                **({} if is_finn or finn is None else {"hls4ml": finn.summary()}),
+                "finn": None,  # every report has the key; a FINN build fills it
+                **({} if build is None else {backend: build.summary()}),
             },
             "qat": qm.qat,
             # learned bits (--baq-epochs): warm start, learned and projected widths

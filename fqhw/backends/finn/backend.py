@@ -11,9 +11,13 @@ from fqhw.errors import FqhwError
 
 class FinnBackend(Backend):
     name = "finn"
+    label = "FINN"
     kinds = ("cnn", "resnet", "transformer")  # a transformer: FINN's refusal, in one line
+    ask_kinds = ("transformer",)
     trace_key = "finn"
     order = 0
+    cache_layout = 2
+    synthesizes = True
 
     def build(self, qonnx_path: Path, alloc, build_dir: Path, *, kind: str, model: str, cost_model):
         """FinnBuild for the default CNN, FinnResult for a ResNet (every op a HW layer)."""
@@ -46,6 +50,14 @@ class FinnBackend(Backend):
         # the folded, specialized partition: what the accelerator is built from
         return finn_dataflow_integer_trace(build, qonnx_path, x, graph="dataflow")
 
+    def totals(self, build) -> dict[str, float]:
+        return build.totals
+
+    def refits(self, kind: str) -> bool:
+        # a ResNet's residual joins add element-wise adds, stream forks and requantizing
+        # thresholds that the FINN cost model has no terms for
+        return kind == "resnet"
+
     def partial_trace(self, kind: str) -> bool:
         # FINN's ResNet graph adds the two operands of each join without materialising them
         return kind == "resnet"
@@ -57,11 +69,15 @@ class FinnBackend(Backend):
 
         return finn_refusal(qonnx_path, model, build_dir)
 
-    def check_synth_tools(self, shell_flow_type: str) -> None:
-        """Before any work: the Xilinx tools `synth` needs are here, or one line naming what is missing."""
+    def check_synth_tools(self, part: str) -> None:
+        """Before any work: the Xilinx tools `synth` needs are here, or one line naming what
+        is missing. FINN's shell for the part: Alveo cards build through Vitis, Zynq boards
+        through Vivado."""
+        from finn.util.basic import alveo_part_map
+
         from fqhw.backends.finn.synth import check_synth_tools
 
-        check_synth_tools(shell_flow_type=shell_flow_type)
+        check_synth_tools(shell_flow_type="vitis_alveo" if part in alveo_part_map.values() else "vivado_zynq")
 
     def synth(self, build_dir: Path):
         """FINN's remaining steps to a bitfile (`finn_synth`)."""
