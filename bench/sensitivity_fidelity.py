@@ -1,6 +1,6 @@
 """Does the solver's objective predict what quantization does to the worst group?
 
-    python bench/sensitivity_fidelity.py [--draws 36] [--qat 12] [--out bench/results/sensitivity_fidelity.json]
+    python bench/sensitivity_fidelity.py [--draws 36] [--qat 12] [--jobs N] [--out bench/results/sensitivity_fidelity.json]
 
 The CP-SAT allocator minimises the worst group's *predicted* loss increase: the sum, over
 layers, of the per-group tables in sensitivity.json (fqhw.fairness.sensitivity: Fisher
@@ -21,6 +21,11 @@ accuracy (a good objective gives a strong positive and a strong negative correla
 and the same over all (allocation, group) cells. The model is the evidence runs' one: cnv
 at width 0.25 on the built-in data, seed 0 (the float model and the importance come from
 the step cache when `--cache-dir` holds them, else they are computed).
+
+Each draw is a job of fqhw's executor (fqhw.executor: `--jobs N` worker processes,
+`--executor ray`, every job at `--threads-per-job` torch threads) and a step-cache entry
+("fidelity_draw"), so a rerun reuses the draws it finished and `--jobs 2` gives the numbers
+of `--jobs 1`.
 """
 from __future__ import annotations
 
@@ -35,10 +40,13 @@ import numpy as np
 import torch
 
 from fqhw.allocator.allocation import Allocation, LayerAllocation
+from fqhw.cliargs import add_executor_args
 from fqhw.config import CompileConfig, pinned_edges
+from fqhw.executor import Executor
 from fqhw.families import family
 from fqhw.flow import quantize_finetune, step_data, step_float_model, step_importance
 from fqhw.quant.qmodel import calibrate
+from fqhw.stepcache import StepCache
 
 BUDGETS = (3, 4, 5)
 WEIGHT_BITS = range(2, 9)
@@ -87,6 +95,44 @@ def spearman(x, y) -> dict:
     return {"rho": float(r.statistic), "p": float(r.pvalue), "n": int(len(x))}
 
 
+_STATE: dict = {}  # this process's data, float model and float losses (every draw shares them)
+
+
+def _state(cfg: CompileConfig):
+    if repr(cfg) not in _STATE:
+        _STATE.clear()
+        splits = step_data(cfg)
+        fm = step_float_model(cfg, splits)
+        _STATE[repr(cfg)] = (splits, fm, group_losses(fm.model, splits.test))
+    return _STATE[repr(cfg)]
+
+
+def measure(cfg: CompileConfig, alloc: Allocation, qat: bool) -> dict:
+    """One draw's measured losses and accuracies: after PTQ, and after QAT when `qat`."""
+    splits, fm, (float_loss, _) = _state(cfg)
+    torch.manual_seed(cfg.seed)
+    qm = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
+    calibrate(qm, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
+    ptq_loss, ptq_acc = group_losses(qm, splits.test)
+    row = {"ptq_loss_increase": (ptq_loss - float_loss).tolist(), "ptq_acc": ptq_acc.tolist()}
+    if qat:
+        q = quantize_finetune(cfg, fm, alloc, splits, desc="QAT draw")
+        qat_loss, qat_acc = group_losses(q.model, splits.test)
+        row.update(qat_loss_increase=(qat_loss - float_loss).tolist(), qat_acc=qat_acc.tolist())
+    return row
+
+
+def draw_job(job: tuple) -> dict:
+    """An executor job: one draw, from the step cache or measured and stored there."""
+    cfg, alloc_dict, qat = job
+    _splits, fm, _ = _state(cfg)
+    inputs = {"float": fm.key, "allocation": alloc_dict, "qat": qat, "threads": torch.get_num_threads(), "version": 1}
+    return StepCache(cfg.cache_dir).run(
+        "fidelity_draw", inputs, lambda: measure(cfg, Allocation.from_dict(alloc_dict), qat),
+        lambda row, d: (d / "row.json").write_text(json.dumps(row)), lambda d: json.loads((d / "row.json").read_text()),
+    ).value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=36, help="random allocations in all, spread over budgets 3, 4, 5 (default 36)")
@@ -94,7 +140,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity_fidelity.json")
+    add_executor_args(ap)
     args = ap.parse_args()
+    ex = Executor.from_args(args)
     cfg = CompileConfig(model="cnv", model_kwargs={"width": 0.25}, seed=args.seed, progress=False,
                         **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     t0 = time.perf_counter()
@@ -107,26 +155,17 @@ def main() -> None:
     drawn = draw_allocations(fm.net, pinned_edges(cfg, fm.net), per_budget, rng)
     # interleave budgets so that the QAT subset covers all three
     drawn = [drawn[b * per_budget + i] for i in range(per_budget) for b in range(len(BUDGETS))]
+    measured = ex.map(draw_job, [(cfg, alloc.to_dict(), k < args.qat) for k, (_b, alloc) in enumerate(drawn)])
     rows = []
-    for k, (budget, alloc) in enumerate(drawn):
+    for k, ((budget, alloc), got) in enumerate(zip(drawn, measured)):
         wb = {la.name: la.weight_bits for la in alloc.layers}
         ab = {la.name: la.act_bits for la in alloc.layers}
         pred = sens.predicted(wb, ab)
-        torch.manual_seed(cfg.seed)
-        qm = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
-        calibrate(qm, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
-        ptq_loss, ptq_acc = group_losses(qm, splits.test)
-        row = {
-            "budget": budget, "avg_weight_bits": alloc.avg_weight_bits(fm.net), "weight_bits": wb, "act_bits": ab,
-            "predicted": pred.tolist(), "ptq_loss_increase": (ptq_loss - float_loss).tolist(), "ptq_acc": ptq_acc.tolist(),
-        }
-        if k < args.qat:
-            q = quantize_finetune(cfg, fm, alloc, splits, desc=f"QAT draw {k}")
-            qat_loss, qat_acc = group_losses(q.model, splits.test)
-            row.update(qat_loss_increase=(qat_loss - float_loss).tolist(), qat_acc=qat_acc.tolist())
+        row = {"budget": budget, "avg_weight_bits": alloc.avg_weight_bits(fm.net), "weight_bits": wb, "act_bits": ab,
+               "predicted": pred.tolist(), **got}
         rows.append(row)
         print(f"draw {k:2d} budget {budget} avg {row['avg_weight_bits']:.2f}: predicted worst {max(pred):.4f}, "
-              f"PTQ worst loss +{max(row['ptq_loss_increase']):.4f}, worst acc {100 * min(ptq_acc):.1f}"
+              f"PTQ worst loss +{max(row['ptq_loss_increase']):.4f}, worst acc {100 * min(row['ptq_acc']):.1f}"
               + (f"; QAT worst acc {100 * min(row['qat_acc']):.1f}" if "qat_acc" in row else ""), flush=True)
 
     def summary(loss_key: str, acc_key: str) -> dict:
@@ -144,7 +183,8 @@ def main() -> None:
         "float_loss": float_loss.tolist(), "float_acc": float_acc.tolist(),
         "spearman": {"ptq": summary("ptq_loss_increase", "ptq_acc"), "qat": summary("qat_loss_increase", "qat_acc")},
         "draws": rows, "total_s": round(time.perf_counter() - t0, 1),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads_per_draw": ex.threads_per_job, "jobs": ex.jobs, "executor": ex.kind,
+                    "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

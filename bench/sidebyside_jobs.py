@@ -1,9 +1,11 @@
 """`fqhw sidebyside --jobs 2` against `--jobs 1`: wall time and equality, in one run.
 
-    python bench/sidebyside_jobs.py [--jobs 2] [--rounds 1] [--out bench/results/sidebyside_jobs.json]
+    python bench/sidebyside_jobs.py [--sweep small|default] [--jobs 2] [--rounds 1] [--out FILE]
 
-Runs the same small sweep (two seeds, four methods, the default CNN on a smaller built-in
-set) as a fresh `fqhw sidebyside` command, each from an empty step cache, first with
+Runs the same sweep as a fresh `fqhw sidebyside` command (two seeds, four methods, the
+default CNN; `small`: a smaller built-in set and two epochs, about 30 s at --jobs 1, where
+each worker's few seconds of start-up weigh most; `default`: the built-in set and the
+epochs at their defaults, about 5 minutes at --jobs 1, closer to a real sweep), each from an empty step cache, first with
 `--jobs 1` (one process) and then with `--jobs N` (N spawned worker processes), both at the
 default `--threads-per-job 1`; with --rounds R it alternates the order R times and takes each
 one's median. Writes the wall times, the CPU seconds and the cores kept busy, their ratio (jobs N over jobs 1), whether the two
@@ -24,11 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SWEEP = [
-    "--seeds", "0,1", "--methods", "uniform4,fq_qat,fq_baq,fqhw_qat", "--baq-epochs", "1", "--no-tune",
-    "--data-n-train", "1500", "--data-n-val", "600", "--data-n-test", "600", "--data-image-size", "24",
-    "--epochs", "2", "--qat-epochs", "2", "--quiet",
-]
+COMMON = ["--seeds", "0,1", "--methods", "uniform4,fq_qat,fq_baq,fqhw_qat", "--baq-epochs", "1", "--no-tune", "--quiet"]
+SWEEPS = {
+    "small": [*COMMON, "--data-n-train", "1500", "--data-n-val", "600", "--data-n-test", "600", "--data-image-size", "24",
+              "--epochs", "2", "--qat-epochs", "2"],
+    "default": COMMON,
+}
 
 
 def cpu_s() -> float:
@@ -38,10 +41,10 @@ def cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run(jobs: int, root: Path) -> tuple[float, float, dict]:
+def run(jobs: int, root: Path, sweep: list[str]) -> tuple[float, float, dict]:
     out, cache = root / "out", root / "cache"
     t0, c0 = time.perf_counter(), cpu_s()
-    subprocess.run([sys.executable, "-m", "fqhw.cli", "sidebyside", "--out", str(out), "--cache-dir", str(cache), "--jobs", str(jobs), *SWEEP],
+    subprocess.run([sys.executable, "-m", "fqhw.cli", "sidebyside", "--out", str(out), "--cache-dir", str(cache), "--jobs", str(jobs), *sweep],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0, cpu_s() - c0, json.loads((out / "sidebyside.json").read_text())
 
@@ -54,6 +57,7 @@ def results(res: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="small")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sidebyside_jobs.json")
@@ -67,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for jobs in ((1, args.jobs) if r % 2 == 0 else (args.jobs, 1)):
-                wall, used, res = run(jobs, Path(tmp) / f"r{r}-j{jobs}")
+                wall, used, res = run(jobs, Path(tmp) / f"r{r}-j{jobs}", SWEEPS[args.sweep])
                 times[jobs].append(round(wall, 2))
                 cpu[jobs].append(round(used, 2))
                 record_s[jobs].append(round(sum(x["seconds"] for x in res["runs"]), 2))
@@ -81,7 +85,8 @@ def main() -> None:
     figures = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average_before": load_before,
                     "load_average_after": os.getloadavg()},
-        "sweep": ["sidebyside", *SWEEP],
+        "sweep_name": args.sweep,
+        "sweep": ["sidebyside", *SWEEPS[args.sweep]],
         "threads_per_job": 1,
         "jobs": args.jobs,
         "wall_s": {"jobs_1": times[1], f"jobs_{args.jobs}": times[args.jobs]},
