@@ -33,7 +33,7 @@ def cached_record(cache: StepCache, cfg, fm, method: str) -> dict:
     def missing():
         raise SystemExit(f"no sidebyside record of {method} at budget {cfg.budget:g}, seed {cfg.seed}: run bench/evidence.py first")
 
-    got = cache.run("sidebyside", run_inputs(cfg, METHODS[method], fm, sc), missing, lambda r, f: None,
+    got = cache.run("sidebyside", run_inputs(cfg, METHODS[method], fm.key, sc), missing, lambda r, f: None,
                     lambda f: json.loads((f / "run.json").read_text()))
     return got.value
 

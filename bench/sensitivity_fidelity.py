@@ -43,9 +43,7 @@ from fqhw.allocator.allocation import Allocation, LayerAllocation
 from fqhw.cliargs import add_executor_args
 from fqhw.config import CompileConfig, pinned_edges
 from fqhw.executor import Executor
-from fqhw.families import family
-from fqhw.flow import quantize_finetune, step_data, step_float_model, step_importance
-from fqhw.quant.qmodel import calibrate
+from fqhw.flow import calibrated_quant_model, quantize_finetune, step_data, step_float_model, step_importance
 from fqhw.stepcache import StepCache
 
 BUDGETS = (3, 4, 5)
@@ -110,9 +108,7 @@ def _state(cfg: CompileConfig):
 def measure(cfg: CompileConfig, alloc: Allocation, qat: bool) -> dict:
     """One draw's measured losses and accuracies: after PTQ, and after QAT when `qat`."""
     splits, fm, (float_loss, _) = _state(cfg)
-    torch.manual_seed(cfg.seed)
-    qm = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
-    calibrate(qm, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
+    qm = calibrated_quant_model(cfg, fm, alloc, splits)
     ptq_loss, ptq_acc = group_losses(qm, splits.test)
     row = {"ptq_loss_increase": (ptq_loss - float_loss).tolist(), "ptq_acc": ptq_acc.tolist()}
     if qat:

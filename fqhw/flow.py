@@ -244,13 +244,21 @@ class QuantModel:
     qat: dict
     test_metrics: dict
 
-def quantize_finetune(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
-    from fqhw.quant.qat import evaluate_groups, finetune, tune
+def calibrated_quant_model(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits) -> torch.nn.Module:
+    """The backend scheme's Brevitas model of `alloc` on fm's weights, its activation ranges
+    calibrated on 8 training batches: where every QAT run (and tuning candidate) starts."""
     from fqhw.quant.qmodel import calibrate
 
     torch.manual_seed(cfg.seed)
     qmodel = family(cfg.model).quant_model(fm.model, alloc, cfg.backend)
     calibrate(qmodel, splits.train.loader(64, shuffle=True, seed=cfg.seed), batches=8)
+    return qmodel
+
+
+def quantize_finetune(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, splits: DataSplits, desc: str) -> QuantModel:
+    from fqhw.quant.qat import evaluate_groups, finetune, tune
+
+    qmodel = calibrated_quant_model(cfg, fm, alloc, splits)
     if cfg.qat_grid:
         res = tune(qmodel, splits, cfg.qat_epochs, grid=tuple(cfg.qat_grid), seed=cfg.seed, progress=cfg.progress, desc=desc)
     else:

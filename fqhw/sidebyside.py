@@ -49,9 +49,9 @@ sidebyside.png (worst-group against mean-group accuracy).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from fqhw.errors import FqhwError
-from fqhw.outputs import plain, staging_folder, swap_in
+from fqhw.outputs import plain
 
 
 @dataclass(frozen=True)
@@ -187,80 +187,131 @@ def _stored_allocation(rec: dict):
 
 def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, found: dict) -> dict:
     """Allocate, (learn bits,) fine-tune and evaluate one method; returns its record."""
-    from fqhw.config import pinned_edges
     from fqhw.flow import quantize_finetune
-    from fqhw.hwmodels import get_cost_model
-    from fqhw.quant.qat import evaluate_groups, predict
 
     t0 = time.perf_counter()
-    alloc = _allocation(cfg, method, fm, splits, sens, found)
-    found[method.name] = alloc
-    baq_info = None
-    start = fm
-    if method.baq:
-        from fqhw.quant.baq import check_budget_met, learn_bits
+    start = method_start(cfg, method, fm, splits, sens, sc, found)
+    qm = quantize_finetune(cfg, _start_model(fm, start), start.allocation, splits, desc=f"QAT {method.name} seed {cfg.seed}")
+    return _record(cfg, method, fm, splits, start.allocation, qm.model, qm.qat, start.baq, time.perf_counter() - t0)
 
-        res = learn_bits(
-            fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=sc.baq_epochs, lr=cfg.qat_lr,
-            fairness_lambda=cfg.fairness_lambda, bitrate_lambda=sc.bitrate_lambda, seed=cfg.seed,
-            cost_model=get_cost_model(cfg.target), pinned=pinned_edges(cfg, fm.net), min_fps=cfg.min_fps,
-            time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress, desc=f"BAQ {method.name}",
-        )
-        check_budget_met(fm.net, res.allocation, cfg.budget)
-        baq_info = res.summary()
-        alloc = res.allocation
-        start = dataclasses.replace(fm, model=res.float_model(fm.model))
-    qm = quantize_finetune(cfg, start, alloc, splits, desc=f"QAT {method.name} seed {cfg.seed}")
-    test_pred = predict(qm.model, splits.test)
+
+def _record(cfg, method: Method, fm, splits, alloc, qmodel, qat, baq_info, seconds: float) -> dict:
+    """One (seed, method) record from its fine-tuned model (`qat`: its QATResult, or that as a dict)."""
+    from fqhw.quant.qat import evaluate_groups, predict
+
+    qat = qat if isinstance(qat, dict) else asdict(qat)
     return {
         "method": method.name,
         "seed": cfg.seed,
         "avg_weight_bits": alloc.avg_weight_bits(fm.net),
         "weight_bits": {la.name: la.weight_bits for la in alloc.layers},
         "act_bits": {la.name: la.act_bits for la in alloc.layers},
-        "test": qm.test_metrics,
+        "test": evaluate_groups(qmodel, splits.test),
         # every test image's predicted class, in the split's order (the paired tests compare
         # methods image by image: the test split is the same for every seed and method)
-        "test_pred": test_pred.astype(int).tolist(),
-        "val": evaluate_groups(qm.model, splits.val),
-        "qat_selected_epoch": qm.qat.get("best_epoch"),
-        "qat_selected": {"fairness_lambda": qm.qat.get("fairness_lambda"), "lr": qm.qat.get("lr")},
+        "test_pred": predict(qmodel, splits.test).astype(int).tolist(),
+        "val": evaluate_groups(qmodel, splits.val),
+        "qat_selected_epoch": qat.get("best_epoch"),
+        "qat_selected": {"fairness_lambda": qat.get("fairness_lambda"), "lr": qat.get("lr")},
         "baq": baq_info,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(seconds, 2),
     }
+
+
+# ------------------------------------------------------------------ one method, one seed, tuned
+#
+# With tuning (--tune: one QAT per (fairness weight, learning rate) of the grid, the best on
+# validation kept), a record is three kinds of job, so that the grid's QAT runs are jobs of
+# their own: the method's start (its allocation; BAQ's learned float weights), each
+# candidate's QAT from that start, and the choice among them with the record's evaluation.
+# Each is a step-cache entry; the same functions compute them in one process at --jobs 1.
+
+
+@dataclass
+class Start:
+    """Where a method's QAT starts: its allocation, and for a BAQ method the float weights BAQ
+    learned (None: the seed's float model's own)."""
+
+    allocation: object  # fqhw.allocator.allocation.Allocation
+    float_state: dict | None
+    baq: dict | None
+    seconds: float
+
+
+def method_start(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, found: dict) -> Start:
+    """run_method's allocation and BAQ, without its QAT."""
+    from fqhw.config import pinned_edges
+    from fqhw.hwmodels import get_cost_model
+
+    t0 = time.perf_counter()
+    alloc = found[method.name] = _allocation(cfg, method, fm, splits, sens, found)
+    if not method.baq:
+        return Start(alloc, None, None, round(time.perf_counter() - t0, 2))
+    from fqhw.quant.baq import check_budget_met, learn_bits
+
+    res = learn_bits(
+        fm.model, alloc, splits, fm.net, budget=cfg.budget, epochs=sc.baq_epochs, lr=cfg.qat_lr,
+        fairness_lambda=cfg.fairness_lambda, bitrate_lambda=sc.bitrate_lambda, seed=cfg.seed,
+        cost_model=get_cost_model(cfg.target), pinned=pinned_edges(cfg, fm.net), min_fps=cfg.min_fps,
+        time_limit_s=cfg.solver_time_limit_s, progress=cfg.progress, desc=f"BAQ {method.name}",
+    )
+    check_budget_met(fm.net, res.allocation, cfg.budget)
+    return Start(res.allocation, res.float_state, res.summary(), round(time.perf_counter() - t0, 2))
+
+
+def _start_model(fm, start: Start):
+    """The FloatModel a method's QAT starts from."""
+    if start.float_state is None:
+        return fm
+    model = copy.deepcopy(fm.model)
+    model.load_state_dict(start.float_state)
+    return dataclasses.replace(fm, model=model.eval())
+
+
+def qat_candidate(cfg, fm, start: Start, splits, lam: float, lr: float, desc: str) -> tuple[dict, object, float]:
+    """One tuning candidate: QAT from the method's calibrated start at (lam, lr); its weights
+    at the chosen epoch, its QATResult and its seconds."""
+    from fqhw.flow import calibrated_quant_model
+    from fqhw.quant.qat import finetune
+
+    t0 = time.perf_counter()
+    qmodel = calibrated_quant_model(cfg, _start_model(fm, start), start.allocation, splits)
+    res = finetune(qmodel, splits, epochs=cfg.qat_epochs, lr=lr, fairness_lambda=lam, seed=cfg.seed, progress=cfg.progress,
+                   desc=f"{desc} (lambda {lam:g}, lr {lr:g})")
+    return qmodel.state_dict(), res, round(time.perf_counter() - t0, 2)
+
+
+def tuned_record(cfg, method: Method, fm, splits, start: Start, candidates: list) -> dict:
+    """The record of the best candidate (fqhw.quant.qat.better, the rule tune() keeps): its
+    weights in the method's quant model, thresholds snapped, evaluated like run_method's."""
+    from fqhw.families import family
+    from fqhw.quant.qat import better
+
+    t0 = time.perf_counter()
+    best = None
+    for state, res, _s in candidates:
+        if better(res, None if best is None else best[1]):
+            best = (state, res)
+    qmodel = family(cfg.model).quant_model(_start_model(fm, start).model, start.allocation, cfg.backend)
+    qmodel.load_state_dict(best[0])
+    qmodel.eval()
+    family(cfg.model).snap(qmodel, cfg.backend)
+    seconds = start.seconds + sum(c[2] for c in candidates) + time.perf_counter() - t0
+    return _record(cfg, method, fm, splits, start.allocation, qmodel, best[1], start.baq, seconds)
 
 
 # ------------------------------------------------------------------ the whole table
 
 
-METRICS = ("overall_acc", "mean_group_acc", "worst_group_acc", "gap_mean_worst", "balanced_acc", "eopp1", "eodd")
+def run_inputs(cfg, method: Method, float_key: str, sc: SideBySideConfig) -> dict:
+    """What one (seed, method) record depends on: its step-cache key, as fqhw.stepkeys
+    declares it (`float_key`: the seed's float model's, FloatModel.key)."""
+    from fqhw.stepkeys import SIDEBYSIDE, SIDEBYSIDE_UNIFORM
 
-
-def summarize(runs: list[dict], methods: list[str]) -> dict[str, dict]:
-    out = {}
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        entry = {"n": len(rs), "avg_weight_bits": {"mean": float(np.mean([r["avg_weight_bits"] for r in rs]))}}
-        for k in METRICS:
-            v = np.array([r["test"].get(k) for r in rs if r["test"].get(k) is not None], dtype=float)
-            entry[k] = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-        out[m] = entry
-    return out
-
-
-def run_inputs(cfg, method: Method, fm, sc: SideBySideConfig) -> dict:
-    """What one (seed, method) record depends on: its step-cache key."""
-    from fqhw.stepkeys import qat_inputs
-
-    return {
-        "float": fm.key, "method": asdict(method), "edge_bits": cfg.edge_bits, "qat": qat_inputs(cfg),
-        # a uniform allocation reads neither the budget nor the target: one entry serves every budget
-        **({} if method.allocator == "uniform" else {
-            "budget": cfg.budget, "target": cfg.target, "importance_samples": cfg.importance_samples, "min_fps": cfg.min_fps,
-        }),
-        **({"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}),
-        "version": 2,  # 2: the record keeps every test prediction
-    }
+    if method.allocator == "uniform":
+        return SIDEBYSIDE_UNIFORM.key(cfg, float=float_key, method=asdict(method))
+    baq = {"baq_epochs": sc.baq_epochs, "bitrate_lambda": sc.bitrate_lambda} if method.baq else {}
+    return SIDEBYSIDE.key(cfg, float=float_key, method=asdict(method), **baq)
 
 
 # this process's recent seeds: their data, float model and importance (cells of one seed
@@ -291,40 +342,124 @@ def float_job(job: tuple) -> str:
     return split_digest(splits.test)
 
 
+class _Cell:
+    """One (seed, method) cell in a worker: its config, the seed's shared state, the step
+    cache, and each stage of its record through that cache."""
+
+    def __init__(self, sc: SideBySideConfig, seed: int, name: str):
+        from fqhw.stepcache import StepCache
+
+        self.sc, self.method = sc, METHODS[name]
+        self.cfg = dataclasses.replace(sc.compile, seed=seed)
+        self.cache = StepCache(self.cfg.cache_dir)
+        self.splits, self.fm, self._sens = _seed_state(self.cfg)
+        self.inputs = run_inputs(self.cfg, self.method, self.fm.key, sc)
+
+    def importance(self):
+        from fqhw.flow import cached_importance
+
+        if not self._sens:  # when a solver method first needs it (not when its record is cached); the
+            # compile's own cache entry, so workers and later runs share one computation
+            self._sens.append(cached_importance(self.cfg, self.fm, self.splits, self.cache))
+        return self._sens[0]
+
+    def found(self) -> dict:
+        """A warm-started method's warm start, read from that method's stored record (its
+        cell ran in an earlier round); empty when that method is not in the sweep (then
+        computed here)."""
+        ws = self.method.warm_start
+        if ws is None or ws not in self.sc.methods:
+            return {}
+        rec = self.cache.get("sidebyside", self.cache.key("sidebyside", run_inputs(self.cfg, METHODS[ws], self.fm.key, self.sc)), _load_record)
+        return {} if rec is None else {ws: _stored_allocation(rec)}
+
+    def sens(self):
+        return self.importance() if self.method.allocator == "solver" else None
+
+    def start(self) -> Start:
+        from fqhw.outputs import save_tensors, write_json
+
+        def write(st: Start, d: Path) -> None:
+            write_json(d / "start.json", {"allocation": st.allocation.to_dict(), "baq": st.baq, "seconds": st.seconds})
+            if st.float_state is not None:
+                save_tensors(st.float_state, d / "float_state.pt")
+
+        return self.cache.run("sidebyside_start", {**self.inputs, "stage": "start"},
+                              lambda: method_start(self.cfg, self.method, self.fm, self.splits, self.sens(), self.sc, self.found()),
+                              write, _load_start).value
+
+    def candidate(self, k: int, start: Start) -> tuple:
+        import torch
+
+        from fqhw.outputs import save_tensors, write_json
+
+        lam, lr = self.cfg.qat_grid[k]
+
+        def write(c: tuple, d: Path) -> None:
+            save_tensors(c[0], d / "quant_state.pt")
+            write_json(d / "qat.json", {"qat": asdict(c[1]), "seconds": c[2]})
+
+        def load(d: Path) -> tuple:
+            from fqhw.quant.qat import QATResult
+
+            got = json.loads((d / "qat.json").read_text())
+            return torch.load(d / "quant_state.pt", map_location="cpu", weights_only=True), QATResult(**got["qat"]), got["seconds"]
+
+        desc = f"QAT {self.method.name} seed {self.cfg.seed}"
+        return self.cache.run("sidebyside_qat", {**self.inputs, "stage": "qat", "candidate": [float(lam), float(lr)]},
+                              lambda: qat_candidate(self.cfg, self.fm, start, self.splits, lam, lr, desc), write, load).value
+
+    def record(self, lines: bool = False) -> dict:
+        if lines:
+            print(f"fqhw: seed {self.cfg.seed}: {self.method.label} ...", file=sys.stderr, flush=True)
+
+        def compute() -> dict:
+            if not self.cfg.qat_grid:
+                return run_method(self.cfg, self.method, self.fm, self.splits, self.sens(), self.sc, self.found())
+            start = self.start()
+            cands = [self.candidate(k, start) for k in range(len(self.cfg.qat_grid))]
+            return tuned_record(self.cfg, self.method, self.fm, self.splits, start, cands)
+
+        return self.cache.run("sidebyside", self.inputs, compute,
+                              lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
+                              _load_record).value
+
+    def stored(self) -> bool:
+        return self.cache.has("sidebyside", self.cache.key("sidebyside", self.inputs))
+
+
+def _load_start(d: Path) -> Start:
+    import torch
+
+    from fqhw.allocator.allocation import Allocation
+
+    got = json.loads((d / "start.json").read_text())
+    state = torch.load(d / "float_state.pt", map_location="cpu", weights_only=True) if (d / "float_state.pt").is_file() else None
+    return Start(Allocation.from_dict(got["allocation"]), state, got["baq"], got["seconds"])
+
+
+def start_job(job: tuple) -> bool:
+    """An executor job (tuning): a cell's start stored, unless its record is. True: it is needed."""
+    sc, seed, name = job
+    cell = _Cell(sc, seed, name)
+    if cell.stored():
+        return False
+    cell.start()
+    return True
+
+
+def qat_job(job: tuple) -> None:
+    """An executor job (tuning): one candidate's QAT of a cell, stored."""
+    sc, seed, name, k = job
+    cell = _Cell(sc, seed, name)
+    cell.candidate(k, cell.start())
+
+
 def cell_job(job: tuple) -> dict:
     """An executor job: one (seed, method) record, from the step cache or computed and
-    stored there. A warm-started method reads its warm start's allocation from that
-    method's stored record (its cell runs in a later round), or computes it when that method
-    is not in the sweep."""
-    from fqhw.flow import cached_importance
-    from fqhw.stepcache import StepCache
-
+    stored there (with tuning, from its stored start and candidates)."""
     sc, seed, name, lines = job
-    cfg = dataclasses.replace(sc.compile, seed=seed)
-    cache = StepCache(cfg.cache_dir)
-    splits, fm, sens = _seed_state(cfg)
-    method = METHODS[name]
-
-    def importance():
-        if not sens:  # when a solver method first needs it (not when its record is cached); the
-            # compile's own cache entry, so workers and later runs share one computation
-            sens.append(cached_importance(cfg, fm, splits, cache))
-        return sens[0]
-
-    found: dict = {}
-    ws = method.warm_start
-    if ws is not None and ws in sc.methods:
-        rec = cache.get("sidebyside", cache.key("sidebyside", run_inputs(cfg, METHODS[ws], fm, sc)), _load_record)
-        if rec is not None:
-            found[ws] = _stored_allocation(rec)
-    if lines:
-        print(f"fqhw: seed {seed}: {method.label} ...", file=sys.stderr, flush=True)
-    return cache.run(
-        "sidebyside", run_inputs(cfg, method, fm, sc),
-        lambda: run_method(cfg, method, fm, splits, importance() if method.allocator == "solver" else None, sc, found),
-        lambda rec, folder: (folder / "run.json").write_text(json.dumps(plain(rec), indent=1, sort_keys=True)),
-        _load_record,
-    ).value
+    return _Cell(sc, seed, name).record(lines)
 
 
 def _load_record(folder: Path) -> dict:
@@ -362,17 +497,25 @@ def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
     order = run_order(sc.methods)
     # round 2: every (seed, method) record; round 3: those warm-started from a round-2 record
     rounds = [[m for m in order if METHODS[m].warm_start not in sc.methods], [m for m in order if METHODS[m].warm_start in sc.methods]]
+    # with tuning (and a cache to pass them through), each round's starts and QAT candidates
+    # are jobs before its records
+    staged = bool(base.qat_grid) and base.cache_dir is not None
     got = {}
     try:
         with ex.session() as run:
             digests = run.map(float_job, [(job_sc, seed) for seed in sc.seeds])  # round 1: every seed's float model
             for names in rounds:
                 cells = [(seed, m) for seed in sc.seeds for m in names]
+                if staged:
+                    needed = [c for c, todo in zip(cells, run.map(start_job, [(job_sc, *c) for c in cells])) if todo]
+                    run.map(qat_job, [(job_sc, *c, k) for c in needed for k in range(len(base.qat_grid))])
                 for cell, rec in zip(cells, run.map(cell_job, [(job_sc, seed, m, base.progress) for seed, m in cells])):
                     got[cell] = rec
     finally:
         _SEED_STATE.clear()  # in this process (--jobs 1): the last seed's data and model
     res.runs = [got[(seed, m)] for seed in sc.seeds for m in order]  # the order a one-process run lists them in
+    from fqhw.sidebysidereport import add_statistics, summarize, write_outputs
+
     res.summary = summarize(res.runs, list(sc.methods))
     reference = sc.reference or next((m for m in ("fqhw_qat", "fqhw") if m in sc.methods), None)
     if len(set(digests)) == 1:  # the paired statistics need one test split for every seed
@@ -382,121 +525,6 @@ def side_by_side(sc: SideBySideConfig, executor=None) -> SideBySideResult:
     res.wall_time_s = round(time.perf_counter() - t0, 1)
     write_outputs(res, sc.out_dir)
     return res
-
-
-def add_statistics(res: SideBySideResult, test, reference: str | None) -> None:
-    """Wilson intervals per group and method, and the paired comparison of `reference`
-    with every other method on the same test images (fqhw.fairness.stats)."""
-    from fqhw.fairness.stats import compare_paired, group_intervals, holm
-
-    preds = {m: {r["seed"]: np.asarray(r["test_pred"]) for r in res.runs if r["method"] == m} for m in res.methods}
-    for m, by_seed in preds.items():
-        if by_seed:
-            seeds = sorted(by_seed)
-            res.group_ci[m] = group_intervals(np.tile(test.labels, len(seeds)), np.concatenate([by_seed[s] for s in seeds]),
-                                              np.tile(test.groups, len(seeds)), test.group_names)
-    res.test_counts = {g: int((test.groups == i).sum()) for i, g in enumerate(test.group_names)}
-    res.reference = reference
-    if reference is None or len(preds[reference]) == 0:
-        return
-    comps = [compare_paired(test.labels, test.groups, test.group_names, preds[reference], preds[m], reference, m)
-             for m in res.methods if m != reference]
-    holm(comps)
-    res.comparisons = {c.method: c.to_dict() for c in comps}
-
-
-# ------------------------------------------------------------------ outputs
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def markdown(res: SideBySideResult) -> str:
-    lines = [
-        f"# Side by side at {res.budget:g} bits per weight on {res.target}",
-        "",
-        f"Seeds {', '.join(map(str, res.seeds))}; test split; mean ± standard deviation over seeds (%); "
-        f"weights and activations quantized. Wall time {res.wall_time_s:.0f} s.",
-        "",
-        "| method | avg bits | overall | mean group | worst group | gap | balanced | EOpp1 | EOdd |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for m in res.methods:
-        s = res.summary[m]
-
-        def ms(k):
-            v = s[k]
-            return "-" if v["mean"] is None else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
-
-        lines.append(f"| {res.labels[m]} | {s['avg_weight_bits']['mean']:.2f} | {ms('overall_acc')} | {ms('mean_group_acc')} | "
-                     f"{ms('worst_group_acc')} | {ms('gap_mean_worst')} | {ms('balanced_acc')} | {ms('eopp1')} | {ms('eodd')} |")
-    lines += ["", "Per seed (worst group / mean group, %):", "", "| method | " + " | ".join(f"seed {s}" for s in res.seeds) + " |",
-              "| --- |" + " --- |" * len(res.seeds)]
-    for m in res.methods:
-        cells = []
-        for s in res.seeds:
-            r = next((r for r in res.runs if r["method"] == m and r["seed"] == s), None)
-            cells.append("-" if r is None else f"{_pct(r['test']['worst_group_acc'])} / {_pct(r['test']['mean_group_acc'])}")
-        lines.append(f"| {res.labels[m]} | " + " | ".join(cells) + " |")
-    if res.comparisons:
-        ref = res.labels[res.reference]
-        lines += [
-            "", f"Paired against {ref}, on the same test images and seeds (test images per group: "
-            + ", ".join(f"{g} {n}" for g, n in res.test_counts.items()) + "). Worst group: each seed's lowest group "
-            "accuracy, averaged over seeds; difference = reference minus method, points, with a 95 % bootstrap interval "
-            "over seeds and images; exact McNemar test on the group worst for the two together, (seed, image) pairs "
-            "that only the reference / only the method classifies right; p (Holm): adjusted over the methods compared.",
-            "", "| method | worst group [95 % CI] | difference [95 % CI] | group | only ref right / only method right | p | p (Holm) |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for m, c in res.comparisons.items():
-            lines.append(
-                f"| {res.labels[m]} | {_pct(c['worst_group_method'])} [{_pct(c['worst_group_method_ci'][0])}, {_pct(c['worst_group_method_ci'][1])}] "
-                f"| {100 * c['diff']:+.1f} [{100 * c['diff_ci'][0]:+.1f}, {100 * c['diff_ci'][1]:+.1f}] | {c['group']} "
-                f"| {c['ref_only_right']} / {c['method_only_right']} | {c['p_mcnemar']:.2g} | {c['p_holm']:.2g} |"
-            )
-        first = next(iter(res.comparisons.values()))
-        lines.append(f"| {ref} (reference) | {_pct(first['worst_group_ref'])} [{_pct(first['worst_group_ref_ci'][0])}, "
-                     f"{_pct(first['worst_group_ref_ci'][1])}] | | | | | |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_png(res: SideBySideResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    for m in res.methods:
-        s = res.summary[m]
-        x, y = s["mean_group_acc"], s["worst_group_acc"]
-        ax.errorbar(100 * x["mean"], 100 * y["mean"], xerr=100 * x["std"], yerr=100 * y["std"], fmt="o", capsize=3,
-                    label=f"{res.labels[m]} ({s['avg_weight_bits']['mean']:.2f} b)")
-    ax.set_xlabel("mean group accuracy (%)")
-    ax.set_ylabel("worst group accuracy (%)")
-    ax.set_title(f"{res.budget:g} bits per weight, {res.target}, seeds {', '.join(map(str, res.seeds))}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_outputs(res: SideBySideResult, out_dir: Path) -> Path:
-    out = Path(out_dir).absolute()
-    work = staging_folder(out)
-    try:
-        res.out_dir = str(out)
-        (work / "sidebyside.json").write_text(json.dumps(res.to_dict(), indent=2, sort_keys=True) + "\n")
-        (work / "sidebyside.md").write_text(markdown(res))
-        plot_png(res, work / "sidebyside.png")
-        swap_in(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return out
 
 
 # ------------------------------------------------------------------ command line
@@ -532,6 +560,8 @@ def cmd_sidebyside(args) -> int:
     sc = SideBySideConfig(compile=cfg, seeds=tuple(args.seeds), methods=tuple(args.methods), out_dir=args.out, baq_epochs=args.baq_epochs,
                           reference=args.reference)
     res = side_by_side(sc, ex)
+    from fqhw.sidebysidereport import markdown
+
     print(markdown(res), end="")
     print(f"wrote {res.out_dir}")
     return 0

@@ -128,6 +128,28 @@ KEYS: dict[str, StepKey] = {
 }
 
 
+# A `fqhw sidebyside` record (fqhw.sidebyside.run_inputs): one (seed, method), and its
+# tuning stages under the same key. `method`, `baq_epochs` and `bitrate_lambda` are the
+# sweep's (given); the float key holds the data, the model and the seed. A uniform
+# allocation reads neither the budget nor the target, so one entry serves every budget.
+# The solver's time limit and channel groups are left out at their defaults, where the
+# records had no such entries.
+SIDEBYSIDE = StepKey(
+    fields={"edge_bits": "edge_bits", "budget": "budget", "target": "target", "importance_samples": "importance_samples",
+            "min_fps": "min_fps", "time_limit_s": "solver_time_limit_s", "channel_groups": "channel_groups"},
+    given=("float", "method", "baq_epochs", "bitrate_lambda"),
+    covered=("model", "seed", "data", "data_spec", "channels", "model_kwargs", "checkpoint"),
+    omit={"time_limit_s": lambda v: v == 30.0, "channel_groups": lambda v: v <= 1},
+    nested={"qat": QAT},
+    fixed={"version": 2},  # 2: the record keeps every test prediction
+    steps=("run_method", "method_start", "qat_candidate", "tuned_record", "_allocation", "_record"),
+)
+SIDEBYSIDE_UNIFORM = StepKey(
+    fields={"edge_bits": "edge_bits", "channel_groups": "channel_groups"}, given=("float", "method"),
+    omit={"channel_groups": lambda v: v <= 1}, nested={"qat": QAT}, fixed={"version": 2},
+)
+
+
 def qat_inputs(cfg) -> dict:
     """The QAT settings as a cache key holds them."""
     return QAT.key(cfg)

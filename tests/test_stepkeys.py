@@ -1,9 +1,9 @@
 """Step cache keys come from what each step declares it reads (fqhw.stepkeys): a step that
 reads a CompileConfig field its declaration leaves out fails here.
 
-The reads are found in the code: every `cfg.<field>` in the step's functions of fqhw.flow,
-and in the functions of fqhw.flow and fqhw.config they pass the config to (followed to any
-depth). Passing the config to a function the reader cannot follow fails too, so that no read
+The reads are found in the code: every `cfg.<field>` in the step's functions of fqhw.flow
+(and of fqhw.sidebyside for its records), and in the functions of fqhw.flow, fqhw.config
+and fqhw.sidebyside they pass the config to (followed to any depth). Passing the config to a function the reader cannot follow fails too, so that no read
 can hide there."""
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ import pytest
 
 import fqhw.config
 import fqhw.flow
+import fqhw.sidebyside
 from fqhw.config import CompileConfig
 from fqhw.stepcache import input_key
-from fqhw.stepkeys import KEYS, NOT_KEYED, QAT, StepKey, qat_inputs
+from fqhw.stepkeys import KEYS, NOT_KEYED, QAT, SIDEBYSIDE, SIDEBYSIDE_UNIFORM, StepKey, qat_inputs
 
 FIELDS = {f.name for f in dataclasses.fields(CompileConfig)}
 
 
 def _functions() -> dict[str, ast.FunctionDef]:
     out = {}
-    for mod in (fqhw.config, fqhw.flow):
+    for mod in (fqhw.config, fqhw.flow, fqhw.sidebyside):
         tree = ast.parse(Path(inspect.getfile(mod)).read_text())
         out.update({n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)})
     return out
@@ -72,9 +73,12 @@ def config_reads(name: str, funcs: dict | None = None, param: str | None = None,
     return reads
 
 
-@pytest.mark.parametrize("step", sorted(KEYS))
+SWEEP_KEYS = {"sidebyside": SIDEBYSIDE}  # the records of fqhw.sidebyside (a uniform one: SIDEBYSIDE_UNIFORM, below)
+
+
+@pytest.mark.parametrize("step", sorted(KEYS) + sorted(SWEEP_KEYS))
 def test_each_step_reads_only_what_its_key_declares(step):
-    decl = KEYS[step]
+    decl = KEYS.get(step) or SWEEP_KEYS[step]
     assert decl.steps, f"{step} names no function"
     read = set().union(*(config_reads(f) for f in decl.steps))
     assert read <= FIELDS, f"{step} reads {sorted(read - FIELDS)}, which CompileConfig does not have"
@@ -118,9 +122,9 @@ def _other(v):
     return None
 
 
-@pytest.mark.parametrize("step", sorted(KEYS))
+@pytest.mark.parametrize("step", sorted(KEYS) + sorted(SWEEP_KEYS))
 def test_each_declared_field_changes_the_key(step):
-    decl = KEYS[step]
+    decl = KEYS.get(step) or SWEEP_KEYS[step]
     given = {g: f"<{g}>" for g in decl.given}
     base = input_key(decl.key(CompileConfig(), **given))
     for name, f in {**decl.fields, **{n: f for sub in decl.nested.values() for n, f in sub.fields.items()}}.items():
@@ -165,3 +169,28 @@ def test_the_default_keys_are_as_before():
     assert KEYS["float_model"].key(cfg, data="D", model="M") == {
         "data": "D", "model": "M", "epochs": 12, "lr": 3e-3, "seed": 0, "version": 1}
     assert QAT.reads() == {"qat_epochs", "qat_lr", "fairness_lambda", "seed", "backend", "qat_grid"}
+
+
+def test_a_uniform_record_leaves_out_only_what_no_uniform_allocation_reads():
+    """A uniform allocation reads neither the budget, the target, the importance nor the
+    solver: SIDEBYSIDE_UNIFORM is SIDEBYSIDE without exactly those (and the BAQ settings,
+    which no uniform method has)."""
+    assert set(SIDEBYSIDE.fields) - set(SIDEBYSIDE_UNIFORM.fields) == {"budget", "target", "importance_samples", "min_fps", "time_limit_s"}
+    assert set(SIDEBYSIDE_UNIFORM.fields) <= set(SIDEBYSIDE.fields) and SIDEBYSIDE_UNIFORM.nested == SIDEBYSIDE.nested
+
+
+def test_the_sidebyside_keys_are_as_before():
+    """The records' keys before they were declared (so that stored sweeps are reused)."""
+    from dataclasses import asdict
+
+    from fqhw.sidebyside import METHODS, SideBySideConfig, run_inputs
+
+    cfg, sc = CompileConfig(), SideBySideConfig(compile=CompileConfig())
+    qat = qat_inputs(cfg)
+    assert run_inputs(cfg, METHODS["uniform4"], "F", sc) == {"float": "F", "method": asdict(METHODS["uniform4"]), "edge_bits": 8, "qat": qat, "version": 2}
+    solver = {"float": "F", "method": asdict(METHODS["fqhw_qat"]), "edge_bits": 8, "qat": qat, "budget": 4.0, "target": "pynq-z2",
+              "importance_samples": 256, "min_fps": None, "version": 2}
+    assert run_inputs(cfg, METHODS["fqhw_qat"], "F", sc) == solver
+    assert run_inputs(cfg, METHODS["fqhw"], "F", sc) == {**solver, "method": asdict(METHODS["fqhw"]), "baq_epochs": 3, "bitrate_lambda": 2.0}
+    longer = dataclasses.replace(cfg, solver_time_limit_s=90.0, channel_groups=2)
+    assert run_inputs(longer, METHODS["fqhw_qat"], "F", sc) == {**solver, "time_limit_s": 90.0, "channel_groups": 2}

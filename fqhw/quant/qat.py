@@ -165,6 +165,20 @@ def _val_key(res: QATResult) -> tuple[float, float]:
     return (h["val_worst_group_acc"], h["val_mean_group_acc"])
 
 
+def better(res: QATResult, best: QATResult | None) -> bool:
+    """Whether run `res` beats `best` (None: no run yet) under tune's rule: the higher
+    validation (worst-group, mean-group) accuracy of their chosen epochs; on a tie the
+    earlier run stays."""
+    return best is None or (bool(res.history) and _val_key(res) > _val_key(best))
+
+
+def candidate_summary(res: QATResult) -> dict:
+    """One tuning candidate as tune() lists it in QATResult.candidates."""
+    worst, mean = _val_key(res) if res.history else (None, None)
+    return {"fairness_lambda": res.fairness_lambda, "lr": res.lr, "best_epoch": res.best_epoch, "val_worst_group_acc": worst,
+            "val_mean_group_acc": mean}
+
+
 def tune(
     model: nn.Module,
     splits: DataSplits,
@@ -193,9 +207,8 @@ def tune(
         model.load_state_dict(start)
         res = finetune(model, splits, epochs, lr=lr, fairness_lambda=lam, batch_size=batch_size, seed=seed, progress=progress,
                        desc=f"{desc} (lambda {lam:g}, lr {lr:g})")
-        worst, mean = _val_key(res) if res.history else (None, None)
-        candidates.append({"fairness_lambda": lam, "lr": lr, "best_epoch": res.best_epoch, "val_worst_group_acc": worst, "val_mean_group_acc": mean})
-        if best is None or (res.history and _val_key(res) > _val_key(best)):
+        candidates.append(candidate_summary(res))
+        if better(res, best):
             best, best_state = res, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()
