@@ -320,7 +320,7 @@ _SEED_STATE: dict = {}
 SEEDS_KEPT = 4
 
 
-def _seed_state(cfg):
+def seed_state(cfg):
     """The seed's data splits, float model (a step-cache entry after its first cell) and a
     lazily computed importance, kept for the next cell of the same seed in this process."""
     from fqhw.flow import step_data, step_float_model
@@ -338,7 +338,7 @@ def float_job(job: tuple) -> str:
     """An executor job: the seed's float model, trained once and stored, before its cells run
     (so that two cells of one seed do not wait on one training); the test split's digest."""
     sc, seed = job
-    splits, _fm, _sens = _seed_state(dataclasses.replace(sc.compile, seed=seed))
+    splits, _fm, _sens = seed_state(dataclasses.replace(sc.compile, seed=seed))
     return split_digest(splits.test)
 
 
@@ -352,7 +352,7 @@ class _Cell:
         self.sc, self.method = sc, METHODS[name]
         self.cfg = dataclasses.replace(sc.compile, seed=seed)
         self.cache = StepCache(self.cfg.cache_dir)
-        self.splits, self.fm, self._sens = _seed_state(self.cfg)
+        self.splits, self.fm, self._sens = seed_state(self.cfg)
         self.inputs = run_inputs(self.cfg, self.method, self.fm.key, sc)
 
     def importance(self):

@@ -14,7 +14,7 @@ import fqhw.quant.qat as qat
 from fqhw.cli import main
 from fqhw.cliargs import compile_config
 from fqhw.flow import cached_importance
-from fqhw.sidebyside import METHODS, SideBySideConfig, _seed_state, run_method
+from fqhw.sidebyside import METHODS, SideBySideConfig, seed_state, run_method
 from fqhw.stepcache import StepCache
 
 from conftest import TINY
@@ -62,7 +62,7 @@ def test_the_staged_records_equal_the_one_job_tune(tuned, monkeypatch):
     args = _parser_args(["sidebyside", "--out", str(tmp / "x"), "--cache-dir", str(cache), *SWEEP])
     cfg = dataclasses.replace(compile_config(args), seed=0)
     sc = SideBySideConfig(compile=cfg, seeds=(0,), methods=tuple(METHODS_RUN.split(",")), baq_epochs=1)
-    splits, fm, _ = _seed_state(cfg)
+    splits, fm, _ = seed_state(cfg)
     sens = cached_importance(cfg, fm, splits, StepCache(cfg.cache_dir))
     found: dict = {}
     staged = {r["method"]: r for r in res["runs"]}
