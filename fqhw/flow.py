@@ -549,7 +549,7 @@ def compile(cfg: CompileConfig) -> CompileResult | None:  # noqa: A001 - the ver
             load=lambda d: Path(shutil.copy2(d / "model.qonnx.onnx", work / "model.qonnx.onnx")),
         )
         build = None
-        if backend.builds:  # an ASIC target: priced by its cost model, nothing to build
+        if backend.builds:  # not for an ASIC target: priced by its cost model, nothing is built
             layout = {} if backend.cache_layout is None else {"layout": backend.cache_layout}
             build = run(
                 backend.name, step_build, cfg, qonnx_path, alloc, work,
