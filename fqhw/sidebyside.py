@@ -197,19 +197,21 @@ def run_method(cfg, method: Method, fm, splits, sens, sc: SideBySideConfig, foun
 
 def _record(cfg, method: Method, fm, splits, alloc, qmodel, qat, baq_info, seconds: float) -> dict:
     """One (seed, method) record from its fine-tuned model (`qat`: its QATResult, or that as a dict)."""
+    from fqhw.fairness.metrics import group_metrics
     from fqhw.quant.qat import evaluate_groups, predict
 
     qat = qat if isinstance(qat, dict) else asdict(qat)
+    test, pred = splits.test, predict(qmodel, splits.test)  # one pass: the metrics are the predictions'
     return {
         "method": method.name,
         "seed": cfg.seed,
         "avg_weight_bits": alloc.avg_weight_bits(fm.net),
         "weight_bits": {la.name: la.weight_bits for la in alloc.layers},
         "act_bits": {la.name: la.act_bits for la in alloc.layers},
-        "test": evaluate_groups(qmodel, splits.test),
+        "test": group_metrics(test.labels, pred, test.groups, test.group_names, test.num_classes),
         # every test image's predicted class, in the split's order (the paired tests compare
         # methods image by image: the test split is the same for every seed and method)
-        "test_pred": predict(qmodel, splits.test).astype(int).tolist(),
+        "test_pred": pred.astype(int).tolist(),
         "val": evaluate_groups(qmodel, splits.val),
         "qat_selected_epoch": qat.get("best_epoch"),
         "qat_selected": {"fairness_lambda": qat.get("fairness_lambda"), "lr": qat.get("lr")},
