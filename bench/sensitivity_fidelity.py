@@ -44,6 +44,7 @@ from fqhw.cliargs import add_executor_args
 from fqhw.config import CompileConfig, pinned_edges
 from fqhw.executor import Executor
 from fqhw.flow import calibrated_quant_model, quantize_finetune, step_data, step_float_model, step_importance
+from fqhw.sidebyside import seed_state
 from fqhw.stepcache import StepCache
 
 BUDGETS = (3, 4, 5)
@@ -93,21 +94,10 @@ def spearman(x, y) -> dict:
     return {"rho": float(r.statistic), "p": float(r.pvalue), "n": int(len(x))}
 
 
-_STATE: dict = {}  # this process's data, float model and float losses (every draw shares them)
-
-
-def _state(cfg: CompileConfig):
-    if repr(cfg) not in _STATE:
-        _STATE.clear()
-        splits = step_data(cfg)
-        fm = step_float_model(cfg, splits)
-        _STATE[repr(cfg)] = (splits, fm, group_losses(fm.model, splits.test))
-    return _STATE[repr(cfg)]
-
-
-def measure(cfg: CompileConfig, alloc: Allocation, qat: bool) -> dict:
-    """One draw's measured losses and accuracies: after PTQ, and after QAT when `qat`."""
-    splits, fm, (float_loss, _) = _state(cfg)
+def measure(cfg: CompileConfig, alloc: Allocation, qat: bool, float_loss: np.ndarray) -> dict:
+    """One draw's measured losses (over the float model's `float_loss`) and accuracies:
+    after PTQ, and after QAT when `qat`."""
+    splits, fm, _ = seed_state(cfg)
     qm = calibrated_quant_model(cfg, fm, alloc, splits)
     ptq_loss, ptq_acc = group_losses(qm, splits.test)
     row = {"ptq_loss_increase": (ptq_loss - float_loss).tolist(), "ptq_acc": ptq_acc.tolist()}
@@ -119,12 +109,13 @@ def measure(cfg: CompileConfig, alloc: Allocation, qat: bool) -> dict:
 
 
 def draw_job(job: tuple) -> dict:
-    """An executor job: one draw, from the step cache or measured and stored there."""
-    cfg, alloc_dict, qat = job
-    _splits, fm, _ = _state(cfg)
+    """An executor job: one draw, from the step cache or measured and stored there (the
+    seed's data and float model: fqhw.sidebyside.seed_state, kept per worker)."""
+    cfg, alloc_dict, qat, float_loss = job
+    _splits, fm, _ = seed_state(cfg)
     inputs = {"float": fm.key, "allocation": alloc_dict, "qat": qat, "threads": torch.get_num_threads(), "version": 1}
     return StepCache(cfg.cache_dir).run(
-        "fidelity_draw", inputs, lambda: measure(cfg, Allocation.from_dict(alloc_dict), qat),
+        "fidelity_draw", inputs, lambda: measure(cfg, Allocation.from_dict(alloc_dict), qat, np.asarray(float_loss)),
         lambda row, d: (d / "row.json").write_text(json.dumps(row)), lambda d: json.loads((d / "row.json").read_text()),
     ).value
 
@@ -151,7 +142,7 @@ def main() -> None:
     drawn = draw_allocations(fm.net, pinned_edges(cfg, fm.net), per_budget, rng)
     # interleave budgets so that the QAT subset covers all three
     drawn = [drawn[b * per_budget + i] for i in range(per_budget) for b in range(len(BUDGETS))]
-    measured = ex.map(draw_job, [(cfg, alloc.to_dict(), k < args.qat) for k, (_b, alloc) in enumerate(drawn)])
+    measured = ex.map(draw_job, [(cfg, alloc.to_dict(), k < args.qat, float_loss.tolist()) for k, (_b, alloc) in enumerate(drawn)])
     rows = []
     for k, ((budget, alloc), got) in enumerate(zip(drawn, measured)):
         wb = {la.name: la.weight_bits for la in alloc.layers}

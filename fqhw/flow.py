@@ -154,6 +154,11 @@ def step_allocate(cfg: CompileConfig, net: NetworkSpec, sens: Sensitivity, utili
         seed=cfg.seed,
     )
 
+def over_caps(totals: dict[str, float], lim) -> dict[str, tuple[float, float]]:
+    """Each resource of a build's own estimates over the board's cap: (used, cap)."""
+    return {r: (used, lim.cap(r)) for r, used in totals.items() if r in lim.totals and used > lim.cap(r)}
+
+
 FIT_ROUNDS = 4  # FINN builds step_fit may try before it gives up
 FIT_MARGIN = 0.97  # QAT moves accumulator widths a little: aim this far under the cap
 
@@ -190,7 +195,7 @@ def step_fit(cfg: CompileConfig, fm: FloatModel, alloc: Allocation, sens: Sensit
             path = fam.export(qmodel, splits.train.input_shape, Path(tmp) / "model.qonnx.onnx")
             build = backend.build(path, alloc, Path(tmp) / backend.name, kind=fam.kind, model=cfg.model, cost_model=base)
             totals = backend.totals(build)
-        over = {r: used / lim.cap(r) for r, used in totals.items() if r in lim.totals and used > lim.cap(r)}
+        over = {r: used / cap for r, (used, cap) in over_caps(totals, lim).items()}
         rounds.append({"utilisation": dict(util), "finn_totals": {k: float(v) for k, v in totals.items()}, "over": over})
         if not over:
             alloc.solver["finn_fit"] = rounds
@@ -349,8 +354,7 @@ def check_fits(cfg: CompileConfig, build) -> None:
     totals = backend.totals(build)
     if totals is None:
         return
-    lim = get_cost_model(cfg.target).limits
-    over = [f"{r} {used:g} > {lim.cap(r):g}" for r, used in totals.items() if r in lim.totals and used > lim.cap(r)]
+    over = [f"{r} {used:g} > {cap:g}" for r, (used, cap) in over_caps(totals, get_cost_model(cfg.target).limits).items()]
     if over:
         raise FqhwError(f"{backend.label}'s estimates do not fit {cfg.target} ({'; '.join(over)}): lower --min-fps or the budget")
 

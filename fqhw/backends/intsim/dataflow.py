@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from fqhw.backends.intsim.kernels import (
-    CHUNK_VALUES,
     THR_CLIP,
     ThresholdTable,
+    by_rows,
     carrier,
     column_sums,
     exact_int_array,
@@ -243,26 +243,20 @@ def node_fn(df, node, layer_of_mvau: dict[str, str], in_iv, in_dtype):
             # bounds of the accumulator as int64 for the table (|acc| < 2^62 checked above)
             table = ThresholdTable(thr, act_val, np.array(acc_lo, dtype=np.int64),
                                     np.array(acc_hi, dtype=np.int64), gemm_dtype, out_dtype)
-        rows = max(1, CHUNK_VALUES // max(mh, 1))
+
+        def chunk(xa, out):
+            # float32 / float64 on BLAS: exact, every partial sum is an integer below the
+            # type's exact range (see the module docstring); int64 otherwise
+            acc = xa @ wg if w is not None else xa
+            if table is None:
+                out[...] = acc
+            else:
+                table.apply(acc, out=out)
 
         def mvau(x):
             if w is not None and x.shape[-1] != w.shape[0]:
                 raise FqhwError(f"{what}: input of {x.shape[-1]} values per vector, MW = {w.shape[0]}")
-            lead = x.shape[:-1]
-            x2 = x.reshape(-1, x.shape[-1])
-            res = np.empty((x2.shape[0], mh), dtype=out_dtype)
-            for i in range(0, x2.shape[0], rows):
-                xa = x2[i : i + rows]
-                if xa.dtype != gemm_dtype:
-                    xa = xa.astype(gemm_dtype)
-                # float32 / float64 on BLAS: exact, every partial sum is an integer below the
-                # type's exact range (see the module docstring); int64 otherwise
-                acc = xa @ wg if w is not None else xa
-                if table is None:
-                    res[i : i + rows] = acc
-                else:
-                    table.apply(acc, out=res[i : i + rows])
-            return res.reshape((*lead, mh))
+            return by_rows(x, mh, gemm_dtype, out_dtype, chunk)
 
         return mvau, key, out_iv, out_dtype
 

@@ -232,6 +232,20 @@ def window_reduce(x: np.ndarray, k, stride, dilation, fn: str, dtype) -> np.ndar
     return out
 
 
+def by_rows(x: np.ndarray, mh: int, in_dtype, out_dtype, step: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """The vectors of x (..., MW) through `step(chunk, out)`, CHUNK_VALUES output values at a
+    time (so that each chunk stays in cache), each chunk cast to `in_dtype` first; `step`
+    writes the chunk's (rows, mh) result into `out`. Returns (..., mh) of `out_dtype`."""
+    rows = max(1, CHUNK_VALUES // max(mh, 1))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    res = np.empty((x2.shape[0], mh), dtype=out_dtype)
+    for i in range(0, x2.shape[0], rows):
+        xa = x2[i : i + rows]
+        step(xa if xa.dtype == in_dtype else xa.astype(in_dtype), res[i : i + rows])
+    return res.reshape((*lead, mh))
+
+
 def column_sums(w: np.ndarray) -> tuple[list[int], list[int]]:
     """(sum of the positive entries, sum of the negative entries) of each column of the int64
     matrix `w`, as Python integers: in int64 where no sum can overflow it, else exactly in

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fqhw.backends.intsim.kernels import CHUNK_VALUES, EXACT, INPUT_RANGE, THR_CLIP, SimNode, carrier, column_sums, im2col, window_reduce
+from fqhw.backends.intsim.kernels import EXACT, INPUT_RANGE, THR_CLIP, SimNode, by_rows, carrier, column_sums, im2col, window_reduce
 from fqhw.errors import FqhwError
 from fqhw.onnxgraph import node_attrs
 
@@ -158,22 +158,16 @@ def _linear_fn(wm: np.ndarray, bias: np.ndarray | None, x_iv, what: str):
     wg = wm.astype(dt)
     bg = None if bias is None or not np.any(bias) else np.asarray(bias, dtype=np.int64).astype(dt)
     mh = wm.shape[1]
-    rows = max(1, CHUNK_VALUES // max(mh, 1))
+
+    def chunk(xa, out):
+        np.matmul(xa, wg, out=out)
+        if bg is not None:
+            out += bg
 
     def linear(x):
         if x.shape[-1] != wg.shape[0]:
             raise FqhwError(f"{what}: input of {x.shape[-1]} values per vector, the weights take {wg.shape[0]}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        res = np.empty((x2.shape[0], mh), dtype=dt)
-        for i in range(0, x2.shape[0], rows):
-            xa = x2[i : i + rows]
-            if xa.dtype != dt:
-                xa = xa.astype(dt)
-            np.matmul(xa, wg, out=res[i : i + rows])
-            if bg is not None:
-                res[i : i + rows] += bg
-        return res.reshape((*lead, mh))
+        return by_rows(x, mh, dt, dt, chunk)
 
     return linear, (min(acc_lo, default=0), max(acc_hi, default=0)), dt
 
